@@ -1,0 +1,243 @@
+"""The ``edge-agent`` command line.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad arguments or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AgentError, ConfigError
+
+log = logging.getLogger("edge-agent")
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import load_agent_config, load_receiver_config
+
+    loader = load_receiver_config if args.receiver else load_agent_config
+    try:
+        config = loader(args.file)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    what = "receiver" if args.receiver else f"{config.device.kind} {config.device.site}/{config.device.id}"
+    print(f"{args.file}: valid ({what})")
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from .config import load_agent_config, resolve_secret
+    from .keyring import enrolment_record
+    from .signing import generate_private_key
+
+    config = load_agent_config(args.config)
+    path = resolve_secret(config.identity.private_key_file, config.state_dir)
+    key = generate_private_key(path, force=args.force)
+    print(f"created device key {path} (mode 0600)", file=sys.stderr)
+    _print_json(enrolment_record(config.device.id, config.device.site, config.device.kind, key))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_agent_config
+    from .service import Agent
+
+    config = load_agent_config(args.config)
+    pin_factory = None
+    if args.mock_pins:
+        from gpiozero.pins.mock import MockFactory
+
+        pin_factory = MockFactory()
+    agent = Agent(config, pin_factory=pin_factory)
+    _stop_on_signals(agent.close)
+    agent.start()
+    agent.wait()
+    return 0
+
+
+def _stop_on_signals(stop) -> None:
+    def handler(signum, frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _socket_of(args: argparse.Namespace) -> Path:
+    from .config import load_agent_config
+
+    return load_agent_config(args.config).control_socket
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .control import request
+
+    reply = request(_socket_of(args), "status")
+    reply.pop("ok", None)
+    _print_json(reply)
+    return 0
+
+
+def cmd_test_alert(args: argparse.Namespace) -> int:
+    from .control import request
+
+    arguments = {"button": args.button} if args.button else {}
+    reply = request(_socket_of(args), "test-alert", **arguments)
+    print(f"test alert seq {reply['seq']} from button {reply['button']!r} accepted; "
+          f"watch the LED for the centre's acknowledgement")
+    return 0
+
+
+def cmd_receiver_run(args: argparse.Namespace) -> int:
+    from .config import load_receiver_config
+    from .receiver import Receiver
+
+    receiver = Receiver(load_receiver_config(args.config))
+    done = __import__("threading").Event()
+    _stop_on_signals(done.set)
+    receiver.start()
+    done.wait()
+    receiver.close()
+    return 0
+
+
+def cmd_receiver_init(args: argparse.Namespace) -> int:
+    from .config import load_receiver_config, resolve_secret
+    from .signing import generate_private_key, public_jwk
+
+    config = load_receiver_config(args.config)
+    path = resolve_secret(config.receiver.signing_key_file, config.receiver.state_dir)
+    key = generate_private_key(path, force=args.force)
+    print(f"created centre key {path} (mode 0600); give devices this public JWK as centre.jwk:", file=sys.stderr)
+    _print_json(public_jwk(key))
+    return 0
+
+
+def cmd_receiver_enroll(args: argparse.Namespace) -> int:
+    from .config import load_receiver_config
+    from .keyring import Keyring
+
+    config = load_receiver_config(args.config)
+    source = sys.stdin if args.record == "-" else None
+    where = "standard input" if source else args.record
+    try:
+        text = source.read() if source else Path(args.record).read_text()
+        record = json.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read enrolment record {where}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not JSON: {exc}") from None
+    if args.device_id and isinstance(record, dict) and "kty" in record:
+        record = {"device_id": args.device_id, "site": args.site, "jwk": record}
+    device = Keyring(config.keyring_path).enroll(record, where)
+    print(f"enrolled {device.site}/{device.device_id} with key {device.kid}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="check a configuration file").add_subparsers(dest="sub", required=True)
+    check = config.add_parser("check", help="validate a config file; exit 2 with every problem listed")
+    check.add_argument("file", type=Path)
+    check.add_argument("--receiver", action="store_true", help="the file is a receiver config")
+    check.set_defaults(func=cmd_config_check)
+
+    keys = commands.add_parser("keys", help="device identity").add_subparsers(dest="sub", required=True)
+    init = keys.add_parser("init", help="create the device key and print its enrolment record")
+    init.add_argument("--config", type=Path, required=True)
+    init.add_argument("--force", action="store_true", help="replace an existing key (the centre must re-enrol)")
+    init.set_defaults(func=cmd_keys_init)
+
+    run = commands.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, required=True)
+    run.add_argument("--mock-pins", action="store_true", help="use gpiozero's mock pins (no hardware)")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="ask the running agent for its state")
+    status.add_argument("--config", type=Path, required=True)
+    status.set_defaults(func=cmd_status)
+
+    test = commands.add_parser("test-alert", help="send a test alert through the real alert path")
+    test.add_argument("--config", type=Path, required=True)
+    test.add_argument("--button", help="button name (default: the first)")
+    test.set_defaults(func=cmd_test_alert)
+
+    receiver = commands.add_parser("receiver", help="the centre's reference receiver (default: run it)")
+    receiver.add_argument("--config", type=Path, required=True)
+    receiver.set_defaults(func=cmd_receiver_run)
+    sub = receiver.add_subparsers(dest="sub", metavar="SUBCOMMAND")
+    sub.add_parser("run", help="verify, store and acknowledge device messages").set_defaults(func=cmd_receiver_run)
+    rinit = sub.add_parser("init", help="create the centre's signing key and print its public JWK")
+    rinit.add_argument("--force", action="store_true")
+    rinit.set_defaults(func=cmd_receiver_init)
+    enroll = sub.add_parser("enroll", help="enrol a device from its enrolment record (JSON file or -)")
+    enroll.add_argument("record")
+    enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
+    enroll.add_argument("--site", help="with a bare JWK: the device's site")
+    enroll.set_defaults(func=cmd_receiver_enroll)
+
+    demo = commands.add_parser("demo", help="broker, receiver and a call point on this machine, with mock pins")
+    demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: after the demo steps)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Moves outbox rows onto MQTT in order and retires them on PUBACK and on the centre's ack.
+
+One thread owns all delivery state; paho's callbacks and button presses only
+put events on its queue. Each copy is signed just before it is handed to MQTT
+(fresh ``sent`` time), so a retransmission after a long outage still passes
+the receiver's time window. Rows are handed over only while connected; after a
+reconnect everything the broker has not confirmed is handed over again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from .errors import AgentError, SignatureInvalid
+from .messages import AckClaims, TopicLayout
+from .outbox import Outbox, OutboxEntry
+from .signing import MessageSigner, verify
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """What delivery needs from the MQTT link."""
+
+    is_connected: bool
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int: ...
+
+
+@dataclass
+class DeliveryHooks:
+    """Observers of delivery progress (indicator, telemetry, benchmarks). Called on the delivery thread."""
+
+    published: Callable[[OutboxEntry, float], None] = lambda entry, puback_at: None
+    acknowledged: Callable[[OutboxEntry, float], None] = lambda entry, ack_at: None
+
+
+@dataclass
+class DeliveryStats:
+    published: int = 0
+    acknowledged: int = 0
+    refused_by_broker: int = 0
+    retransmitted: int = 0
+    bad_acks: dict[str, int] = field(default_factory=dict)
+
+
+class Delivery:
+    """The outbox's courier: one thread, fed by an event queue."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        signer: MessageSigner,
+        topics: TopicLayout,
+        centre_key: Any,
+        *,
+        device: str,
+        ack_retry_s: float,
+        window: int = 50,
+        hooks: DeliveryHooks | None = None,
+    ):
+        self.outbox = outbox
+        self.transport = transport
+        self.signer = signer
+        self.topics = topics
+        self.centre_key = centre_key
+        self.device = device
+        self.ack_retry_s = ack_retry_s
+        self.window = window
+        self.hooks = hooks or DeliveryHooks()
+        self.stats = DeliveryStats()
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._hold_until = 0.0
+        self._refusal_backoff_s = 1.0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.last_progress = time.monotonic()
+
+    # Called from any thread.
+
+    def wake(self) -> None:
+        self._events.put(("wake",))
+
+    def handle_connected(self) -> None:
+        self._events.put(("connected",))
+
+    def handle_disconnected(self, reason: str) -> None:
+        self._events.put(("disconnected",))
+
+    def handle_published(self, mid: int, ok: bool, reason: str) -> None:
+        self._events.put(("puback", mid, ok, reason, time.monotonic()))
+
+    def handle_ack(self, payload: bytes) -> None:
+        self._events.put(("ack", payload, time.monotonic()))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._events.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # The delivery thread.
+
+    def _run(self) -> None:
+        next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+        while not self._stopping:
+            timeout = max(0.0, next_retry_check - time.monotonic())
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                event = ("tick",)
+            self.last_progress = time.monotonic()
+            try:
+                self._handle(event)
+                if time.monotonic() >= next_retry_check:
+                    requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
+                    if requeued:
+                        self.stats.retransmitted += requeued
+                        log.warning("%d message(s) not acknowledged by the centre in %.0f s; sending again",
+                                    requeued, self.ack_retry_s)
+                    next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+                self._fill_window()
+            except AgentError as exc:
+                log.error("delivery: %s", exc)
+                time.sleep(0.5)
+
+    def _handle(self, event: tuple) -> None:
+        match event:
+            case ("puback", mid, ok, reason, at):
+                self._on_puback(mid, ok, reason, at)
+            case ("ack", payload, at):
+                self._on_ack(payload, at)
+            case ("disconnected",):
+                self._inflight.clear()
+            case ("connected",):
+                self._hold_until = 0.0
+
+    def _fill_window(self) -> None:
+        if not self.transport.is_connected or time.monotonic() < self._hold_until:
+            return
+        room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        for entry in self.outbox.unpublished(room, exclude=set(self._inflight.values())):
+            claims = {**entry.claims, "sent": time.time()}
+            token = self.signer.sign(claims).encode()
+            topic = self.topics.for_kind(claims["site"], claims["device"], entry.kind)
+            mid = self.transport.publish(topic, token, qos=1)
+            self._inflight[mid] = entry.seq
+
+    def _on_puback(self, mid: int, ok: bool, reason: str, at: float) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return  # a copy paho resent from before a reconnect; its fresh twin is tracked instead
+        if not ok:
+            self.stats.refused_by_broker += 1
+            self._hold_until = time.monotonic() + self._refusal_backoff_s
+            log.error("broker refused message seq %d: %s; retrying in %.0f s", seq, reason, self._refusal_backoff_s)
+            self._refusal_backoff_s = min(self._refusal_backoff_s * 2, 60.0)
+            return
+        self._refusal_backoff_s = 1.0
+        entry = self.outbox.mark_published(seq)
+        if entry is not None:
+            self.stats.published += 1
+            self.hooks.published(entry, at)
+
+    def _on_ack(self, payload: bytes, at: float) -> None:
+        try:
+            ack = AckClaims.model_validate(verify(payload, self.centre_key))
+        except SignatureInvalid as exc:
+            self._bad_ack(exc.reason, str(exc))
+            return
+        except ValidationError as exc:
+            self._bad_ack("malformed", f"acknowledgement claims invalid: {exc.errors()[0]['msg']}")
+            return
+        if ack.device != self.device:
+            self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
+            return
+        entry = self.outbox.acknowledge(ack.seq, str(ack.event_id))
+        if entry is not None:
+            self.stats.acknowledged += 1
+            self.hooks.acknowledged(entry, at)
+
+    def _bad_ack(self, reason: str, message: str) -> None:
+        self.stats.bad_acks[reason] = self.stats.bad_acks.get(reason, 0) + 1
+        log.warning("ignored acknowledgement: %s", message)

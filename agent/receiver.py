@@ -1,0 +1,189 @@
+"""The centre's reference receiver: verify, de-duplicate, store, acknowledge.
+
+Every message is checked in this order, and the first failure is its reason:
+``oversized`` → ``malformed`` → ``algorithm_not_allowed`` (only Ed25519; never
+``none`` or HMAC) → ``unknown_device`` (key id not enrolled) →
+``bad_signature`` → ``malformed`` claims → ``device_mismatch`` (claims name
+another device or site than the enrolled key) → ``topic_mismatch`` →
+``stale`` (send time outside −40 s/+20 s, as SIA DC-09) → ``replayed`` (a
+sequence number already used for a different event).
+
+A message already stored under the same (device, sequence, event id) is a
+redelivery: it is acknowledged again but never stored or raised twice. The
+acknowledgement is signed with the centre's key and sent only after the
+message is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from .config import ReceiverConfig, resolve_secret
+from .errors import SignatureInvalid
+from .keyring import Keyring
+from .messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
+from .receiver_store import ReceiverStore
+from .signing import MessageSigner, load_private_key, unverified_header, verify
+from .uplink import MqttLink
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Literal["accepted", "duplicate", "rejected"]
+    reason: str | None = None
+    detail: str = ""
+    claims: MessageClaims | None = None
+
+
+class MessageChecker:
+    """Verification and de-duplication, with no MQTT in sight (so it is easy to test)."""
+
+    def __init__(self, keyring: Keyring, store: ReceiverStore, topics: TopicLayout,
+                 window_past_s: float = 40.0, window_future_s: float = 20.0, clock: Callable[[], float] = time.time):
+        self.keyring = keyring
+        self.store = store
+        self.topics = topics
+        self.window_past_s = window_past_s
+        self.window_future_s = window_future_s
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+
+    def check(self, topic: str, payload: bytes) -> Verdict:
+        try:
+            verdict = self._check(topic, payload)
+        except SignatureInvalid as exc:
+            verdict = Verdict("rejected", exc.reason, str(exc))
+        self.counters[verdict.outcome if verdict.reason is None else verdict.reason] += 1
+        if verdict.outcome == "rejected":
+            log.warning("rejected message on %s: %s (%s)", topic, verdict.reason, verdict.detail)
+        return verdict
+
+    def _check(self, topic: str, payload: bytes) -> Verdict:
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise SignatureInvalid("oversized", f"{len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+        header = unverified_header(payload)
+        if header.get("alg") != "Ed25519":
+            raise SignatureInvalid("algorithm_not_allowed", f"algorithm {header.get('alg')!r}; only Ed25519 is accepted")
+        device = self.keyring.lookup(str(header.get("kid")))
+        if device is None:
+            raise SignatureInvalid("unknown_device", f"key id {header.get('kid')!r} is not enrolled")
+        try:
+            claims = MessageClaims.model_validate(verify(payload, device.key))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SignatureInvalid("malformed", f"claims invalid at {where}: {first['msg']}") from None
+        if claims.device != device.device_id or claims.site != device.site:
+            raise SignatureInvalid(
+                "device_mismatch",
+                f"claims say {claims.site}/{claims.device} but key {device.kid} is enrolled for "
+                f"{device.site}/{device.device_id}",
+            )
+        if self.topics.parse(topic) != (claims.site, claims.device, CHANNEL_OF_KIND[claims.kind]):
+            raise SignatureInvalid("topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic}")
+        if claims.kind == "status":
+            return Verdict("accepted", claims=claims)  # retained state: old by nature, not de-duplicated
+        age = self.clock() - claims.sent
+        if age > self.window_past_s or age < -self.window_future_s:
+            raise SignatureInvalid(
+                "stale", f"sent {age:+.1f} s from now, outside -{self.window_past_s:g}/+{self.window_future_s:g} s"
+            )
+        stored = self.store.find(claims.device, claims.seq)
+        if stored is not None:
+            if stored.event_id == str(claims.event_id):
+                return Verdict("duplicate", claims=claims)
+            raise SignatureInvalid(
+                "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
+            )
+        if not self.store.insert(claims.model_dump(mode="json"), self.clock()):
+            return Verdict("duplicate", claims=claims)  # a concurrent receiver stored it first
+        return Verdict("accepted", claims=claims)
+
+
+class Receiver:
+    """Subscribes (shared), checks every message, and acknowledges what it stored."""
+
+    def __init__(self, config: ReceiverConfig, *, on_verdict: Callable[[Verdict], None] | None = None):
+        self.config = config
+        settings = config.receiver
+        self.topics = TopicLayout(config.mqtt.topic_prefix)
+        self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, settings.state_dir)))
+        self.keyring = Keyring(config.keyring_path)
+        self.store = ReceiverStore(config.database_path)
+        self.checker = MessageChecker(self.keyring, self.store, self.topics,
+                                      settings.window_past_s, settings.window_future_s)
+        self.on_verdict = on_verdict
+        self.link = MqttLink(config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}",
+                             secrets_dir=settings.state_dir)
+        prefix, group = self.topics.prefix, settings.share_group
+        for channel in ("alert", "event", "telemetry"):
+            self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
+        self.link.subscribe(f"{prefix}/+/+/status")
+        self.link.on_message = lambda topic, payload: self._inbox.put((topic, payload))
+        self._inbox: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._work, name="receiver", daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def counters(self) -> Counter[str]:
+        return self.checker.counters
+
+    def start(self) -> None:
+        self._worker.start()
+        self.link.start()
+        log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
+
+    def close(self) -> None:
+        self.link.close()
+        self._inbox.put(None)
+        self._worker.join(timeout=5)
+        self.store.close()
+
+    def _work(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            try:
+                self._handle(*item)
+            except Exception:
+                log.exception("receiver failed on a message from %s", item[0])
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        verdict = self.checker.check(topic, payload)
+        claims = verdict.claims
+        if claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
+            self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
+        if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
+            log.warning("%s%s from %s/%s seq %d: %s", "TEST " if claims.test else "", claims.kind.upper(),
+                        claims.site, claims.device, claims.seq, claims.body)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+
+    def _acknowledge(self, claims: MessageClaims, duplicate: bool) -> None:
+        ack = AckClaims(
+            receiver=self.config.receiver.id, device=claims.device, seq=claims.seq, event_id=claims.event_id,
+            stored_at=time.time(), sent=time.time(), duplicate=duplicate,
+        )
+        topic = self.topics.topic(claims.site, claims.device, "ack")
+        self.link.publish(topic, self.signer.sign(ack.model_dump(mode="json")).encode(), qos=1)
+
+
+def receiver_status(receiver: Receiver) -> dict[str, Any]:
+    return {"counters": dict(receiver.counters), "devices": len(receiver.keyring)}

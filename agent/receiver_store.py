@@ -1,0 +1,97 @@
+"""The centre's durable record of accepted device messages, unique by (device, sequence)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import OutboxError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    test INTEGER NOT NULL,
+    created REAL NOT NULL,
+    received_at REAL NOT NULL,
+    claims TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (kind, received_at);
+"""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    device: str
+    seq: int
+    event_id: str
+    site: str
+    kind: str
+    test: bool
+    created: float
+    received_at: float
+    claims: dict[str, Any]
+
+
+class ReceiverStore:
+    """SQLite (WAL, full sync): an alert is on disk before the device is told the centre has it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open receiver database {self.path}: {exc}") from None
+
+    def __enter__(self) -> ReceiverStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def find(self, device: str, seq: int) -> StoredMessage | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM messages WHERE device = ? AND seq = ?", (device, seq)).fetchone()
+        return None if row is None else _message(row)
+
+    def insert(self, claims: dict[str, Any], received_at: float) -> bool:
+        """Store a message; False if (device, seq) is already there."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (claims["device"], claims["seq"], claims["event_id"], claims["site"], claims["kind"],
+                 int(claims["test"]), claims["created"], received_at, json.dumps(claims)),
+            )
+            return cursor.rowcount == 1
+
+    def messages(self, kind: str | None = None, device: str | None = None) -> list[StoredMessage]:
+        query, args = "SELECT * FROM messages WHERE 1=1", []
+        if kind is not None:
+            query, args = query + " AND kind = ?", [*args, kind]
+        if device is not None:
+            query, args = query + " AND device = ?", [*args, device]
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY received_at, device, seq", args).fetchall()
+        return [_message(row) for row in rows]
+
+
+def _message(row: tuple) -> StoredMessage:
+    device, seq, event_id, site, kind, test, created, received_at, claims = row
+    return StoredMessage(device, seq, event_id, site, kind, bool(test), created, received_at, json.loads(claims))

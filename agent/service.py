@@ -1,0 +1,265 @@
+"""The device agent: wires buttons, tamper switch, indicator, outbox, delivery and uplink together.
+
+The alert path is: button activation → claims committed to the outbox (fsync)
+→ LED shows *pending* → delivery signs and publishes (QoS 1) → PUBACK →
+the centre's signed ack is verified → LED shows *acknowledged*. Nothing on this
+path waits for the network: a press is accepted as soon as it is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
+
+from . import __version__
+from .config import AgentConfig, resolve_secret
+from .control import ControlServer
+from .delivery import Delivery, DeliveryHooks
+from .errors import ConfigError
+from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
+from .outbox import Outbox, OutboxEntry
+from .signing import MessageSigner, load_private_key, load_public_jwk
+from .uplink import MqttLink, Will
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One device: call point, building button or camera box."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        pin_factory=None,
+        on_published: Callable[[OutboxEntry, float], None] | None = None,
+        on_acknowledged: Callable[[OutboxEntry, float], None] | None = None,
+    ):
+        self.config = config
+        self.device = config.device.id
+        self.site = config.device.site
+        self.started_at = time.monotonic()
+        self._external_published = on_published
+        self._external_acknowledged = on_acknowledged
+        self._lock = threading.Lock()
+        self._pending_visible: set[int] = set()
+        self._ack_shown_until = 0.0
+        self._stopping = threading.Event()
+        self._closers: list[Callable[[], None]] = []
+
+        state_dir = config.state_dir
+        self.signer = MessageSigner(load_private_key(resolve_secret(config.identity.private_key_file, state_dir)))
+        centre_key = load_public_jwk(resolve_secret(config.identity.centre_key_file, state_dir))
+        self.topics = TopicLayout(config.mqtt.topic_prefix)
+        self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
+        self._closers.append(self.outbox.close)
+        self.link = MqttLink(
+            config.mqtt,
+            client_id=config.mqtt.client_id or f"edge-{self.device}",
+            secrets_dir=state_dir,
+            will=Will(self.topics.topic(self.site, self.device, "status"), self._status_payload("offline")),
+        )
+        self.delivery = Delivery(
+            self.outbox, self.link, self.signer, self.topics, centre_key,
+            device=self.device, ack_retry_s=config.outbox.ack_retry_s,
+            hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
+        )
+        self.link.on_connected = self._on_connected
+        self.link.on_disconnected = self._on_disconnected
+        self.link.on_published = self.delivery.handle_published
+        self.link.on_message = self._on_message
+        self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
+
+        self.indicator = StatusIndicator(config.indicator.led_pin, config.indicator.buzzer_pin, pin_factory=pin_factory)
+        self._closers.append(self.indicator.close)
+        self.buttons: dict[str, AlertButton] = {}
+        for settings in config.buttons:
+            button = AlertButton(
+                settings.pin, name=settings.name, activation=settings.activation, hold_s=settings.hold_s,
+                presses=settings.presses, window_s=settings.window_s, bounce_s=settings.bounce_ms / 1000,
+                pull_up=settings.pull_up, pin_factory=pin_factory,
+            )
+            button.when_activated = lambda b: self.raise_alert(b.name)
+            self.buttons[settings.name] = button
+            self._closers.append(button.close)
+        self.tamper: TamperSwitch | None = None
+        if config.tamper is not None:
+            self.tamper = TamperSwitch(
+                config.tamper.pin, pull_up=config.tamper.pull_up,
+                closed_when_pressed=config.tamper.closed_when_pressed, pin_factory=pin_factory,
+            )
+            self.tamper.when_opened = lambda: self.raise_event("tamper", {"enclosure": "opened"})
+            self.tamper.when_closed = lambda: self.raise_event("tamper", {"enclosure": "closed"})
+            self._closers.append(self.tamper.close)
+        for entry in self.outbox.entries():
+            if entry.kind == "alert" and not entry.claims["body"].get("silent"):
+                self._pending_visible.add(entry.seq)
+        self.control = ControlServer(config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert})
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.site}/{self.device} connected={self.link.is_connected} outbox={self.outbox.depth()}>"
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self._refresh_indicator()
+        self.delivery.start()
+        self.link.start()
+        self.control.start()
+        self._housekeeping.start()
+        if self.tamper is not None and self.tamper.is_open:
+            self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
+        log.info("agent %s/%s started (%d button(s), outbox depth %d)",
+                 self.site, self.device, len(self.buttons), self.outbox.depth())
+
+    def close(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.control.close()
+        final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
+        self.link.close(final=final)
+        self.delivery.stop()
+        for closer in reversed(self._closers):
+            closer()
+        log.info("agent %s/%s stopped", self.site, self.device)
+
+    def wait(self) -> None:
+        """Block until ``close()`` is called (from a signal handler, say)."""
+        self._stopping.wait()
+
+    # Events in.
+
+    def raise_alert(self, button_name: str, *, test: bool = False) -> OutboxEntry:
+        """Commit an alert for a button durably; returns once it is on disk."""
+        settings = self.config.button(button_name)
+        body = {
+            "button": settings.name, "alert_kind": settings.alert_kind, "location": settings.location,
+            "activation": settings.activation, "silent": settings.silent,
+        }
+        entry = self._commit("alert", body, test=test)
+        if not settings.silent:
+            with self._lock:
+                self._pending_visible.add(entry.seq)
+            self._refresh_indicator()
+        log.info("%salert seq %d accepted from button %r", "test " if test else "", entry.seq, settings.name)
+        return entry
+
+    def raise_event(self, kind: str, body: dict[str, Any]) -> OutboxEntry | None:
+        entry = self._commit(kind, body)
+        if entry is not None:
+            log.info("%s event seq %d: %s", kind, entry.seq, body)
+        return entry
+
+    def _commit(self, kind: str, body: dict[str, Any], test: bool = False) -> OutboxEntry:
+        entry = self.outbox.add(
+            kind, kind in ACKNOWLEDGED_KINDS,
+            lambda seq: new_claims(device=self.device, site=self.site, seq=seq, kind=kind, body=body, test=test),
+        )
+        self.delivery.wake()
+        return entry
+
+    # Delivery and link callbacks.
+
+    def _on_published(self, entry: OutboxEntry, at: float) -> None:
+        if self._external_published:
+            self._external_published(entry, at)
+
+    def _on_acknowledged(self, entry: OutboxEntry, at: float) -> None:
+        with self._lock:
+            was_visible = entry.seq in self._pending_visible
+            self._pending_visible.discard(entry.seq)
+            if was_visible:
+                self._ack_shown_until = time.monotonic() + self.config.indicator.ack_display_s
+        self._refresh_indicator()
+        log.info("%s seq %d acknowledged by the centre", entry.kind, entry.seq)
+        if self._external_acknowledged:
+            self._external_acknowledged(entry, at)
+
+    def _on_connected(self) -> None:
+        self.link.publish(self.topics.topic(self.site, self.device, "status"), self._status_payload("online"), retain=True)
+        self.delivery.handle_connected()
+        self._refresh_indicator()
+
+    def _on_disconnected(self, reason: str) -> None:
+        self.delivery.handle_disconnected(reason)
+        self._refresh_indicator()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.topic(self.site, self.device, "ack"):
+            self.delivery.handle_ack(payload)
+
+    def _status_payload(self, state: str) -> bytes:
+        claims = new_claims(
+            device=self.device, site=self.site, seq=self.outbox.next_sequence(), kind="status",
+            body={"state": state, "version": __version__},
+        )
+        return self.signer.sign(claims).encode()
+
+    # Indicator, telemetry, control.
+
+    def indicator_state(self) -> IndicatorState:
+        with self._lock:
+            if self._pending_visible:
+                return IndicatorState.PENDING
+            if time.monotonic() < self._ack_shown_until:
+                return IndicatorState.ACKNOWLEDGED
+        return IndicatorState.IDLE if self.link.is_connected else IndicatorState.FAULT
+
+    def _refresh_indicator(self) -> None:
+        self.indicator.show(self.indicator_state())
+
+    def _housekeep(self) -> None:
+        next_heartbeat = time.monotonic()
+        while not self._stopping.wait(0.25):
+            self._refresh_indicator()
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
+                self.raise_event("telemetry", self.health())
+
+    def health(self) -> dict[str, Any]:
+        oldest = self.outbox.oldest_age_s()
+        return {
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "version": __version__,
+            "config_sha256": self.config.source_sha256,
+            "host": platform.node(),
+            "connected": self.link.is_connected,
+            "outbox_depth": self.outbox.depth(),
+            "oldest_unsent_s": None if oldest is None else round(oldest, 1),
+            "dropped_telemetry": self.outbox.dropped_telemetry,
+            "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
+        }
+
+    def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        stats = self.delivery.stats
+        return {
+            "device": self.device, "site": self.site, "kind": self.config.device.kind,
+            "indicator": self.indicator_state().value,
+            "pending_alerts": sorted(self._pending_visible),
+            "buttons": {name: {"pressed": b.is_pressed, "activation": b.activation} for name, b in self.buttons.items()},
+            "delivery": {"published": stats.published, "acknowledged": stats.acknowledged,
+                         "retransmitted": stats.retransmitted, "refused_by_broker": stats.refused_by_broker},
+            **self.health(),
+        }
+
+    def _cmd_test_alert(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("button")
+        if name is None:
+            if not self.buttons:
+                raise ConfigError("this device has no buttons to test")
+            name = next(iter(self.buttons))
+        entry = self.raise_alert(str(name), test=True)
+        return {"seq": entry.seq, "event_id": entry.event_id, "button": name}

@@ -1,0 +1,200 @@
+"""The MQTT transport: the only module that imports paho.
+
+``MqttLink`` owns one paho client (MQTT 5, TLS, auth, last will, capped
+exponential reconnect) and exposes plain callbacks with plain types. paho's
+callbacks run on its network thread, so the handlers given here must only
+enqueue. paho return codes are turned into :class:`UplinkError` here and never
+leave this module.
+
+Durability is not paho's job: its in-flight queue lives in memory. Callers
+commit to the outbox first and retire a message only from ``on_published``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .config import MqttSection, read_secret, resolve_secret
+from .errors import UplinkError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class MqttLink:
+    """One broker connection that keeps itself up and re-subscribes after every reconnect.
+
+    Args:
+        settings: the ``[mqtt]`` section.
+        client_id: MQTT client id (unique per broker).
+        secrets_dir: where relative secret file names are looked up after $CREDENTIALS_DIRECTORY.
+        will: optional last will, published by the broker if this client vanishes.
+        session_expiry_s: how long the broker keeps subscriptions and queued QoS 1
+            messages (acks) for us while we are away; 0 for a clean session.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSection,
+        client_id: str,
+        secrets_dir: Path,
+        will: Will | None = None,
+        session_expiry_s: int = 3600,
+    ):
+        self.settings = settings
+        self.client_id = client_id
+        self.on_connected: Callable[[], None] = lambda: None
+        self.on_disconnected: Callable[[str], None] = lambda reason: None
+        self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
+        self.on_published: Callable[[int, bool, str], None] = lambda mid, ok, reason: None
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._session_expiry_s = session_expiry_s
+        self._closing = False
+        self._client = paho.Client(
+            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+        )
+        self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._client.max_inflight_messages_set(100)
+        if settings.username is not None:
+            password = None
+            if settings.password_file is not None:
+                password = read_secret(settings.password_file, secrets_dir, "mqtt.password_file")
+            self._client.username_pw_set(settings.username, password)
+        if settings.tls.enabled:
+            self._configure_tls(secrets_dir)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_publish = self._handle_publish
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_socket_open = self._handle_socket_open
+
+    def _configure_tls(self, secrets_dir: Path) -> None:
+        tls = self.settings.tls
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file and tls.key_file:
+            context.load_cert_chain(tls.cert_file, str(resolve_secret(tls.key_file, secrets_dir)))
+        self._client.tls_set_context(context)
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else "disconnected"
+        return f"<MqttLink {self.client_id} to {self.settings.host}:{self.settings.port} {state}>"
+
+    def __enter__(self) -> MqttLink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting with capped exponential backoff."""
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self._session_expiry_s
+        try:
+            self._client.connect_async(
+                self.settings.host,
+                self.settings.port,
+                keepalive=self.settings.keepalive_s,
+                clean_start=self._session_expiry_s == 0,
+                properties=properties,
+            )
+        except (OSError, ValueError) as exc:
+            raise UplinkError(f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}") from None
+        self._client.loop_start()
+
+    def close(self, final: tuple[str, bytes] | None = None) -> None:
+        """Disconnect cleanly; ``final`` (topic, payload) is published retained first (e.g. 'offline')."""
+        if final is not None and self.is_connected:
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError):
+                pass
+        self._closing = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected and again after every reconnect."""
+        self._subscriptions[topic_filter] = qos
+        if self.is_connected:
+            self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Hand a message to paho; returns its mid. Not durable: the caller keeps its own copy."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise UplinkError(f"[code:{int(info.rc)}] publish to {topic} refused: {paho.error_string(info.rc)}")
+        return info.mid
+
+    # paho callbacks (network thread): translate and hand on, never block.
+
+    def _handle_socket_open(self, client, userdata, sock) -> None:
+        # Alerts and acks are small packets sent back to back: without this, Nagle's
+        # algorithm meets delayed ACKs and an ack waits ~40 ms in the kernel.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s:%s refused connection: %s", self.settings.host, self.settings.port, reason_code)
+            return
+        for topic_filter, qos in self._subscriptions.items():
+            client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        self._connected.set()
+        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
+        self.on_connected()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and self._closing:
+            log.info("disconnected from %s:%s", self.settings.host, self.settings.port)
+            self.on_disconnected(str(reason_code))
+        elif was_connected:
+            log.warning("lost connection to %s:%s: %s", self.settings.host, self.settings.port, reason_code)
+            self.on_disconnected(str(reason_code))
+
+    def _handle_message(self, client, userdata, message) -> None:
+        self.on_message(message.topic, message.payload)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.on_published(mid, not reason_code.is_failure, str(reason_code))
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                log.error("broker refused a subscription of %s: %s", self.client_id, code)
