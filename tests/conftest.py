@@ -1,0 +1,88 @@
+"""Shared fixtures: gpiozero's MockFactory, a real mosquitto on loopback, a local site with a receiver."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory
+
+from agent.broker import LocalBroker
+from agent.errors import BrokerUnavailable
+from agent.localsite import LocalSite
+from agent.receiver import Receiver, Verdict
+
+REPO = Path(__file__).resolve().parent.parent
+#: The one setting that finds the shared test models and footage.
+SHARED_DIR = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared"))
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return bool(condition())
+
+
+@pytest.fixture
+def mock_factory():
+    """gpiozero's own MockFactory, installed as the default and restored afterwards."""
+    previous = Device.pin_factory
+    factory = MockFactory()
+    Device.pin_factory = factory
+    yield factory
+    factory.reset()
+    Device.pin_factory = previous
+
+
+@pytest.fixture
+def broker(tmp_path):
+    try:
+        with LocalBroker(workdir=tmp_path / "mosquitto") as running:
+            yield running
+    except BrokerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def site(tmp_path, broker) -> LocalSite:
+    return LocalSite(tmp_path / "site", broker)
+
+
+class VerdictLog:
+    """Everything the receiver decided, in arrival order, waitable."""
+
+    def __init__(self):
+        self.verdicts: list[Verdict] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, verdict: Verdict) -> None:
+        with self._lock:
+            self.verdicts.append(verdict)
+
+    def accepted(self, kind: str | None = None) -> list[Verdict]:
+        with self._lock:
+            return [v for v in self.verdicts if v.outcome == "accepted" and (kind is None or v.claims.kind == kind)]
+
+    def with_outcome(self, outcome: str) -> list[Verdict]:
+        with self._lock:
+            return [v for v in self.verdicts if v.outcome == outcome]
+
+
+@pytest.fixture
+def verdicts() -> VerdictLog:
+    return VerdictLog()
+
+
+@pytest.fixture
+def receiver(site, verdicts):
+    with Receiver(site.receiver_config, on_verdict=verdicts) as running:
+        assert running.link.wait_connected(10), "receiver could not connect to the test broker"
+        time.sleep(0.2)  # let the subscriptions land
+        yield running

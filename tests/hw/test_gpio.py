@@ -1,0 +1,124 @@
+"""Buttons, tamper switch and indicator on gpiozero's MockFactory."""
+
+import time
+
+import pytest
+
+from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
+from tests.conftest import wait_until
+
+
+def press(pin, hold_s: float = 0.0):
+    pin.drive_low()
+    if hold_s:
+        time.sleep(hold_s)
+    pin.drive_high()
+
+
+def test_press_fires_once_per_press(mock_factory):
+    with AlertButton(17, name="help") as button:
+        fired = []
+        button.when_activated = fired.append
+        press(mock_factory.pin(17))
+        assert fired == [button]
+        time.sleep(0.05)
+        press(mock_factory.pin(17))
+        assert len(fired) == 2
+
+
+def test_contact_bounce_counts_as_one_press(mock_factory):
+    pin = mock_factory.pin(17)
+    with AlertButton(17, bounce_s=0.03) as button:
+        fired = []
+        button.when_activated = fired.append
+        for _ in range(6):  # a bouncing contact: six edges within a few milliseconds
+            pin.drive_low()
+            pin.drive_high()
+        pin.drive_low()
+        time.sleep(0.05)
+        pin.drive_high()
+        assert len(fired) == 1
+
+
+def test_hold_fires_only_after_the_hold_time(mock_factory):
+    pin = mock_factory.pin(17)
+    with AlertButton(17, activation="hold", hold_s=0.3) as button:
+        fired = []
+        button.when_activated = fired.append
+        press(pin, hold_s=0.1)
+        time.sleep(0.3)
+        assert fired == []
+        pin.drive_low()
+        assert wait_until(lambda: fired, timeout=2)
+        time.sleep(0.5)
+        pin.drive_high()
+        assert len(fired) == 1  # holding longer does not repeat
+
+
+def test_multi_press_needs_all_presses_within_the_window(mock_factory):
+    pin = mock_factory.pin(17)
+    with AlertButton(17, activation="multi-press", presses=3, window_s=0.6, bounce_s=0.01) as button:
+        fired = []
+        button.when_activated = fired.append
+        for _ in range(2):
+            press(pin)
+            time.sleep(0.02)
+        assert fired == []
+        time.sleep(0.7)  # the window passes: start again
+        for _ in range(2):
+            press(pin)
+            time.sleep(0.02)
+        assert fired == []
+        press(pin)
+        assert len(fired) == 1
+
+
+def test_unknown_activation_is_refused(mock_factory):
+    with pytest.raises(ValueError, match="button 'x': activation must be one of press, hold, multi-press, not 'twice'"):
+        AlertButton(17, name="x", activation="twice")
+
+
+def test_a_failing_handler_does_not_break_the_button(mock_factory):
+    with AlertButton(17, bounce_s=0) as button:
+        calls = []
+
+        def handler(b):
+            calls.append(b)
+            raise RuntimeError("boom")
+
+        button.when_activated = handler
+        press(mock_factory.pin(17))
+        press(mock_factory.pin(17))
+        assert len(calls) == 2
+
+
+def test_tamper_switch_reports_opened_and_closed(mock_factory):
+    pin = mock_factory.pin(22)
+    with TamperSwitch(22, bounce_s=0) as switch:
+        events = []
+        switch.when_opened = lambda: events.append("opened")
+        switch.when_closed = lambda: events.append("closed")
+        assert switch.is_open  # pulled up, nothing pressing the switch
+        pin.drive_low()
+        assert not switch.is_open
+        pin.drive_high()
+        assert events == ["closed", "opened"]
+        assert "is_open=True" in repr(switch)
+
+
+def test_indicator_states_have_distinct_led_patterns(mock_factory):
+    with StatusIndicator(led_pin=5, buzzer_pin=6) as indicator:
+        led = mock_factory.pin(5)
+        indicator.show(IndicatorState.ACKNOWLEDGED)
+        time.sleep(0.2)
+        assert led.state and all(state.state for state in led.states[-1:])
+        indicator.show(IndicatorState.PENDING)
+        led.clear_states()
+        time.sleep(0.5)
+        toggles = len(led.states)
+        assert toggles >= 3  # fast blink
+        indicator.show(IndicatorState.FAULT)
+        led.clear_states()
+        time.sleep(0.5)
+        assert len(led.states) < toggles
+        assert indicator.state is IndicatorState.FAULT
