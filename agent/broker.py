@@ -6,6 +6,7 @@ else runs against a real broker too, never a fake one.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, MosquittoMissing
 
 INSTALL_HINT = "install it with 'sudo apt-get install -y mosquitto' (Debian, Raspberry Pi OS, Ubuntu)"
 
@@ -27,12 +28,13 @@ def free_port() -> int:
 class LocalBroker:
     """mosquitto listening on 127.0.0.1 only; ``stop()`` and ``start()`` keep the same port."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = ""):
+    def __init__(self, port: int | None = None, workdir: Path | None = None, listener_config: str = ""):
+        """``listener_config`` lines follow the listener line (e.g. TLS: cafile, certfile, keyfile)."""
         self.executable = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
         )
         if self.executable is None:
-            raise BrokerUnavailable(f"mosquitto is not installed; {INSTALL_HINT}")
+            raise MosquittoMissing(f"mosquitto is not installed; {INSTALL_HINT}")
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-mosquitto-") if workdir is None else None
@@ -41,9 +43,11 @@ class LocalBroker:
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
-            + extra_config
+            f"listener {self.port} 127.0.0.1\n{listener_config}\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
+            # As root, mosquitto would drop to its own user and lose access to our private temp files.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self._process: subprocess.Popen | None = None
 

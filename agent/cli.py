@@ -206,14 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=cmd_test_alert)
 
     receiver = commands.add_parser("receiver", help="the centre's reference receiver (default: run it)")
-    receiver.add_argument("--config", type=Path, required=True)
+    receiver.add_argument("--config", type=Path, help="receiver config file (also accepted after SUBCOMMAND)")
     receiver.set_defaults(func=cmd_receiver_run)
     sub = receiver.add_subparsers(dest="sub", metavar="SUBCOMMAND")
-    sub.add_parser("run", help="verify, store and acknowledge device messages").set_defaults(func=cmd_receiver_run)
-    rinit = sub.add_parser("init", help="create the centre's signing key and print its public JWK")
+    # --config may come before or after the subcommand; SUPPRESS keeps a value given before.
+    config_after = argparse.ArgumentParser(add_help=False)
+    config_after.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sub.add_parser("run", parents=[config_after], help="verify, store and acknowledge device messages").set_defaults(
+        func=cmd_receiver_run)
+    rinit = sub.add_parser("init", parents=[config_after], help="create the centre's signing key and print its JWK")
     rinit.add_argument("--force", action="store_true")
     rinit.set_defaults(func=cmd_receiver_init)
-    enroll = sub.add_parser("enroll", help="enrol a device from its enrolment record (JSON file or -)")
+    enroll = sub.add_parser("enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)")
     enroll.add_argument("record")
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
@@ -226,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "receiver" and args.config is None:
+        parser.error("receiver: --config FILE is required")
     _setup_logging(args.log_level, args.log_format)
     try:
         return args.func(args)

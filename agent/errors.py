@@ -52,3 +52,7 @@ class ControlError(AgentError, RuntimeError):
 
 class BrokerUnavailable(AgentError, RuntimeError):
     """A local mosquitto broker (demo, tests, benchmarks) could not be started."""
+
+
+class MosquittoMissing(BrokerUnavailable):
+    """The mosquitto binary is not installed."""

@@ -12,7 +12,7 @@ from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
 from agent.broker import LocalBroker
-from agent.errors import BrokerUnavailable
+from agent.errors import MosquittoMissing
 from agent.localsite import LocalSite
 from agent.receiver import Receiver, Verdict
 
@@ -46,7 +46,7 @@ def broker(tmp_path):
     try:
         with LocalBroker(workdir=tmp_path / "mosquitto") as running:
             yield running
-    except BrokerUnavailable as exc:
+    except MosquittoMissing as exc:
         pytest.skip(str(exc))
 
 

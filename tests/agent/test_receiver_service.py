@@ -1,0 +1,87 @@
+"""The receiver as the centre runs it: enrolment from the CLI, rejection over MQTT, the run command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from agent.cli import main
+from agent.keyring import Keyring
+from agent.signing import MessageSigner, generate_private_key
+from agent.messages import new_claims
+from agent.uplink import MqttLink
+from tests.conftest import wait_until
+
+
+def test_enroll_accepts_the_record_printed_by_keys_init(site, tmp_path, capsys):
+    config_path = tmp_path / "dev.toml"
+    config_path.write_text('[device]\nid = "cp-7"\nsite = "s1"\nkind = "call-point"\nstate_dir = "st"\n'
+                           '[mqtt]\nhost = "b"\n[[buttons]]\nname = "m"\npin = 4\n')
+    assert main(["keys", "init", "--config", str(config_path)]) == 0
+    record = tmp_path / "record.json"
+    record.write_text(capsys.readouterr().out)
+    assert main(["receiver", "enroll", str(record), "--config", str(site.receiver_toml_path())]) == 0
+    assert "enrolled s1/cp-7 with key" in capsys.readouterr().out
+    (device,) = [d for d in Keyring(site.receiver_config.keyring_path).devices() if d.device_id == "cp-7"]
+    assert device.kid == json.loads(record.read_text())["kid"]
+
+
+def test_enroll_refuses_a_private_key_or_a_wrong_kid(site, tmp_path, capsys):
+    key = generate_private_key(tmp_path / "k.pem")
+    private = tmp_path / "private.json"
+    private.write_text(json.dumps({"device_id": "cp-8", "site": "s1", "jwk": key.as_dict(private=True)}))
+    assert main(["receiver", "enroll", str(private), "--config", str(site.receiver_toml_path())]) == 1
+    assert "holds a private key; only the public JWK may be shared" in capsys.readouterr().err
+    record = {"device_id": "cp-8", "site": "s1", "jwk": {**key.as_dict(private=False), "kid": "made-up"}}
+    private.write_text(json.dumps(record))
+    assert main(["receiver", "enroll", str(private), "--config", str(site.receiver_toml_path())]) == 1
+    assert "jwk kid 'made-up' is not the key's thumbprint" in capsys.readouterr().err
+
+
+def test_rejected_messages_over_mqtt_are_counted_and_never_acknowledged(site, receiver, tmp_path):
+    stranger = MessageSigner(generate_private_key(tmp_path / "stranger.pem"))
+    acks = []
+    with MqttLink(site.receiver_config.mqtt, client_id="intruder", secrets_dir=tmp_path) as link:
+        link.on_message = lambda topic, payload: acks.append(payload)
+        link.subscribe("edge/+/+/ack")
+        link.start()
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        claims = new_claims(device="cp-x", site=site.site, seq=1, kind="alert", body={})
+        link.publish(f"edge/{site.site}/cp-x/alert", stranger.sign(claims).encode())
+        link.publish(f"edge/{site.site}/cp-x/alert", b"garbage")
+        assert wait_until(lambda: receiver.counters["unknown_device"] == 1 and receiver.counters["malformed"] == 1)
+        time.sleep(0.3)
+    assert acks == [] and receiver.store.messages() == []
+
+
+def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
+    config = site.add_device("cp-run")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    receiver = subprocess.Popen([sys.executable, "-m", "agent.cli", "receiver", "--config",
+                                 str(site.receiver_toml_path())], env=env, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config",
+                              str(site.device_config_path("cp-run"))], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: config.control_socket.exists(), 15)
+        time.sleep(1.0)
+        cli = [sys.executable, "-m", "agent.cli"]
+        test = subprocess.run([*cli, "test-alert", "--config", str(site.device_config_path("cp-run"))],
+                              capture_output=True, text=True, timeout=30)
+        assert test.returncode == 0, test.stderr
+
+        def acknowledged():
+            status = subprocess.run([*cli, "status", "--config", str(site.device_config_path("cp-run"))],
+                                    capture_output=True, text=True, timeout=30)
+            return json.loads(status.stdout)["delivery"]["acknowledged"] >= 1
+
+        assert wait_until(acknowledged, 20, interval=0.5)
+    finally:
+        for process in (agent, receiver):
+            process.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=20) for p in (agent, receiver)]
+    assert codes == [0, 0]
+    log = agent.stderr.read()
+    assert "agent demo-site/cp-run stopped" in log and "BEGIN PRIVATE KEY" not in log
