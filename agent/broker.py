@@ -45,9 +45,8 @@ class LocalBroker:
         self.config_path.write_text(
             f"listener {self.port} 127.0.0.1\n{listener_config}\nallow_anonymous true\npersistence false\n"
             f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n"
-            "set_tcp_nodelay true\n"
+            "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
             # As root, mosquitto would drop to its own user and lose access to our private temp files.
-            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self._process: subprocess.Popen | None = None
 
@@ -70,7 +69,8 @@ class LocalBroker:
             return
         self._process = subprocess.Popen(
             [self.executable, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -21,8 +21,12 @@ log = logging.getLogger("edge-agent")
 
 class JsonLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -115,8 +119,10 @@ def cmd_test_alert(args: argparse.Namespace) -> int:
 
     arguments = {"button": args.button} if args.button else {}
     reply = request(_socket_of(args), "test-alert", **arguments)
-    print(f"test alert seq {reply['seq']} from button {reply['button']!r} accepted; "
-          f"watch the LED for the centre's acknowledgement")
+    print(
+        f"test alert seq {reply['seq']} from button {reply['button']!r} accepted; "
+        f"watch the LED for the centre's acknowledgement"
+    )
     return 0
 
 
@@ -213,11 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_after = argparse.ArgumentParser(add_help=False)
     config_after.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sub.add_parser("run", parents=[config_after], help="verify, store and acknowledge device messages").set_defaults(
-        func=cmd_receiver_run)
+        func=cmd_receiver_run
+    )
     rinit = sub.add_parser("init", parents=[config_after], help="create the centre's signing key and print its JWK")
     rinit.add_argument("--force", action="store_true")
     rinit.set_defaults(func=cmd_receiver_init)
-    enroll = sub.add_parser("enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)")
+    enroll = sub.add_parser(
+        "enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)"
+    )
     enroll.add_argument("record")
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")

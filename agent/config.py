@@ -81,7 +81,9 @@ class TlsSection(Section):
 class MqttSection(Section):
     host: str = Field(min_length=1, description="Broker host name or address.")
     port: int = Field(8883, ge=1, le=65535, description="Broker port (8883 for TLS, 1883 plain).")
-    topic_prefix: str = Field("edge", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", description="First topic levels.")
+    topic_prefix: str = Field(
+        "edge", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", description="First topic levels."
+    )
     keepalive_s: int = Field(30, ge=5, le=300, description="MQTT keep-alive; path loss is noticed within 1.5x this.")
     client_id: str | None = Field(None, description="MQTT client id; the device id when unset.")
     username: str | None = Field(None, description="Broker user name.")

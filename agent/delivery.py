@@ -134,8 +134,11 @@ class Delivery:
                     requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
                     if requeued:
                         self.stats.retransmitted += requeued
-                        log.warning("%d message(s) not acknowledged by the centre in %.0f s; sending again",
-                                    requeued, self.ack_retry_s)
+                        log.warning(
+                            "%d message(s) not acknowledged by the centre in %.0f s; sending again",
+                            requeued,
+                            self.ack_retry_s,
+                        )
                     next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
                 self._fill_window()
             except AgentError as exc:

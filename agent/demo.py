@@ -56,21 +56,27 @@ def run_demo(seconds: float = 0) -> int:
             seen.notify_all()
         claims = verdict.claims
         if claims is not None and claims.kind in ("alert", "tamper") and verdict.outcome == "accepted":
-            _say(f"  centre: verified {'TEST ' if claims.test else ''}{claims.kind} from {claims.site}/{claims.device} "
-                 f"seq {claims.seq}: {claims.body}")
+            _say(
+                f"  centre: verified {'TEST ' if claims.test else ''}{claims.kind} from {claims.site}/{claims.device} "
+                f"seq {claims.seq}: {claims.body}"
+            )
 
     with broker, tempfile.TemporaryDirectory(prefix="edge-demo-") as root:
         _say(f"mosquitto on {broker.host}:{broker.port}; site under {root}")
         site = LocalSite(Path(root), broker)
         config = site.add_device("call-point-1", body=CALL_POINT_BODY)
         factory = MockFactory()
-        with Receiver(site.receiver_config, on_verdict=on_verdict) as receiver, \
-                Agent(config, pin_factory=factory) as agent:
+        with (
+            Receiver(site.receiver_config, on_verdict=on_verdict) as receiver,
+            Agent(config, pin_factory=factory) as agent,
+        ):
             factory.pin(22).drive_low()  # the installer shuts the lid: tamper switch closed
             if not agent.link.wait_connected(10):
                 _say("the call point could not reach the broker")
                 return 1
-            _say(f"call point {config.device.site}/{config.device.id} connected; LED shows {agent.indicator_state().value}")
+            _say(
+                f"call point {config.device.site}/{config.device.id} connected; LED shows {agent.indicator_state().value}"
+            )
 
             _say("pressing the help button…")
             pressed = time.monotonic()
@@ -93,7 +99,9 @@ def run_demo(seconds: float = 0) -> int:
             counters = dict(receiver.counters)
             stored = receiver.store.messages(kind="alert")
             _say("summary:")
-            _say(f"  alerts stored at the centre: {len(stored)}; tamper events: {len(receiver.store.messages(kind='tamper'))}")
+            _say(
+                f"  alerts stored at the centre: {len(stored)}; tamper events: {len(receiver.store.messages(kind='tamper'))}"
+            )
             _say(f"  receiver counters: {counters}")
             _say(f"  device outbox depth: {agent.outbox.depth()}; help button acknowledged: {acknowledged}")
             return 0 if acknowledged and len(stored) >= 2 else 1

@@ -51,10 +51,18 @@ class Keyring:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{device.device_id}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(
-            {"device_id": device.device_id, "site": device.site, "kind": device.kind, "jwk": public_jwk(device.key)},
-            indent=2,
-        ) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "device_id": device.device_id,
+                    "site": device.site,
+                    "kind": device.kind,
+                    "jwk": public_jwk(device.key),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         os.replace(tmp, path)
         return device
 

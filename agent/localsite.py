@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .broker import LocalBroker
-from .config import AgentConfig, ReceiverConfig, load_agent_config, load_receiver_config
+from .config import AgentConfig, load_agent_config, load_receiver_config
 from .keyring import Keyring, enrolment_record
 from .signing import generate_private_key, public_jwk
 
@@ -29,9 +29,7 @@ class LocalSite:
         self.centre_dir = self.root / "centre"
         self.centre_dir.mkdir(parents=True, exist_ok=True)
         self._receiver_config_path = self.centre_dir / "receiver.toml"
-        self._receiver_config_path.write_text(
-            f'[receiver]\nid = "centre-1"\nstate_dir = "."\n\n{self.mqtt_toml()}'
-        )
+        self._receiver_config_path.write_text(f'[receiver]\nid = "centre-1"\nstate_dir = "."\n\n{self.mqtt_toml()}')
         self.receiver_config = load_receiver_config(self._receiver_config_path)
         centre_key = generate_private_key(self.centre_dir / self.receiver_config.receiver.signing_key_file, force=True)
         self.centre_jwk = public_jwk(centre_key)
@@ -39,8 +37,12 @@ class LocalSite:
 
     def mqtt_toml(self, client_id: str | None = None, extra: str = "") -> str:
         lines = [
-            "[mqtt]", f'host = "{self.broker.host}"', f"port = {self.broker.port}", f'topic_prefix = "{self.prefix}"',
-            "reconnect_min_s = 0.1", "reconnect_max_s = 1.0",
+            "[mqtt]",
+            f'host = "{self.broker.host}"',
+            f"port = {self.broker.port}",
+            f'topic_prefix = "{self.prefix}"',
+            "reconnect_min_s = 0.1",
+            "reconnect_max_s = 1.0",
         ]
         if client_id:
             lines.append(f'client_id = "{client_id}"')
@@ -50,7 +52,11 @@ class LocalSite:
         return self._receiver_config_path
 
     def add_device(
-        self, device_id: str, kind: str = "call-point", body: str = DEFAULT_BUTTON, enroll: bool = True,
+        self,
+        device_id: str,
+        kind: str = "call-point",
+        body: str = DEFAULT_BUTTON,
+        enroll: bool = True,
         outbox: str = "",
     ) -> AgentConfig:
         """Write a device config, create its key and the centre's public key, and enrol it."""

@@ -70,7 +70,9 @@ class AckClaims(BaseModel):
     duplicate: bool = False
 
 
-def new_claims(*, device: str, site: str, seq: int, kind: str, body: dict[str, Any], test: bool = False) -> dict[str, Any]:
+def new_claims(
+    *, device: str, site: str, seq: int, kind: str, body: dict[str, Any], test: bool = False
+) -> dict[str, Any]:
     """Claims for a new event; ``sent`` is filled in each time a copy is signed."""
     now = time.time()
     return {

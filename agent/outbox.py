@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .database import open_durable
 from .errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,7 @@ class Outbox:
         self.capacity = capacity
         self.dropped_telemetry = 0
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
+        self._db = open_durable(self.path, _SCHEMA, "outbox")
 
     def __repr__(self) -> str:
         return f"<Outbox {self.path} depth={self.depth()}>"
@@ -180,9 +174,12 @@ class Outbox:
         """Send again what the broker took but the centre has not acknowledged in time."""
         cutoff = time.time() - older_than_s
         return self._transaction(
-            lambda db: db.execute(
-                "UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL AND published_at < ?", (cutoff,)
-            ).rowcount
+            lambda db: (
+                db.execute(
+                    "UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL AND published_at < ?",
+                    (cutoff,),
+                ).rowcount
+            )
         )
 
     def depth(self) -> int:

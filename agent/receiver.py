@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -32,7 +32,7 @@ from .errors import SignatureInvalid
 from .keyring import Keyring
 from .messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
 from .receiver_store import ReceiverStore
-from .signing import MessageSigner, load_private_key, unverified_header, verify
+from .signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify
 from .uplink import MqttLink
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,15 @@ class Verdict:
 class MessageChecker:
     """Verification and de-duplication, with no MQTT in sight (so it is easy to test)."""
 
-    def __init__(self, keyring: Keyring, store: ReceiverStore, topics: TopicLayout,
-                 window_past_s: float = 40.0, window_future_s: float = 20.0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        keyring: Keyring,
+        store: ReceiverStore,
+        topics: TopicLayout,
+        window_past_s: float = 40.0,
+        window_future_s: float = 20.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.keyring = keyring
         self.store = store
         self.topics = topics
@@ -75,8 +82,10 @@ class MessageChecker:
         if len(payload) > MAX_MESSAGE_BYTES:
             raise SignatureInvalid("oversized", f"{len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
         header = unverified_header(payload)
-        if header.get("alg") != "Ed25519":
-            raise SignatureInvalid("algorithm_not_allowed", f"algorithm {header.get('alg')!r}; only Ed25519 is accepted")
+        if header.get("alg") != ALGORITHM:
+            raise SignatureInvalid(
+                "algorithm_not_allowed", f"algorithm {header.get('alg')!r}; only Ed25519 is accepted"
+            )
         device = self.keyring.lookup(str(header.get("kid")))
         if device is None:
             raise SignatureInvalid("unknown_device", f"key id {header.get('kid')!r} is not enrolled")
@@ -93,7 +102,9 @@ class MessageChecker:
                 f"{device.site}/{device.device_id}",
             )
         if self.topics.parse(topic) != (claims.site, claims.device, CHANNEL_OF_KIND[claims.kind]):
-            raise SignatureInvalid("topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic}")
+            raise SignatureInvalid(
+                "topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic}"
+            )
         if claims.kind == "status":
             return Verdict("accepted", claims=claims)  # retained state: old by nature, not de-duplicated
         age = self.clock() - claims.sent
@@ -123,11 +134,13 @@ class Receiver:
         self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, settings.state_dir)))
         self.keyring = Keyring(config.keyring_path)
         self.store = ReceiverStore(config.database_path)
-        self.checker = MessageChecker(self.keyring, self.store, self.topics,
-                                      settings.window_past_s, settings.window_future_s)
+        self.checker = MessageChecker(
+            self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s
+        )
         self.on_verdict = on_verdict
-        self.link = MqttLink(config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}",
-                             secrets_dir=settings.state_dir)
+        self.link = MqttLink(
+            config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}", secrets_dir=settings.state_dir
+        )
         prefix, group = self.topics.prefix, settings.share_group
         for channel in ("alert", "event", "telemetry"):
             self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
@@ -171,19 +184,27 @@ class Receiver:
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
-            log.warning("%s%s from %s/%s seq %d: %s", "TEST " if claims.test else "", claims.kind.upper(),
-                        claims.site, claims.device, claims.seq, claims.body)
+            log.warning(
+                "%s%s from %s/%s seq %d: %s",
+                "TEST " if claims.test else "",
+                claims.kind.upper(),
+                claims.site,
+                claims.device,
+                claims.seq,
+                claims.body,
+            )
         if self.on_verdict is not None:
             self.on_verdict(verdict)
 
     def _acknowledge(self, claims: MessageClaims, duplicate: bool) -> None:
         ack = AckClaims(
-            receiver=self.config.receiver.id, device=claims.device, seq=claims.seq, event_id=claims.event_id,
-            stored_at=time.time(), sent=time.time(), duplicate=duplicate,
+            receiver=self.config.receiver.id,
+            device=claims.device,
+            seq=claims.seq,
+            event_id=claims.event_id,
+            stored_at=time.time(),
+            sent=time.time(),
+            duplicate=duplicate,
         )
         topic = self.topics.topic(claims.site, claims.device, "ack")
         self.link.publish(topic, self.signer.sign(ack.model_dump(mode="json")).encode(), qos=1)
-
-
-def receiver_status(receiver: Receiver) -> dict[str, Any]:
-    return {"counters": dict(receiver.counters), "devices": len(receiver.keyring)}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OutboxError
+from .database import open_durable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -46,15 +45,8 @@ class ReceiverStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open receiver database {self.path}: {exc}") from None
+        self._db = open_durable(self.path, _SCHEMA, "receiver database")
 
     def __enter__(self) -> ReceiverStore:
         return self
@@ -76,8 +68,17 @@ class ReceiverStore:
         with self._lock:
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (claims["device"], claims["seq"], claims["event_id"], claims["site"], claims["kind"],
-                 int(claims["test"]), claims["created"], received_at, json.dumps(claims)),
+                (
+                    claims["device"],
+                    claims["seq"],
+                    claims["event_id"],
+                    claims["site"],
+                    claims["kind"],
+                    int(claims["test"]),
+                    claims["created"],
+                    received_at,
+                    json.dumps(claims),
+                ),
             )
             return cursor.rowcount == 1
 

@@ -66,8 +66,13 @@ class Agent:
             will=Will(self.topics.topic(self.site, self.device, "status"), self._status_payload("offline")),
         )
         self.delivery = Delivery(
-            self.outbox, self.link, self.signer, self.topics, centre_key,
-            device=self.device, ack_retry_s=config.outbox.ack_retry_s,
+            self.outbox,
+            self.link,
+            self.signer,
+            self.topics,
+            centre_key,
+            device=self.device,
+            ack_retry_s=config.outbox.ack_retry_s,
             hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
         )
         self.link.on_connected = self._on_connected
@@ -81,9 +86,15 @@ class Agent:
         self.buttons: dict[str, AlertButton] = {}
         for settings in config.buttons:
             button = AlertButton(
-                settings.pin, name=settings.name, activation=settings.activation, hold_s=settings.hold_s,
-                presses=settings.presses, window_s=settings.window_s, bounce_s=settings.bounce_ms / 1000,
-                pull_up=settings.pull_up, pin_factory=pin_factory,
+                settings.pin,
+                name=settings.name,
+                activation=settings.activation,
+                hold_s=settings.hold_s,
+                presses=settings.presses,
+                window_s=settings.window_s,
+                bounce_s=settings.bounce_ms / 1000,
+                pull_up=settings.pull_up,
+                pin_factory=pin_factory,
             )
             button.when_activated = lambda b: self.raise_alert(b.name)
             self.buttons[settings.name] = button
@@ -91,8 +102,10 @@ class Agent:
         self.tamper: TamperSwitch | None = None
         if config.tamper is not None:
             self.tamper = TamperSwitch(
-                config.tamper.pin, pull_up=config.tamper.pull_up,
-                closed_when_pressed=config.tamper.closed_when_pressed, pin_factory=pin_factory,
+                config.tamper.pin,
+                pull_up=config.tamper.pull_up,
+                closed_when_pressed=config.tamper.closed_when_pressed,
+                pin_factory=pin_factory,
             )
             self.tamper.when_opened = lambda: self.raise_event("tamper", {"enclosure": "opened"})
             self.tamper.when_closed = lambda: self.raise_event("tamper", {"enclosure": "closed"})
@@ -100,7 +113,9 @@ class Agent:
         for entry in self.outbox.entries():
             if entry.kind == "alert" and not entry.claims["body"].get("silent"):
                 self._pending_visible.add(entry.seq)
-        self.control = ControlServer(config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert})
+        self.control = ControlServer(
+            config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
+        )
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
 
     def __repr__(self) -> str:
@@ -121,8 +136,13 @@ class Agent:
         self._housekeeping.start()
         if self.tamper is not None and self.tamper.is_open:
             self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
-        log.info("agent %s/%s started (%d button(s), outbox depth %d)",
-                 self.site, self.device, len(self.buttons), self.outbox.depth())
+        log.info(
+            "agent %s/%s started (%d button(s), outbox depth %d)",
+            self.site,
+            self.device,
+            len(self.buttons),
+            self.outbox.depth(),
+        )
 
     def close(self) -> None:
         if self._stopping.is_set():
@@ -146,8 +166,11 @@ class Agent:
         """Commit an alert for a button durably; returns once it is on disk."""
         settings = self.config.button(button_name)
         body = {
-            "button": settings.name, "alert_kind": settings.alert_kind, "location": settings.location,
-            "activation": settings.activation, "silent": settings.silent,
+            "button": settings.name,
+            "alert_kind": settings.alert_kind,
+            "location": settings.location,
+            "activation": settings.activation,
+            "silent": settings.silent,
         }
         entry = self._commit("alert", body, test=test)
         if not settings.silent:
@@ -165,7 +188,8 @@ class Agent:
 
     def _commit(self, kind: str, body: dict[str, Any], test: bool = False) -> OutboxEntry:
         entry = self.outbox.add(
-            kind, kind in ACKNOWLEDGED_KINDS,
+            kind,
+            kind in ACKNOWLEDGED_KINDS,
             lambda seq: new_claims(device=self.device, site=self.site, seq=seq, kind=kind, body=body, test=test),
         )
         self.delivery.wake()
@@ -189,7 +213,9 @@ class Agent:
             self._external_acknowledged(entry, at)
 
     def _on_connected(self) -> None:
-        self.link.publish(self.topics.topic(self.site, self.device, "status"), self._status_payload("online"), retain=True)
+        self.link.publish(
+            self.topics.topic(self.site, self.device, "status"), self._status_payload("online"), retain=True
+        )
         self.delivery.handle_connected()
         self._refresh_indicator()
 
@@ -203,7 +229,10 @@ class Agent:
 
     def _status_payload(self, state: str) -> bytes:
         claims = new_claims(
-            device=self.device, site=self.site, seq=self.outbox.next_sequence(), kind="status",
+            device=self.device,
+            site=self.site,
+            seq=self.outbox.next_sequence(),
+            kind="status",
             body={"state": state, "version": __version__},
         )
         return self.signer.sign(claims).encode()
@@ -246,12 +275,20 @@ class Agent:
     def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         stats = self.delivery.stats
         return {
-            "device": self.device, "site": self.site, "kind": self.config.device.kind,
+            "device": self.device,
+            "site": self.site,
+            "kind": self.config.device.kind,
             "indicator": self.indicator_state().value,
             "pending_alerts": sorted(self._pending_visible),
-            "buttons": {name: {"pressed": b.is_pressed, "activation": b.activation} for name, b in self.buttons.items()},
-            "delivery": {"published": stats.published, "acknowledged": stats.acknowledged,
-                         "retransmitted": stats.retransmitted, "refused_by_broker": stats.refused_by_broker},
+            "buttons": {
+                name: {"pressed": b.is_pressed, "activation": b.activation} for name, b in self.buttons.items()
+            },
+            "delivery": {
+                "published": stats.published,
+                "acknowledged": stats.acknowledged,
+                "retransmitted": stats.retransmitted,
+                "refused_by_broker": stats.refused_by_broker,
+            },
             **self.health(),
         }
 

@@ -119,11 +119,15 @@ def verify(token: str | bytes, key: OKPKey) -> dict[str, Any]:
     """Check the algorithm and the signature; return the claims as a dict."""
     header = unverified_header(token)
     if header.get("alg") != ALGORITHM:
-        raise SignatureInvalid("algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}")
+        raise SignatureInvalid(
+            "algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}"
+        )
     try:
         payload = jws.deserialize_compact(token, key, registry=_REGISTRY).payload
     except JoseError as exc:
-        raise SignatureInvalid("bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}") from None
+        raise SignatureInvalid(
+            "bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}"
+        ) from None
     try:
         claims = json.loads(payload)
     except ValueError:

@@ -68,6 +68,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._session_expiry_s = session_expiry_s
         self._closing = False
+        self._last_refusal = ""
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -170,8 +171,11 @@ class MqttLink:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker %s:%s refused connection: %s", self.settings.host, self.settings.port, reason_code)
+            if str(reason_code) != self._last_refusal:  # once per cause, not on every retry
+                log.warning("broker %s:%s refused connection: %s", self.settings.host, self.settings.port, reason_code)
+                self._last_refusal = str(reason_code)
             return
+        self._last_refusal = ""
         for topic_filter, qos in self._subscriptions.items():
             client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
         self._connected.set()

@@ -62,9 +62,10 @@ def measure_alert_path(broker: LocalBroker, root: Path, presses: int) -> tuple[d
             press["claims"] = entry.claims
             acknowledged.release()
 
-    with Receiver(site.receiver_config), Agent(
-        config, pin_factory=factory, on_published=on_published, on_acknowledged=on_acknowledged
-    ) as agent:
+    with (
+        Receiver(site.receiver_config),
+        Agent(config, pin_factory=factory, on_published=on_published, on_acknowledged=on_acknowledged) as agent,
+    ):
         agent.link.wait_connected(10)
         time.sleep(0.5)
         pin = factory.pin(BUTTON_PIN)
@@ -114,13 +115,18 @@ def main() -> None:
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as root:
         result, payload_size = measure_alert_path(broker, Path(root), args.presses)
         floor = measure_floor(broker, payload_size, args.presses)
-    print(json.dumps({
-        "presses": args.presses,
-        **result,
-        "floor_publish_to_puback_ms": floor,
-        "payload_bytes": payload_size,
-        "targets_ms": {"press_to_puback_p99": 5, "press_to_ack_p99": 20},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "presses": args.presses,
+                **result,
+                "floor_publish_to_puback_ms": floor,
+                "payload_bytes": payload_size,
+                "targets_ms": {"press_to_puback_p99": 5, "press_to_ack_p99": 20},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -139,8 +139,13 @@ class TamperSwitch:
     """
 
     def __init__(
-        self, pin: int | str, *, pull_up: bool = True, closed_when_pressed: bool = True,
-        bounce_s: float = 0.05, pin_factory=None,
+        self,
+        pin: int | str,
+        *,
+        pull_up: bool = True,
+        closed_when_pressed: bool = True,
+        bounce_s: float = 0.05,
+        pin_factory=None,
     ):
         self.closed_when_pressed = closed_when_pressed
         self.when_opened: Callable[[], None] | None = None

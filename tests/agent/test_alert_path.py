@@ -48,8 +48,13 @@ def test_press_is_verified_stored_and_acknowledged_on_the_led(receiver, verdicts
     assert wait_until(lambda: agent.indicator_state() is IndicatorState.ACKNOWLEDGED, 10)
     (alert,) = receiver.store.messages(kind="alert")
     assert (alert.device, alert.site, alert.test) == ("cp-1", "demo-site", False)
-    assert alert.claims["body"] == {"button": "help", "alert_kind": "assistance", "location": "North gate",
-                                    "activation": "press", "silent": False}
+    assert alert.claims["body"] == {
+        "button": "help",
+        "alert_kind": "assistance",
+        "location": "North gate",
+        "activation": "press",
+        "silent": False,
+    }
     time.sleep(0.1)
     led = mock_factory.pin(5)
     assert led.state and all(s.state for s in led.states[-1:])  # steady on: acknowledged
@@ -121,8 +126,17 @@ def test_forged_ack_is_ignored_and_the_alert_stays_pending(site, agent, mock_fac
     assert wait_until(lambda: agent.delivery.stats.published >= 1, 10)
     (entry,) = [e for e in agent.outbox.entries() if e.kind == "alert"]
     impostor = MessageSigner(generate_private_key(tmp_path / "impostor.pem"))
-    forged = {"v": 1, "kind": "ack", "receiver": "evil", "device": "cp-1", "seq": entry.seq,
-              "event_id": entry.event_id, "stored_at": time.time(), "sent": time.time(), "duplicate": False}
+    forged = {
+        "v": 1,
+        "kind": "ack",
+        "receiver": "evil",
+        "device": "cp-1",
+        "seq": entry.seq,
+        "event_id": entry.event_id,
+        "stored_at": time.time(),
+        "sent": time.time(),
+        "duplicate": False,
+    }
     agent.delivery.handle_ack(impostor.sign(forged).encode())
     assert wait_until(lambda: agent.delivery.stats.bad_acks.get("bad_signature") == 1, 5)
     assert agent.indicator_state() is IndicatorState.PENDING

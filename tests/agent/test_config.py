@@ -75,7 +75,9 @@ def test_missing_required_key(tmp_path):
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    text = GOOD.replace('kind = "call-point"', 'kind = "lamp-post"').replace("pin = 17", 'pin = 17\nactivation = "twice"')
+    text = GOOD.replace('kind = "call-point"', 'kind = "lamp-post"').replace(
+        "pin = 17", 'pin = 17\nactivation = "twice"'
+    )
     lines = problems_of(tmp_path, text)
     assert len(lines) == 2
     assert "device.kind = 'lamp-post': Input should be 'call-point', 'building-button' or 'camera-box'" in lines[0]

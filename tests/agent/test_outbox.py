@@ -73,7 +73,7 @@ def test_committed_rows_survive_kill_9(tmp_path):
         sys.path.insert(0, {os.getcwd()!r})
         from agent.outbox import Outbox
         from agent.messages import new_claims
-        outbox = Outbox({str(tmp_path / 'o.sqlite')!r})
+        outbox = Outbox({str(tmp_path / "o.sqlite")!r})
         for i in range(200):
             outbox.add("alert", True, lambda seq: new_claims(device="d", site="s", seq=seq, kind="alert", body={{"i": i}}))
         print("committed", flush=True)

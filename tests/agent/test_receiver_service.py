@@ -9,16 +9,18 @@ import time
 
 from agent.cli import main
 from agent.keyring import Keyring
-from agent.signing import MessageSigner, generate_private_key
 from agent.messages import new_claims
+from agent.signing import MessageSigner, generate_private_key
 from agent.uplink import MqttLink
 from tests.conftest import wait_until
 
 
 def test_enroll_accepts_the_record_printed_by_keys_init(site, tmp_path, capsys):
     config_path = tmp_path / "dev.toml"
-    config_path.write_text('[device]\nid = "cp-7"\nsite = "s1"\nkind = "call-point"\nstate_dir = "st"\n'
-                           '[mqtt]\nhost = "b"\n[[buttons]]\nname = "m"\npin = 4\n')
+    config_path.write_text(
+        '[device]\nid = "cp-7"\nsite = "s1"\nkind = "call-point"\nstate_dir = "st"\n'
+        '[mqtt]\nhost = "b"\n[[buttons]]\nname = "m"\npin = 4\n'
+    )
     assert main(["keys", "init", "--config", str(config_path)]) == 0
     record = tmp_path / "record.json"
     record.write_text(capsys.readouterr().out)
@@ -60,21 +62,37 @@ def test_rejected_messages_over_mqtt_are_counted_and_never_acknowledged(site, re
 def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
     config = site.add_device("cp-run")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-m", "agent.cli", "receiver", "--config",
-                                 str(site.receiver_toml_path())], env=env, stderr=subprocess.PIPE, text=True)
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config",
-                              str(site.device_config_path("cp-run"))], env=env, stderr=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "receiver", "--config", str(site.receiver_toml_path())],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-run"))],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: config.control_socket.exists(), 15)
         time.sleep(1.0)
         cli = [sys.executable, "-m", "agent.cli"]
-        test = subprocess.run([*cli, "test-alert", "--config", str(site.device_config_path("cp-run"))],
-                              capture_output=True, text=True, timeout=30)
+        test = subprocess.run(
+            [*cli, "test-alert", "--config", str(site.device_config_path("cp-run"))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert test.returncode == 0, test.stderr
 
         def acknowledged():
-            status = subprocess.run([*cli, "status", "--config", str(site.device_config_path("cp-run"))],
-                                    capture_output=True, text=True, timeout=30)
+            status = subprocess.run(
+                [*cli, "status", "--config", str(site.device_config_path("cp-run"))],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             return json.loads(status.stdout)["delivery"]["acknowledged"] >= 1
 
         assert wait_until(acknowledged, 20, interval=0.5)

@@ -9,7 +9,15 @@ from joserfc.jwk import OctKey, OKPKey
 
 from agent.cli import main
 from agent.errors import KeyFileError, SignatureInvalid
-from agent.signing import MessageSigner, generate_private_key, key_id, load_private_key, public_jwk, unverified_header, verify
+from agent.signing import (
+    MessageSigner,
+    generate_private_key,
+    key_id,
+    load_private_key,
+    public_jwk,
+    unverified_header,
+    verify,
+)
 
 
 def test_generated_key_file_is_private_and_not_replaced(tmp_path):

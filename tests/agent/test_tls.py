@@ -35,12 +35,14 @@ def _issue(directory, stem, subject, issuer_key=None, issuer_name=None, ca=False
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                        critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
     cert = builder.sign(issuer_key or key, hashes.SHA256())
     (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{stem}-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / f"{stem}-key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (directory / f"{stem}-key.pem").chmod(0o644)  # mosquitto may drop to its own user
     return key, cert
 
@@ -60,8 +62,10 @@ def pki(tmp_path):
 
 @pytest.fixture
 def tls_broker(tmp_path, pki):
-    config = (f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server-key.pem'}\n"
-              "require_certificate true\n")
+    config = (
+        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server-key.pem'}\n"
+        "require_certificate true\n"
+    )
     try:
         with LocalBroker(workdir=tmp_path / "mosquitto", listener_config=config) as running:
             yield running
@@ -75,7 +79,9 @@ def link_for(broker, tls: TlsSection, tmp_path) -> MqttLink:
 
 
 def test_verified_server_and_client_certificate_connect(tls_broker, pki, tmp_path):
-    tls = TlsSection(ca_file=str(pki / "ca.pem"), cert_file=str(pki / "client.pem"), key_file=str(pki / "client-key.pem"))
+    tls = TlsSection(
+        ca_file=str(pki / "ca.pem"), cert_file=str(pki / "client.pem"), key_file=str(pki / "client-key.pem")
+    )
     with link_for(tls_broker, tls, tmp_path) as link:
         link.start()
         assert link.wait_connected(10)
@@ -88,8 +94,9 @@ def test_verified_server_and_client_certificate_connect(tls_broker, pki, tmp_pat
 
 
 def test_server_not_signed_by_the_configured_ca_is_refused(tls_broker, pki, tmp_path):
-    tls = TlsSection(ca_file=str(pki / "rogue-ca.pem"), cert_file=str(pki / "client.pem"),
-                     key_file=str(pki / "client-key.pem"))
+    tls = TlsSection(
+        ca_file=str(pki / "rogue-ca.pem"), cert_file=str(pki / "client.pem"), key_file=str(pki / "client-key.pem")
+    )
     with link_for(tls_broker, tls, tmp_path) as link:
         link.start()
         assert not link.wait_connected(2)
