@@ -16,13 +16,23 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, model_validator
 
+from .config_base import Name, Section
 from .config_errors import describe_validation_error
+from .config_vision import (
+    CameraSection,
+    DetectorSection,
+    EvidenceSection,
+    FilterSection,
+    MaskSection,
+    MotionSection,
+    RuleSection,
+    VisionConfig,
+    VisionSection,
+    ZoneSection,
+)
 from .errors import ConfigError
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
@@ -36,12 +46,6 @@ PinName = Annotated[
     int | str,
     Field(description="GPIO line: a BCM number (17) or a gpiozero pin name ('GPIO17', 'BOARD11')."),
 ]
-
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DeviceSection(Section):
@@ -159,12 +163,26 @@ class AgentConfig(Section):
     indicator: IndicatorSection = Field(default_factory=IndicatorSection)
     control: ControlSection = Field(default_factory=ControlSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    # Camera boxes: the vision pipeline (see config_vision); absent on call points.
+    camera: CameraSection | None = None
+    detector: DetectorSection = Field(default_factory=DetectorSection)
+    motion: MotionSection = Field(default_factory=MotionSection)
+    filters: dict[str, FilterSection] = Field(default_factory=dict)
+    zones: list[ZoneSection] = Field(default_factory=list)
+    privacy_masks: list[MaskSection] = Field(default_factory=list)
+    rules: list[RuleSection] = Field(default_factory=list)
+    evidence: EvidenceSection = Field(default_factory=EvidenceSection)
+    vision: VisionSection = Field(default_factory=VisionSection)
     source_sha256: str = Field("", exclude=True, description="Hash of the file this came from (set by the loader).")
 
     @model_validator(mode="after")
     def _hardware_consistent(self) -> AgentConfig:
         if self.device.kind != "camera-box" and not self.buttons:
             raise ValueError(f"a {self.device.kind} needs at least one [[buttons]] entry")
+        if self.device.kind == "camera-box" and self.camera is None:
+            raise ValueError("a camera-box needs a [camera] section")
+        if self.camera is not None:
+            self.vision_config()  # cross-references (rule → zone) are checked there
         names = [b.name for b in self.buttons]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -186,6 +204,21 @@ class AgentConfig(Section):
             if pin is not None:
                 pins.append((f"indicator.{what}", pin))
         return pins
+
+    def vision_config(self) -> VisionConfig | None:
+        """The vision pipeline's settings, or None on a device without a camera."""
+        if self.camera is None:
+            return None
+        fields = ("camera", "detector", "motion", "filters", "zones", "privacy_masks", "rules", "evidence", "vision")
+        return VisionConfig(**{name: getattr(self, name) for name in fields})
+
+    @property
+    def model_dir(self) -> Path:
+        return self.state_dir / self.detector.model_dir
+
+    @property
+    def evidence_dir(self) -> Path:
+        return self.state_dir / self.evidence.dir
 
     @property
     def state_dir(self) -> Path:

@@ -56,3 +56,11 @@ class BrokerUnavailable(AgentError, RuntimeError):
 
 class MosquittoMissing(BrokerUnavailable):
     """The mosquitto binary is not installed."""
+
+
+class ModelError(AgentError, ValueError):
+    """A detection model or its label file is missing, corrupt, mismatched or of an unknown kind."""
+
+
+class CameraError(AgentError, OSError):
+    """A camera source could not be opened or stopped delivering frames."""

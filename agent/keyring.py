@@ -18,7 +18,7 @@ from typing import Any
 
 from joserfc.jwk import OKPKey
 
-from .config import NAME_PATTERN
+from .config_base import NAME_PATTERN
 from .errors import KeyFileError
 from .signing import key_id, public_jwk, public_key_from_jwk
 

@@ -113,6 +113,12 @@ class Agent:
         for entry in self.outbox.entries():
             if entry.kind == "alert" and not entry.claims["body"].get("silent"):
                 self._pending_visible.add(entry.seq)
+        self.vision = None
+        if config.camera is not None:
+            from .vision.supervisor import VisionSupervisor  # no numpy here: the pipeline runs in its own process
+
+            self.vision = VisionSupervisor(config, on_message=self._on_vision_message, on_fault=self._on_fault)
+            self._closers.append(self.vision.close)
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
@@ -134,6 +140,8 @@ class Agent:
         self.link.start()
         self.control.start()
         self._housekeeping.start()
+        if self.vision is not None:
+            self.vision.start()
         if self.tamper is not None and self.tamper.is_open:
             self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
         log.info(
@@ -194,6 +202,20 @@ class Agent:
         )
         self.delivery.wake()
         return entry
+
+    def _on_vision_message(self, kind: str, body: dict[str, Any]) -> None:
+        entry = self._commit(kind, body)
+        log.info(
+            "camera %s %s/%s seq %d: %s",
+            body.get("camera"),
+            body.get("rule"),
+            body.get("phase"),
+            entry.seq,
+            {k: body.get(k) for k in ("zone", "count", "track_ids")},
+        )
+
+    def _on_fault(self, component: str, text: str, recovered: bool) -> None:
+        self.raise_event("event", {"fault": component, "state": "recovered" if recovered else "fault", "message": text})
 
     # Delivery and link callbacks.
 
@@ -270,6 +292,9 @@ class Agent:
             "oldest_unsent_s": None if oldest is None else round(oldest, 1),
             "dropped_telemetry": self.outbox.dropped_telemetry,
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
+            "vision": None
+            if self.vision is None
+            else {"state": self.vision.state, "restarts": self.vision.restarts, **self.vision.stats},
         }
 
     def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:

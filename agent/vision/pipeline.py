@@ -1,0 +1,150 @@
+"""Frames in, signed-alert bodies out: motion gating → detection on regions → tracking → rules.
+
+Runs inside the vision process (see ``worker``); knows nothing of MQTT or
+the outbox. Every message it returns carries metadata only; an evidence
+reference is added only for rules that ask for it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cv2
+
+from hw.camera import Frame
+
+from ..config_vision import VisionConfig
+from .camera_tamper import CameraTamperDetector
+from .detector import Detection, Detector
+from .evidence import EvidenceStore
+from .motion import MotionDetector, plan_regions
+from .rules import RuleEngine, RuleEvent
+from .tracking import ObjectTracker, Track
+
+STATIONARY_AFTER_S = 2.0
+
+
+def merge_detections(detections: list[Detection], iou: float = 0.5) -> list[Detection]:
+    """Class-aware NMS across overlapping regions."""
+    if len(detections) < 2:
+        return detections
+    boxes = [[d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]] for d in detections]
+    keep = cv2.dnn.NMSBoxesBatched(boxes, [d.score for d in detections], [d.class_id for d in detections], 0.0, iou)
+    return [detections[i] for i in sorted(int(i) for i in keep)]
+
+
+class VisionPipeline:
+    def __init__(self, config: VisionConfig, detector: Detector, evidence: EvidenceStore | None = None):
+        self.config = config
+        self.detector = detector
+        self.evidence = evidence
+        self.motion = MotionDetector(config.motion.threshold, config.motion.min_area) if config.motion.enabled else None
+        self.tracker = ObjectTracker()
+        self.rules = RuleEngine(config.zones, config.rules)
+        self.tamper_rules = [self.rules.situations[r.name] for r in config.rules if r.type == "camera_tamper"]
+        self.tamper = CameraTamperDetector() if self.tamper_rules else None
+        self.track_labels = set(config.detector.track_labels)
+        self.tracks: list[Track] = []
+        self._last_full = float("-inf")
+        self.frames = 0
+        self.frames_skipped = 0
+        self.inference_ms_avg = 0.0
+        self._fps_window: list[float] = []
+
+    def stats(self) -> dict[str, Any]:
+        window = self._fps_window
+        fps = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
+        return {
+            "camera": self.config.camera.name,
+            "camera_fps": round(fps, 2),
+            "frames": self.frames,
+            "frames_skipped_by_motion": self.frames_skipped,
+            "inference_ms_avg": round(self.inference_ms_avg, 2),
+            "runtime": self.detector.runtime,
+            "model": self.detector.spec.name,
+            "tracked_objects": len(self.tracks),
+        }
+
+    def process(self, frame: Frame) -> list[dict[str, Any]]:
+        """One frame; returns ``{"kind", "body"}`` messages for the agent to sign and send."""
+        now = frame.timestamp
+        self.frames += 1
+        self._fps_window = (self._fps_window + [now])[-30:]
+        messages = []
+        if self.tamper is not None:
+            reason, metrics = self.tamper.check(frame.rgb)
+            for situation in self.tamper_rules:
+                event = situation.step(reason is not None, {"reason": reason or "", **metrics}, now)
+                if event is not None:
+                    messages.append(self._message(event, frame))
+        regions = self._regions(frame, now)
+        if regions:
+            detections = self._detect(frame, regions)
+            self.tracks = self.tracker.update(detections, now)
+        else:
+            self.frames_skipped += 1
+        confirmed = [t for t in self.tracks if self._passes_filters(t)]
+        for event in self.rules.evaluate(confirmed, now):
+            messages.append(self._message(event, frame))
+        return messages
+
+    def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
+        h, w = frame.rgb.shape[:2]
+        if self.motion is None:
+            return [(0, 0, w, h)]
+        moved = self.motion.detect(frame.rgb)
+        if now - self._last_full >= self.config.motion.full_frame_every_s:
+            self._last_full = now
+            return [(0, 0, w, h)]
+        moving_tracks = [t.box for t in self.tracks if t.stationary_for(now) < STATIONARY_AFTER_S]
+        side = max(self.detector.width, self.detector.height)
+        return plan_regions(moved + moving_tracks, w, h, min_side=side, max_regions=self.config.motion.max_regions)
+
+    def _detect(self, frame: Frame, regions: list[tuple[int, int, int, int]]) -> list[Detection]:
+        h, w = frame.rgb.shape[:2]
+        found: list[Detection] = []
+        for x, y, rw, rh in regions:
+            crop = frame.rgb[y : y + rh, x : x + rw]
+            for d in self.detector.detect(crop):
+                box = (
+                    (x + d.box[0] * rw) / w,
+                    (y + d.box[1] * rh) / h,
+                    (x + d.box[2] * rw) / w,
+                    (y + d.box[3] * rh) / h,
+                )
+                found.append(Detection(d.label, d.class_id, d.score, box))
+            self.inference_ms_avg = (
+                0.9 * self.inference_ms_avg + 0.1 * self.detector.last_invoke_ms
+                if self.inference_ms_avg
+                else self.detector.last_invoke_ms
+            )
+        kept = [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
+        return kept
+
+    def _detection_ok(self, detection: Detection) -> bool:
+        rule = self.config.filters.get(detection.label)
+        if rule is None:
+            return True
+        return detection.score >= rule.min_score and rule.min_area <= detection.area <= rule.max_area
+
+    def _passes_filters(self, track: Track) -> bool:
+        rule = self.config.filters.get(track.label)
+        return rule is None or track.median_score >= rule.median_score
+
+    def _message(self, event: RuleEvent, frame: Frame) -> dict[str, Any]:
+        body = {
+            "source": "camera",
+            "camera": self.config.camera.name,
+            "rule": event.rule,
+            "rule_type": event.rule_type,
+            "phase": event.phase,
+            "situation_id": event.event_id,
+            "model": self.detector.spec.name,
+            "at_wall": time.time(),
+            **event.details,
+        }
+        rule = self.rules.situations[event.rule].rule
+        if event.phase == "start" and rule.evidence and self.evidence is not None:
+            body["evidence"] = self.evidence.save(frame.full, self.tracks, event.event_id)
+        return {"kind": "alert" if event.phase == "start" else "event", "body": body}

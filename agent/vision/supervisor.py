@@ -1,0 +1,169 @@
+"""Keeps the vision process alive without ever letting it touch the button path.
+
+Lives in the agent process and imports no numpy, OpenCV or interpreter: the
+vision process is started with ``spawn``. If that process dies or stops
+sending heartbeats for ``stall_s``, it is killed and restarted with a capped
+exponential backoff. Each distinct failure is reported once (``on_fault``),
+and once more when the pipeline is healthy again.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+HEALTHY_AFTER_S = 10.0
+
+
+class VisionSupervisor:
+    """Starts, watches and restarts the vision process.
+
+    Args:
+        config: the device configuration (must have a ``[camera]`` section).
+        on_message: called with ``(kind, body)`` for every rule event.
+        on_fault: called with ``(component, text, recovered)`` once per failure and once per recovery.
+    """
+
+    def __init__(
+        self, config: AgentConfig, on_message: Callable[[str, dict], None], on_fault: Callable[[str, str, bool], None]
+    ):
+        vision = config.vision_config()
+        if vision is None:
+            raise ValueError("VisionSupervisor needs a device with a [camera] section")
+        self._args = (vision.model_dump_json(), str(config.model_dir), str(config.evidence_dir))
+        self.settings = vision.vision
+        self.on_message = on_message
+        self.on_fault = on_fault
+        self.stats: dict[str, Any] = {}
+        self.state = "starting"
+        self.restarts = 0
+        self._context = multiprocessing.get_context("spawn")
+        self._process = None
+        self._queue = None
+        self._stop = self._context.Event()
+        self._closing = threading.Event()
+        self._open_faults: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._supervise, name="vision-supervisor", daemon=True)
+
+    def __enter__(self) -> VisionSupervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._end_process()
+
+    def _spawn(self) -> None:
+        from .worker import run_vision  # the module is light; the heavy imports happen in the child
+
+        self._queue = self._context.Queue()
+        self._stop = self._context.Event()
+        self._process = self._context.Process(
+            target=run_vision, args=(*self._args, self._queue, self._stop), name="edge-agent-vision", daemon=True
+        )
+        self._process.start()
+        self._started_at = self._last_beat = time.monotonic()
+
+    def _end_process(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        self._stop.set()
+        process.join(timeout=3)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=3)
+        self._process = None
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._closing.is_set():
+            self._spawn()
+            self.state = "running"
+            outcome = self._watch()
+            self._end_process()
+            if outcome == "ended" or self._closing.is_set():
+                self.state = "ended" if outcome == "ended" else "stopped"
+                return
+            self.restarts += 1
+            if time.monotonic() - self._started_at > HEALTHY_AFTER_S * 3:
+                backoff = 1.0
+            self.state = f"restarting in {backoff:.0f} s"
+            log.warning("vision process: %s; restarting in %.0f s", outcome, backoff)
+            if self._closing.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.settings.restart_max_s)
+
+    def _watch(self) -> str:
+        """Relay the process's reports until it ends, stalls or dies; returns why it stopped."""
+        while not self._closing.is_set():
+            try:
+                item = self._queue.get(timeout=0.25)
+            except queue.Empty:
+                item = None
+            except (EOFError, OSError):
+                item = None
+            now = time.monotonic()
+            if item is not None:
+                outcome = self._handle(item, now)
+                if outcome is not None:
+                    return outcome
+            if now - self._last_beat > self.settings.stall_s:
+                self._fault("vision", f"vision pipeline stalled (no progress for {self.settings.stall_s:g} s)")
+                return "stalled"
+            if self._process is not None and not self._process.is_alive() and self._queue.empty():
+                self._fault("vision", f"vision process exited with code {self._process.exitcode}")
+                return "exited"
+        return "closing"
+
+    def _handle(self, item: tuple, now: float) -> str | None:
+        match item:
+            case ("heartbeat", stats):
+                self._last_beat = now
+                self.stats = stats
+                if now - self._started_at > HEALTHY_AFTER_S:
+                    for component in ("vision", "detector"):
+                        self._recover(component, "vision pipeline running again")
+            case ("message", message):
+                self._last_beat = now
+                self.on_message(message["kind"], message["body"])
+            case ("fault", component, text):
+                self._fault(component, text)
+            case ("recovered", component, text):
+                self._recover(component, text)
+            case ("fatal", component, text):
+                self._fault(component, text)
+                return "fatal: " + text
+            case ("ended", component, text):
+                log.info("%s", text)
+                return "ended"
+        return None
+
+    def _fault(self, component: str, text: str) -> None:
+        if self._open_faults.get(component) == text:
+            return  # reported already; not again on every retry
+        self._open_faults[component] = text
+        log.error("%s fault: %s", component, text)
+        self.on_fault(component, text, False)
+
+    def _recover(self, component: str, text: str) -> None:
+        if self._open_faults.pop(component, None) is not None:
+            log.info("%s recovered: %s", component, text)
+            self.on_fault(component, text, True)

@@ -1,0 +1,117 @@
+"""The vision process: camera → pipeline, reporting to the agent over a queue.
+
+Runs in its own process (started by ``supervisor``), at a lower scheduling
+priority, so a saturated CPU, a hung camera read or a crashed interpreter
+never delays the buttons in the agent process. It sends:
+
+* ``("message", {"kind", "body"})`` for each rule event,
+* ``("heartbeat", stats)`` at least once a second while it makes progress,
+* ``("fault", component, text)`` once when a part fails, ``("recovered", component, text)`` when it is back,
+* ``("fatal", text)`` when it cannot run at all (bad model), then exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def run_vision(vision_json: str, model_dir: str, evidence_dir: str, out: Any, stop: Any) -> None:
+    """Entry point of the vision process."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[vision]: %(message)s")
+    from ..config_vision import VisionConfig
+    from ..errors import ModelError
+
+    config = VisionConfig.model_validate_json(vision_json)
+    try:
+        os.nice(config.vision.nice)
+    except OSError:
+        pass
+    try:
+        pipeline = _build_pipeline(config, Path(model_dir), Path(evidence_dir))
+    except ModelError as exc:
+        out.put(("fatal", "detector", str(exc)))
+        return
+    out.put(("heartbeat", pipeline.stats()))
+    _run_camera_loop(config, pipeline, out, stop)
+
+
+def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
+    from models import find_model
+
+    from .detector import Detector
+    from .evidence import EvidenceStore
+    from .pipeline import VisionPipeline
+
+    detector_settings = config.detector
+    detector = Detector(
+        find_model(detector_settings.model),
+        model_dir,
+        detector_settings.num_threads,
+        detector_settings.runtime,
+        detector_settings.edgetpu,
+        detector_settings.min_score,
+    )
+    evidence = None
+    if any(rule.evidence for rule in config.rules):
+        evidence = EvidenceStore(
+            evidence_dir,
+            config.evidence.retention_s,
+            config.evidence.jpeg_quality,
+            config.evidence.head_fraction,
+            [m.polygon for m in config.privacy_masks],
+        )
+    return VisionPipeline(config, detector, evidence)
+
+
+def _run_camera_loop(config, pipeline, out, stop) -> None:
+    from hw.camera import CameraUnavailable, open_camera
+
+    settings = config.camera
+    camera = open_camera(
+        settings.source,
+        width=settings.width,
+        height=settings.height,
+        fps=settings.fps,
+        realtime=settings.realtime,
+        loop=settings.loop,
+    )
+    is_open, failing, backoff = False, False, 1.0
+    last_beat = last_purge = 0.0
+    while not stop.is_set():
+        now = time.monotonic()
+        if now - last_beat >= 1.0:
+            out.put(("heartbeat", {**pipeline.stats(), "camera_state": "fault" if failing else "ok"}))
+            last_beat = now
+        if pipeline.evidence is not None and now - last_purge >= 60:
+            pipeline.evidence.purge()
+            last_purge = now
+        try:
+            if not is_open:
+                camera.open()
+                is_open = True
+            frame = camera.read()
+        except CameraUnavailable as exc:
+            camera.close()
+            is_open = False
+            if not failing:
+                out.put(("fault", "camera", str(exc)))
+                failing = True
+            stop.wait(backoff)
+            backoff = min(backoff * 2, settings.reconnect_max_s)
+            continue
+        if failing:
+            out.put(("recovered", "camera", f"camera {settings.source} delivers frames again"))
+            failing, backoff = False, 1.0
+        if frame is None:
+            out.put(("ended", "camera", f"video {settings.source} ended"))
+            break
+        for message in pipeline.process(frame):
+            out.put(("message", message))
+    camera.close()
+    out.put(("heartbeat", pipeline.stats()))

@@ -1,0 +1,128 @@
+"""OpenCV camera backend: USB/UVC (including thermal UVC), RTSP/HTTP IP cameras and video files.
+
+Wiring note: UVC cameras appear as ``/dev/videoN`` (give the path or the
+index N); IP cameras by URL (``rtsp://user@host/stream``); files by path.
+Thermal UVC cameras that deliver one 8- or 16-bit channel are converted to
+three-channel 8-bit RGB (16-bit is stretched to the frame's own range).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .camera import Camera, CameraUnavailable, Frame
+
+_STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
+
+
+class OpenCVCamera(Camera):
+    """Frames from ``cv2.VideoCapture``.
+
+    Args:
+        source: device index ("0"), device path, stream URL or file path.
+        width, height, fps: requested capture settings for devices (ignored for files).
+        realtime: pace a file at its own frame rate, as a live camera would deliver it.
+        loop: restart a file at its end instead of ending.
+    """
+
+    def __init__(
+        self,
+        source: str | int,
+        width: int | None = None,
+        height: int | None = None,
+        fps: float | None = None,
+        realtime: bool = False,
+        loop: bool = False,
+    ):
+        self.source = str(source)
+        self.name = f"opencv:{self.source}"
+        self._width, self._height, self._fps = width, height, fps
+        self.realtime = realtime
+        self.loop = loop
+        self._capture = None
+        self._index = 0
+        self._next_due = 0.0
+
+    def __repr__(self) -> str:
+        return f"<OpenCVCamera {self.source} open={self._capture is not None}>"
+
+    @property
+    def is_file(self) -> bool:
+        return (
+            not self.source.isdigit()
+            and not self.source.startswith(_STREAM_PREFIXES)
+            and not self.source.startswith("/dev/")
+        )
+
+    def open(self) -> None:
+        import cv2
+
+        if self.is_file and not Path(self.source).exists():
+            raise CameraUnavailable(f"camera source {self.source}: no such file")
+        target = int(self.source) if self.source.isdigit() else self.source
+        capture = cv2.VideoCapture(target)
+        if not capture.isOpened():
+            capture.release()
+            raise CameraUnavailable(f"camera source {self.source}: cannot be opened by OpenCV")
+        if not self.is_file:
+            capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # latest frame, not a stale queue
+            for prop, value in (
+                (cv2.CAP_PROP_FRAME_WIDTH, self._width),
+                (cv2.CAP_PROP_FRAME_HEIGHT, self._height),
+                (cv2.CAP_PROP_FPS, self._fps),
+            ):
+                if value:
+                    capture.set(prop, value)
+        self._capture = capture
+        self._next_due = time.monotonic()
+
+    @property
+    def fps(self) -> float | None:
+        if self._capture is None:
+            return self._fps
+        import cv2
+
+        value = self._capture.get(cv2.CAP_PROP_FPS)
+        return value if value and value > 0 else self._fps
+
+    def read(self) -> Frame | None:
+        import cv2
+
+        if self._capture is None:
+            raise CameraUnavailable(f"camera source {self.source} is not open")
+        ok, image = self._capture.read()
+        if not ok and self.is_file and self.loop:
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self._capture.read()
+        if not ok:
+            if self.is_file:
+                return None
+            raise CameraUnavailable(f"camera source {self.source} stopped delivering frames")
+        if self.realtime and self.fps:
+            self._next_due += 1.0 / self.fps
+            delay = self._next_due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                self._next_due = time.monotonic()
+        rgb = to_rgb(image)
+        self._index += 1
+        return Frame(rgb=rgb, timestamp=time.monotonic(), index=self._index - 1)
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+def to_rgb(image):
+    """BGR, grey or 16-bit thermal frames → H×W×3 uint8 RGB."""
+    import cv2
+    import numpy as np
+
+    if image.dtype == np.uint16:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
