@@ -172,6 +172,16 @@ def cmd_receiver_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .vision.detect_command import run_detect
+
+    if args.every < 1 or args.max_frames < 1:
+        raise ConfigError("--every and --max-frames must be at least 1")
+    return run_detect(
+        args.file, args.config, args.model, args.model_dir, args.threshold, args.annotate, args.max_frames, args.every
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -231,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
     enroll.set_defaults(func=cmd_receiver_enroll)
+
+    detect = commands.add_parser("detect", help="run the detector on an image or video; JSON lines out")
+    detect.add_argument("file", type=Path)
+    detect.add_argument("--config", type=Path, help="take model, threshold and zones from this device config")
+    detect.add_argument("--model", help="model name from the manifest (default: the config's, else SSD MobileNet)")
+    detect.add_argument("--model-dir", type=Path, help="directory holding the model file")
+    detect.add_argument("--threshold", type=float, help="minimum score")
+    detect.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the last frame with boxes and zones")
+    detect.add_argument("--max-frames", type=int, default=1_000_000)
+    detect.add_argument("--every", type=int, default=1, help="process every Nth frame")
+    detect.set_defaults(func=cmd_detect)
 
     demo = commands.add_parser("demo", help="broker, receiver and a call point on this machine, with mock pins")
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: after the demo steps)")

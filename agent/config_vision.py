@@ -55,7 +55,7 @@ class MotionSection(Section):
     threshold: int = Field(25, ge=1, le=255, description="Pixel difference counted as motion.")
     min_area: float = Field(0.0005, ge=0, le=1, description="Smallest motion blob, as a fraction of the frame.")
     full_frame_every_s: float = Field(5.0, ge=0.5, le=600, description="Periodic full-frame pass.")
-    max_regions: int = Field(4, ge=1, le=16)
+    max_regions: int = Field(6, ge=1, le=16, description="More regions than this: one full-frame pass instead.")
 
 
 class FilterSection(Section):

@@ -46,44 +46,32 @@ class MotionDetector:
         return boxes
 
 
-def _overlap(a: Box, b: Box, margin: float) -> bool:
-    return not (a[2] + margin < b[0] or b[2] + margin < a[0] or a[3] + margin < b[1] or b[3] + margin < a[1])
-
-
-def _merge(boxes: list[Box], margin: float) -> list[Box]:
-    boxes = list(boxes)
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                if _overlap(boxes[i], boxes[j], margin):
-                    a, b = boxes[i], boxes.pop(j)
-                    boxes[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
-                    merged = True
-                    break
-            if merged:
-                break
-    return boxes
-
-
 def plan_regions(interest: list[Box], frame_w: int, frame_h: int, min_side: int, max_regions: int = 4) -> list[Region]:
-    """Square pixel regions covering every box of interest; one full frame when that is cheaper."""
+    """Square pixel regions, at least ``min_side`` wide, covering every box of interest.
+
+    Greedy cover: each box not yet inside a region gets a square centred on it,
+    which then also takes every other box that fits inside. Small objects are
+    thus seen at the model's own scale. When more than ``max_regions`` squares
+    would be needed, or they would cover most of the frame, one full frame is cheaper.
+    """
     if not interest:
         return []
     full = [(0, 0, frame_w, frame_h)]
-    clusters = _merge(interest, margin=0.02)
-    regions = []
-    for x1, y1, x2, y2 in clusters:
-        side = int(max((x2 - x1) * frame_w, (y2 - y1) * frame_h) * 1.2)
-        side = min(max(side, min_side), frame_w, frame_h)
-        cx, cy = (x1 + x2) / 2 * frame_w, (y1 + y2) / 2 * frame_h
-        x = int(np.clip(cx - side / 2, 0, frame_w - side))
-        y = int(np.clip(cy - side / 2, 0, frame_h - side))
-        if (x2 - x1) * frame_w > side or (y2 - y1) * frame_h > side:
-            return full  # something bigger than any square we can cut
+    pixel_boxes = sorted(
+        ((x1 * frame_w, y1 * frame_h, x2 * frame_w, y2 * frame_h) for x1, y1, x2, y2 in interest),
+        key=lambda b: (b[2] - b[0]) * (b[3] - b[1]),
+        reverse=True,
+    )
+    regions: list[Region] = []
+    for x1, y1, x2, y2 in pixel_boxes:
+        if any(rx <= x1 and ry <= y1 and x2 <= rx + rs and y2 <= ry + rs for rx, ry, rs, _ in regions):
+            continue
+        side = int(min(max(min_side, (x2 - x1) * 1.2, (y2 - y1) * 1.2), frame_w, frame_h))
+        x = int(np.clip((x1 + x2) / 2 - side / 2, 0, frame_w - side))
+        y = int(np.clip((y1 + y2) / 2 - side / 2, 0, frame_h - side))
         regions.append((x, y, side, side))
-    covered = sum(w * h for _, _, w, h in regions)
-    if len(regions) > max_regions or covered > 0.8 * frame_w * frame_h:
+        if len(regions) > max_regions:
+            return full
+    if sum(w * h for _, _, w, h in regions) > 1.5 * frame_w * frame_h:
         return full
     return regions

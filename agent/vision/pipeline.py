@@ -22,8 +22,6 @@ from .motion import MotionDetector, plan_regions
 from .rules import RuleEngine, RuleEvent
 from .tracking import ObjectTracker, Track
 
-STATIONARY_AFTER_S = 2.0
-
 
 def merge_detections(detections: list[Detection], iou: float = 0.5) -> list[Detection]:
     """Class-aware NMS across overlapping regions."""
@@ -90,16 +88,21 @@ class VisionPipeline:
         return messages
 
     def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
+        """Where to run the model: nowhere on a still scene; around motion and every track when something moves;
+        the full frame plus every track on the periodic pass, so stationary objects stay tracked."""
         h, w = frame.rgb.shape[:2]
         if self.motion is None:
             return [(0, 0, w, h)]
         moved = self.motion.detect(frame.rgb)
+        side = max(self.detector.width, self.detector.height)
+        tracked = [t.box for t in self.tracks]
         if now - self._last_full >= self.config.motion.full_frame_every_s:
             self._last_full = now
-            return [(0, 0, w, h)]
-        moving_tracks = [t.box for t in self.tracks if t.stationary_for(now) < STATIONARY_AFTER_S]
-        side = max(self.detector.width, self.detector.height)
-        return plan_regions(moved + moving_tracks, w, h, min_side=side, max_regions=self.config.motion.max_regions)
+            around_tracks = plan_regions(tracked, w, h, min_side=side, max_regions=self.config.motion.max_regions)
+            return [(0, 0, w, h)] + [r for r in around_tracks if r != (0, 0, w, h)]
+        if not moved:
+            return []
+        return plan_regions(moved + tracked, w, h, min_side=side, max_regions=self.config.motion.max_regions)
 
     def _detect(self, frame: Frame, regions: list[tuple[int, int, int, int]]) -> list[Detection]:
         h, w = frame.rgb.shape[:2]

@@ -73,8 +73,9 @@ class RuleEvent:
 class Situation:
     """The start/update/end lifecycle of one rule's condition."""
 
-    def __init__(self, rule: RuleSection):
+    def __init__(self, rule: RuleSection, min_duration_s: float | None = None):
         self.rule = rule
+        self.min_duration_s = rule.min_duration_s if min_duration_s is None else min_duration_s
         self.event_id: str | None = None
         self._true_since: float | None = None
         self._false_since: float | None = None
@@ -94,7 +95,7 @@ class Situation:
                 return None
             if self._true_since is None:
                 self._true_since = now
-            if now - self._true_since < rule.min_duration_s:
+            if now - self._true_since < self.min_duration_s:
                 return None
             self.event_id, self._false_since = str(uuid.uuid4()), None
             self._last_update, self._last_signature = now, _signature(details)
@@ -145,7 +146,8 @@ class RuleEngine:
     ):
         self.zones = {z.name: Zone(z) for z in zones}
         self.rules = [r for r in rules if r.type != "camera_tamper"]
-        self.situations = {r.name: Situation(r) for r in rules}
+        # Loitering and unattended rules measure their duration in the condition itself (dwell, stillness).
+        self.situations = {r.name: Situation(r, 0.0 if r.type in ("loitering", "unattended") else None) for r in rules}
         self.wall_clock = wall_clock
 
     def evaluate(self, tracks: list[Track], now: float) -> list[RuleEvent]:

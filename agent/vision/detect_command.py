@@ -1,0 +1,86 @@
+"""``edge-agent detect FILE``: run the detector on an image or a video and print what it sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CameraError, ConfigError
+
+
+def run_detect(
+    file: Path,
+    config_path: Path | None,
+    model: str | None,
+    model_dir: Path | None,
+    threshold: float | None,
+    annotate_path: Path | None,
+    max_frames: int,
+    every: int,
+) -> int:
+    import cv2
+
+    from hw.camera import CameraUnavailable
+    from hw.camera_opencv import OpenCVCamera
+    from models import find_model
+
+    from ..config import load_agent_config
+    from .annotate import annotate, write_png
+    from .detector import Detector
+
+    config = load_agent_config(config_path) if config_path else None
+    vision = config.vision_config() if config else None
+    settings = vision.detector if vision else None
+    model_name = model or (settings.model if settings else "ssd-mobilenet-v1-coco-quant")
+    directory = model_dir or (config.model_dir if config and vision else None)
+    if directory is None:
+        raise ConfigError("where is the model? give --model-dir DIR or --config FILE with a [detector] section")
+    detector = Detector(
+        find_model(model_name),
+        directory,
+        settings.num_threads if settings else 2,
+        settings.runtime if settings else "auto",
+        settings.edgetpu if settings else False,
+        threshold if threshold is not None else (settings.min_score if settings else 0.4),
+    )
+    if not file.exists():
+        raise CameraError(f"{file}: no such file")
+    image = cv2.imread(str(file)) if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") else None
+    frames = []
+    if image is not None:
+        frames = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)]
+    last = None
+    try:
+        source = iter(frames) if frames else _video_frames(OpenCVCamera(str(file)))
+        for index, rgb in enumerate(source):
+            if index >= max_frames:
+                break
+            if index % every:
+                continue
+            detections = detector.detect(rgb)
+            print(
+                json.dumps(
+                    {
+                        "frame": index,
+                        "inference_ms": round(detector.last_invoke_ms, 2),
+                        "runtime": detector.runtime,
+                        "model": detector.spec.name,
+                        "detections": [d.as_dict() for d in detections],
+                    }
+                ),
+                flush=True,
+            )
+            last = (rgb, detections)
+    except CameraUnavailable as exc:
+        raise CameraError(str(exc)) from None
+    if last is None:
+        raise CameraError(f"{file}: no frames could be read")
+    if annotate_path is not None:
+        write_png(annotate_path, annotate(last[0], last[1], vision))
+    return 0
+
+
+def _video_frames(camera):
+    with camera:
+        while (frame := camera.read()) is not None:
+            yield frame.rgb
