@@ -187,7 +187,7 @@ class Detector:
         else:
             resized = cv2.resize(rgb, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
             mapping = (0.0, 0.0, 1.0, 1.0)
-        return self._lut[resized][np.newaxis], mapping
+        return cv2.LUT(resized, self._lut)[np.newaxis], mapping
 
     def invoke(self, tensor: np.ndarray) -> None:
         start = time.perf_counter()

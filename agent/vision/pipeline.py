@@ -22,6 +22,8 @@ from .motion import MotionDetector, plan_regions
 from .rules import RuleEngine, RuleEvent
 from .tracking import ObjectTracker, Track
 
+TAMPER_CHECK_EVERY_S = 0.25
+
 
 def merge_detections(detections: list[Detection], iou: float = 0.5) -> list[Detection]:
     """Class-aware NMS across overlapping regions."""
@@ -45,6 +47,7 @@ class VisionPipeline:
         self.track_labels = set(config.detector.track_labels)
         self.tracks: list[Track] = []
         self._last_full = float("-inf")
+        self._last_tamper_check = float("-inf")
         self.frames = 0
         self.frames_skipped = 0
         self.inference_ms_avg = 0.0
@@ -66,22 +69,34 @@ class VisionPipeline:
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
         """One frame; returns ``{"kind", "body"}`` messages for the agent to sign and send."""
+        return self.judge(frame, self.look(frame))
+
+    def look(self, frame: Frame) -> list[Detection] | None:
+        """First stage: motion gating and detection (None when the frame is skipped).
+
+        Safe to run on another thread while ``judge`` handles the previous frame:
+        it only reads ``self.tracks``, which ``judge`` replaces whole.
+        """
+        regions = self._regions(frame, frame.timestamp)
+        return self._detect(frame, regions) if regions else None
+
+    def judge(self, frame: Frame, detections: list[Detection] | None) -> list[dict[str, Any]]:
+        """Second stage: camera tamper, tracking and rules."""
         now = frame.timestamp
         self.frames += 1
         self._fps_window = (self._fps_window + [now])[-30:]
         messages = []
-        if self.tamper is not None:
+        if self.tamper is not None and now - self._last_tamper_check >= TAMPER_CHECK_EVERY_S:
+            self._last_tamper_check = now  # tampering is judged over seconds; 4 looks a second are plenty
             reason, metrics = self.tamper.check(frame.rgb)
             for situation in self.tamper_rules:
                 event = situation.step(reason is not None, {"reason": reason or "", **metrics}, now)
                 if event is not None:
                     messages.append(self._message(event, frame))
-        regions = self._regions(frame, now)
-        if regions:
-            detections = self._detect(frame, regions)
-            self.tracks = self.tracker.update(detections, now)
-        else:
+        if detections is None:
             self.frames_skipped += 1
+        else:
+            self.tracks = self.tracker.update(detections, now)
         confirmed = [t for t in self.tracks if self._passes_filters(t)]
         for event in self.rules.evaluate(confirmed, now):
             messages.append(self._message(event, frame))
@@ -151,3 +166,61 @@ class VisionPipeline:
         if event.phase == "start" and rule.evidence and self.evidence is not None:
             body["evidence"] = self.evidence.save(frame.full, self.tracks, event.event_id)
         return {"kind": "alert" if event.phase == "start" else "event", "body": body}
+
+
+class OverlappedRun:
+    """Runs ``look`` for the next frame while ``judge`` handles this one.
+
+    The interpreter releases the GIL during ``invoke()``, so tracking and rules
+    cost no wall time on a multi-core Pi. Iterating yields each frame's
+    messages, in frame order; errors of ``read`` (a lost camera) are raised here.
+    """
+
+    _END = object()
+
+    def __init__(self, pipeline: VisionPipeline, read):
+        import queue
+        import threading
+
+        self.pipeline = pipeline
+        self._read = read
+        self._looked: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._look, name="vision-look", daemon=True)
+        self._thread.start()
+
+    def _look(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self._read()
+                if frame is None:
+                    break
+                self._put((frame, self.pipeline.look(frame)))
+        except Exception as exc:
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._looked.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            item = self._looked.get()
+            if item is self._END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            frame, detections = item
+            yield self.pipeline.judge(frame, detections)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)

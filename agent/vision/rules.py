@@ -156,16 +156,13 @@ class RuleEngine:
         events = []
         for rule in self.rules:
             condition, subjects, extra = self._condition(rule, tracks, now)
-            details = {
-                "zone": rule.zone,
-                "classes": sorted({t.label for t in subjects}),
-                "count": len(subjects),
-                "track_ids": [t.id for t in subjects],
-                "objects": [t.as_dict() for t in subjects],
-                **extra,
-            }
+            details = {"zone": rule.zone, "count": len(subjects), "track_ids": [t.id for t in subjects], **extra}
             event = self.situations[rule.name].step(condition, details, now)
             if event is not None:
+                # The full description is built only when something is reported, not on every frame.
+                event.details.update(
+                    classes=sorted({t.label for t in subjects}), objects=[t.as_dict() for t in subjects]
+                )
                 events.append(event)
         return events
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from norfair import Detection as NorfairDetection
 from norfair import Tracker
+from norfair.distances import VectorizedDistance
 
 from .detector import Detection
 
@@ -55,16 +56,17 @@ class Track:
         }
 
 
-def scaled_centre_distance(detection: NorfairDetection, tracked) -> float:
-    """Distance between box centres in units of box height.
+def scaled_centre_distances(candidates: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Distances between box centres in units of box height, for all pairs at once.
 
-    IoU fails for the small, far-away people of a wide street view (a step is
-    a large part of a 20-pixel box); measured on vtest this keeps 29 ids over
-    200 frames where IoU produced 74.
+    Rows are boxes raveled as ``x1, y1, x2, y2``. IoU fails for the small,
+    far-away people of a wide street view (one step is a large part of a
+    20-pixel box); on vtest this keeps 29 ids over 200 frames where IoU made 74.
     """
-    found, estimate = detection.points, tracked.estimate
-    height = max(found[1, 1] - found[0, 1], estimate[1, 1] - estimate[0, 1], 1e-3)
-    return float(np.linalg.norm(found.mean(axis=0) - estimate.mean(axis=0)) / height)
+    c_centre = (candidates[:, :2] + candidates[:, 2:]) / 2
+    o_centre = (objects[:, :2] + objects[:, 2:]) / 2
+    height = np.maximum((candidates[:, 3] - candidates[:, 1])[:, None], (objects[:, 3] - objects[:, 1])[None, :])
+    return np.linalg.norm(c_centre[:, None, :] - o_centre[None, :, :], axis=2) / np.maximum(height, 1e-3)
 
 
 class ObjectTracker:
@@ -78,11 +80,12 @@ class ObjectTracker:
         stationary_tolerance: float = 0.25,
     ):
         self._tracker = Tracker(
-            distance_function=scaled_centre_distance,
+            distance_function="iou",  # replaced below: this norfair only takes names or scalar functions here
             distance_threshold=distance_threshold,
             hit_counter_max=hit_counter_max,
             initialization_delay=initialization_delay,
         )
+        self._tracker.distance_function = VectorizedDistance(scaled_centre_distances)
         self.stationary_tolerance = stationary_tolerance
         self.tracks: dict[int, Track] = {}
 

@@ -71,6 +71,9 @@ def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
 
 def _run_camera_loop(config, pipeline, out, stop) -> None:
     from hw.camera import CameraUnavailable, open_camera
+    from hw.frame_prefetch import FramePrefetcher
+
+    from .pipeline import OverlappedRun
 
     settings = config.camera
     camera = open_camera(
@@ -81,37 +84,52 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
         realtime=settings.realtime,
         loop=settings.loop,
     )
-    is_open, failing, backoff = False, False, 1.0
-    last_beat = last_purge = 0.0
+    failing, backoff = False, 1.0
+    beats = _Heartbeat(out, pipeline)
     while not stop.is_set():
-        now = time.monotonic()
-        if now - last_beat >= 1.0:
-            out.put(("heartbeat", {**pipeline.stats(), "camera_state": "fault" if failing else "ok"}))
-            last_beat = now
-        if pipeline.evidence is not None and now - last_purge >= 60:
-            pipeline.evidence.purge()
-            last_purge = now
+        beats.maybe_send(failing)
+        reader = run = None
         try:
-            if not is_open:
-                camera.open()
-                is_open = True
-            frame = camera.read()
+            camera.open()  # a camera that hangs here stops the heartbeats: the supervisor restarts us
+            reader = FramePrefetcher(camera, depth=2, drop_old=not getattr(camera, "is_file", False))
+            run = OverlappedRun(pipeline, reader.read)
+            for messages in run:  # a read that hangs stops the heartbeats too
+                if failing:
+                    out.put(("recovered", "camera", f"camera {settings.source} delivers frames again"))
+                    failing, backoff = False, 1.0
+                for message in messages:
+                    out.put(("message", message))
+                beats.maybe_send(failing)
+                if stop.is_set():
+                    break
+            else:
+                out.put(("ended", "camera", f"video {settings.source} ended"))
+                break
         except CameraUnavailable as exc:
-            camera.close()
-            is_open = False
             if not failing:
                 out.put(("fault", "camera", str(exc)))
                 failing = True
             stop.wait(backoff)
             backoff = min(backoff * 2, settings.reconnect_max_s)
-            continue
-        if failing:
-            out.put(("recovered", "camera", f"camera {settings.source} delivers frames again"))
-            failing, backoff = False, 1.0
-        if frame is None:
-            out.put(("ended", "camera", f"video {settings.source} ended"))
-            break
-        for message in pipeline.process(frame):
-            out.put(("message", message))
-    camera.close()
+        finally:
+            for part in (run, reader, camera):
+                if part is not None:
+                    part.close()
     out.put(("heartbeat", pipeline.stats()))
+
+
+class _Heartbeat:
+    """At most one heartbeat a second, and the evidence clean-up once a minute."""
+
+    def __init__(self, out, pipeline):
+        self.out, self.pipeline = out, pipeline
+        self.last_beat = self.last_purge = 0.0
+
+    def maybe_send(self, failing: bool) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= 1.0:
+            self.out.put(("heartbeat", {**self.pipeline.stats(), "camera_state": "fault" if failing else "ok"}))
+            self.last_beat = now
+        if self.pipeline.evidence is not None and now - self.last_purge >= 60:
+            self.pipeline.evidence.purge()
+            self.last_purge = now

@@ -1,0 +1,209 @@
+"""Vision pipeline cost on the real footage, against the interpreter's own floor, and the button path under load.
+
+Measures, in one run:
+
+* pipeline fps (decode → motion off → detect → track → rules, every frame
+  inferred) vs raw ``interpreter.invoke()`` fps on the same frames, already
+  prepared in memory: ``ratio`` is what the pipeline keeps of the model's speed;
+* CPU seconds per minute of video, with and without motion gating, on a static
+  scene (vtest's first frame held) and on vtest;
+* peak RSS of this process (the pipeline) and of the agent under load;
+* button press → PUBACK p99 while a camera box runs the pipeline flat out
+  (vision process on the other side of the process boundary).
+
+    python bench/pipeline.py [--frames 300] [--presses 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared"))
+VIDEO = SHARED / "data" / "vtest.avi"
+MODEL_DIR = SHARED / "models"
+MODEL = "ssd-mobilenet-v1-coco-quant"
+FPS = 10.0
+
+
+def load_frames(count: int):
+    from hw.camera_opencv import OpenCVCamera
+
+    frames = []
+    with OpenCVCamera(str(VIDEO)) as camera:
+        while len(frames) < count and (frame := camera.read()) is not None:
+            frames.append(frame)
+    return frames
+
+
+def vision_config(gated: bool):
+    from agent.config_vision import VisionConfig
+
+    return VisionConfig.model_validate(
+        {
+            "camera": {"source": str(VIDEO), "name": "plaza"},
+            "motion": {"enabled": gated},
+            "zones": [{"name": "plaza", "polygon": [[0, 0.25], [1, 0.25], [1, 1], [0, 1]]}],
+            "rules": [
+                {"name": "crowd", "type": "grouping", "zone": "plaza", "min_count": 9, "min_duration_s": 1.5},
+                {"name": "tamper", "type": "camera_tamper", "min_duration_s": 3},
+            ],
+        }
+    )
+
+
+def detector():
+    from agent.vision.detector import Detector
+    from models import find_model
+
+    return Detector(find_model(MODEL), MODEL_DIR, num_threads=2, min_score=0.4)
+
+
+def measure_fps(frame_count: int) -> dict:
+    """Pipeline (decoding included) vs bare invoke on the same frames."""
+    from agent.vision.pipeline import OverlappedRun, VisionPipeline
+    from hw.camera_opencv import OpenCVCamera
+    from hw.frame_prefetch import FramePrefetcher
+
+    det = detector()
+    tensors = [det.prepare(f.rgb)[0] for f in load_frames(frame_count)]
+    det.invoke(tensors[0])
+    start = time.perf_counter()
+    for tensor in tensors:
+        det.invoke(tensor)
+    raw_fps = len(tensors) / (time.perf_counter() - start)
+
+    pipeline = VisionPipeline(vision_config(gated=False), det)
+    with OpenCVCamera(str(VIDEO)) as camera:  # read as the vision process reads: decoding on its own thread
+        reader = FramePrefetcher(camera, depth=2)
+        reader.read()
+        remaining = iter(range(len(tensors)))
+
+        def read():
+            index = next(remaining, None)
+            frame = None if index is None else reader.read()
+            if frame is not None:
+                frame.timestamp = index / FPS
+            return frame
+
+        start = time.perf_counter()
+        processed = sum(1 for _ in OverlappedRun(pipeline, read))
+        pipeline_fps = processed / (time.perf_counter() - start)
+        reader.close()
+    return {
+        "pipeline_fps": round(pipeline_fps, 2),
+        "raw_invoke_fps": round(raw_fps, 2),
+        "ratio": round(pipeline_fps / raw_fps, 3),
+        "runtime": det.runtime,
+        "model": det.spec.name,
+    }
+
+
+def cpu_per_video_minute(frames, gated: bool) -> float:
+    from agent.vision.pipeline import VisionPipeline
+
+    pipeline = VisionPipeline(vision_config(gated), detector())
+    start = time.process_time()
+    for index, frame in enumerate(frames):
+        frame.timestamp = index / FPS
+        pipeline.process(frame)
+    cpu = time.process_time() - start
+    return round(cpu / (len(frames) / FPS / 60.0), 2)
+
+
+def measure_cpu(frame_count: int) -> dict:
+    from hw.camera import Frame
+
+    vtest = load_frames(frame_count)
+    still = vtest[0].rgb
+    static = [Frame(rgb=still, timestamp=0.0, index=i) for i in range(frame_count)]
+    return {
+        scene: {"gated": cpu_per_video_minute(frames, True), "ungated": cpu_per_video_minute(frames, False)}
+        for scene, frames in (("static", static), ("vtest", vtest))
+    }
+
+
+def press_to_puback_under_load(presses: int) -> dict:
+    """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
+    from gpiozero.pins.mock import MockFactory
+
+    from agent.broker import LocalBroker
+    from agent.localsite import LocalSite
+    from agent.receiver import Receiver
+    from agent.service import Agent
+
+    body = (
+        f'[[buttons]]\nname = "help"\npin = 17\n\n[camera]\nsource = "{VIDEO}"\nloop = true\n\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n\n[motion]\nenabled = false\n'
+    )
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as root:
+        site = LocalSite(Path(root), broker)
+        config = site.add_device("cam-bench", kind="camera-box", body=body)
+        factory = MockFactory()
+        press = {"at": 0.0}
+        delays: list[float] = []
+        published = threading.Semaphore(0)
+
+        def on_published(entry, at):
+            if entry.kind == "alert" and entry.claims["body"].get("button"):
+                delays.append(at - press["at"])
+                published.release()
+
+        with Receiver(site.receiver_config), Agent(config, pin_factory=factory, on_published=on_published) as agent:
+            agent.link.wait_connected(10)
+            deadline = time.monotonic() + 60
+            while not agent.vision.stats.get("frames") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)
+            frames_before = agent.vision.stats.get("frames", 0)
+            load_start = time.monotonic()
+            pin = factory.pin(17)
+            for _ in range(presses):
+                press["at"] = time.monotonic()
+                pin.drive_low()
+                pin.drive_high()
+                if not published.acquire(timeout=10):
+                    raise RuntimeError("a press was not confirmed by the broker within 10 s")
+                time.sleep(0.05)
+            vision_fps = (agent.vision.stats.get("frames", 0) - frames_before) / (time.monotonic() - load_start)
+            agent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        vision_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    ms = sorted(d * 1000 for d in delays)
+    return {
+        "press_to_puback_p99_ms_under_load": round(ms[int(round(0.99 * (len(ms) - 1)))], 3),
+        "press_to_puback_p50_ms_under_load": round(statistics.median(ms), 3),
+        "vision_fps_during_presses": round(vision_fps, 2),
+        "agent_process_peak_rss_mb": round(agent_rss, 1),
+        "vision_process_peak_rss_mb": round(vision_rss, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--presses", type=int, default=200)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    if not VIDEO.exists() or not (MODEL_DIR / "ssd_mobilenet_v1_coco_quant.tflite").exists():
+        sys.exit(f"needs {VIDEO} and the SSD model in {MODEL_DIR} (set EDGE_AGENT_SHARED)")
+    result = measure_fps(args.frames)
+    result["cpu_s_per_video_min"] = measure_cpu(args.frames)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result.update(press_to_puback_under_load(args.presses))
+    result["frames"] = args.frames
+    result["targets"] = {"ratio": 0.9, "press_to_puback_p99_ms_under_load": 10}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``edge-agent detect``: what an installer runs to see what the model sees."""
+
+import json
+import shutil
+
+import cv2
+
+from agent.cli import main
+from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
+
+
+def test_detect_prints_json_lines_and_writes_an_annotated_picture(tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    out = tmp_path / "seen.png"
+    assert main(["detect", str(VIDEO), "--model-dir", str(MODEL_DIR), "--max-frames", "3", "--annotate", str(out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["frame"] for line in lines] == [0, 1, 2]
+    assert all(any(d["label"] == "person" for d in line["detections"]) for line in lines)
+    assert lines[0]["runtime"] == "litert" and lines[0]["model"] == "ssd-mobilenet-v1-coco-quant"
+    picture = cv2.imread(str(out))
+    assert picture.shape == (576, 768, 3)
+
+
+def test_detect_on_an_image_with_the_yolo_model(tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/yolov8n_int8.tflite")
+    capture = cv2.VideoCapture(str(VIDEO))
+    ok, frame = capture.read()
+    capture.release()
+    image = tmp_path / "frame.jpg"
+    cv2.imwrite(str(image), frame)
+    assert main(["detect", str(image), "--model", "yolov8n-int8", "--model-dir", str(MODEL_DIR)]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["model"] == "yolov8n-int8" and any(d["label"] == "person" for d in line["detections"])
+
+
+def test_detect_uses_the_device_config_zones(site, tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    shutil.copy(MODEL_DIR / "ssd_mobilenet_v1_coco_quant.tflite", tmp_path)
+    body = (
+        f'[camera]\nsource = "{VIDEO}"\n[detector]\nmodel_dir = "{tmp_path}"\nmin_score = 0.6\n'
+        '[[zones]]\nname = "gate"\npolygon = [[0.1, 0.1], [0.9, 0.1], [0.9, 0.9]]\n'
+    )
+    site.add_device("cam-9", kind="camera-box", body=body)
+    out = tmp_path / "zones.png"
+    assert (
+        main(
+            [
+                "detect",
+                str(VIDEO),
+                "--config",
+                str(site.device_config_path("cam-9")),
+                "--max-frames",
+                "1",
+                "--annotate",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert all(d["score"] >= 0.6 for d in line["detections"])
+    assert out.exists()
+
+
+def test_detect_errors_are_specific(tmp_path, capsys):
+    assert main(["detect", str(tmp_path / "nope.mp4"), "--model-dir", str(tmp_path)]) == 1
+    assert (
+        "does not exist; fetch it with 'edge-agent models fetch ssd-mobilenet-v1-coco-quant'" in capsys.readouterr().err
+    )
+    require_shared("models/ssd_mobilenet_v1_coco_quant.tflite")
+    assert main(["detect", str(tmp_path / "nope.mp4"), "--model-dir", str(MODEL_DIR)]) == 1
+    assert "nope.mp4: no such file" in capsys.readouterr().err
+    assert main(["detect", str(tmp_path), "--model-dir", str(MODEL_DIR), "--every", "0"]) == 2
