@@ -127,15 +127,74 @@ def cmd_test_alert(args: argparse.Namespace) -> int:
 
 
 def cmd_receiver_run(args: argparse.Namespace) -> int:
+    import threading
+
     from .config import load_receiver_config
     from .receiver import Receiver
+    from .sdnotify import SystemdNotifier, watchdog_interval_s
 
     receiver = Receiver(load_receiver_config(args.config))
-    done = __import__("threading").Event()
+    done = threading.Event()
     _stop_on_signals(done.set)
     receiver.start()
-    done.wait()
+    notifier = SystemdNotifier()
+    notifier.notify("READY=1", "STATUS=receiving")
+    interval = watchdog_interval_s() or 5.0
+    while not done.wait(interval):
+        if receiver.is_healthy:
+            notifier.notify("WATCHDOG=1")
+    notifier.notify("STOPPING=1")
     receiver.close()
+    return 0
+
+
+def cmd_receiver_devices(args: argparse.Namespace) -> int:
+    import time
+
+    from tabulate import tabulate
+
+    from .config import load_receiver_config
+    from .keyring import Keyring
+    from .receiver_store import ReceiverStore
+
+    config = load_receiver_config(args.config)
+    enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
+    with ReceiverStore(config.database_path) as store:
+        states = {s.device: s for s in store.registry(config.receiver.supervision_s).states()}
+    now = time.time()
+    rows = []
+    for device_id in sorted(set(enrolled) | set(states)):
+        state = states.get(device_id)
+        info = enrolled.get(device_id)
+        telemetry = (state.last_telemetry if state else None) or {}
+        if state is None or state.last_seen is None:
+            shown, seen = ("missing" if state and state.missing else "never seen"), "-"
+        else:
+            shown = "missing" if state.missing else state.status
+            seen = f"{now - state.last_seen:.0f} s ago"
+        rows.append(
+            [
+                info.site if info else state.site,
+                device_id,
+                info.kind if info else "?",
+                shown,
+                seen,
+                telemetry.get("version", "-"),
+                telemetry.get("outbox_depth", "-"),
+                telemetry.get("cpu_temperature_c", "-"),
+                "yes" if info else "NOT ENROLLED",
+            ]
+        )
+    if args.json:
+        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c", "enrolled"]
+        _print_json([dict(zip(keys, row, strict=True)) for row in rows])
+    else:
+        print(
+            tabulate(
+                rows,
+                headers=["site", "device", "kind", "state", "last seen", "version", "outbox", "temp °C", "enrolled"],
+            )
+        )
     return 0
 
 

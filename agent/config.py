@@ -251,6 +251,9 @@ class ReceiverSection(Section):
     share_group: Name = Field("centre", description="MQTT 5 shared-subscription group; receivers share the load.")
     window_past_s: float = Field(40.0, gt=0, le=3600, description="Oldest accepted send time (SIA DC-09: 40 s).")
     window_future_s: float = Field(20.0, gt=0, le=3600, description="Furthest accepted future send time (20 s).")
+    supervision_s: float = Field(
+        90.0, ge=10, le=3600, description="A device silent this long is reported missing (EN 50136: 20-90 s)."
+    )
 
 
 class ReceiverConfig(Section):

@@ -182,6 +182,18 @@ class Outbox:
             )
         )
 
+    def is_responsive(self, timeout_s: float = 1.0) -> bool:
+        """True when the database answers within ``timeout_s`` (for the watchdog; never blocks longer)."""
+        if not self._lock.acquire(timeout=timeout_s):
+            return False
+        try:
+            self._db.execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            self._lock.release()
+
     def depth(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]

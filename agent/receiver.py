@@ -32,6 +32,7 @@ from .errors import SignatureInvalid
 from .keyring import Keyring
 from .messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
 from .receiver_store import ReceiverStore
+from .registry import DeviceEvent
 from .signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify
 from .uplink import MqttLink
 
@@ -127,7 +128,13 @@ class MessageChecker:
 class Receiver:
     """Subscribes (shared), checks every message, and acknowledges what it stored."""
 
-    def __init__(self, config: ReceiverConfig, *, on_verdict: Callable[[Verdict], None] | None = None):
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        on_verdict: Callable[[Verdict], None] | None = None,
+        on_device_event: Callable[[DeviceEvent], None] | None = None,
+    ):
         self.config = config
         settings = config.receiver
         self.topics = TopicLayout(config.mqtt.topic_prefix)
@@ -138,6 +145,8 @@ class Receiver:
             self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s
         )
         self.on_verdict = on_verdict
+        self.on_device_event = on_device_event
+        self.registry = self.store.registry(settings.supervision_s)
         self.link = MqttLink(
             config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}", secrets_dir=settings.state_dir
         )
@@ -171,16 +180,46 @@ class Receiver:
         self._worker.join(timeout=5)
         self.store.close()
 
+    @property
+    def is_healthy(self) -> bool:
+        """For the watchdog: the worker runs and paho's network thread is alive."""
+        return self._worker.is_alive() and self.link.network_thread_alive
+
     def _work(self) -> None:
-        while (item := self._inbox.get()) is not None:
+        next_check = time.monotonic() + 1.0
+        while True:
             try:
-                self._handle(*item)
-            except Exception:
-                log.exception("receiver failed on a message from %s", item[0])
+                item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                try:
+                    self._handle(*item)
+                except Exception:
+                    log.exception("receiver failed on a message from %s", item[0])
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
+                for event in self.registry.check(enrolled, time.time()):
+                    self._report(event)
+
+    def _report(self, event: DeviceEvent) -> None:
+        if event.event == "missing":
+            log.warning("DEVICE MISSING %s/%s: %s", event.site, event.device, event.detail)
+        else:
+            log.info("device %s/%s is back: %s", event.site, event.device, event.detail)
+        if self.on_device_event is not None:
+            self.on_device_event(event)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         verdict = self.checker.check(topic, payload)
         claims = verdict.claims
+        if claims is not None:
+            back = self.registry.heard(claims, time.time())
+            if back is not None:
+                self._report(back)
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):

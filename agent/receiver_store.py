@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .database import open_durable
+from .registry import DeviceRegistry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -57,6 +58,10 @@ class ReceiverStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def registry(self, supervision_s: float) -> DeviceRegistry:
+        """The fleet registry, kept in the same database."""
+        return DeviceRegistry(self._db, self._lock, supervision_s)
 
     def find(self, device: str, seq: int) -> StoredMessage | None:
         with self._lock:

@@ -22,8 +22,10 @@ from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError
+from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from .outbox import Outbox, OutboxEntry
+from .sdnotify import SystemdNotifier, watchdog_interval_s
 from .signing import MessageSigner, load_private_key, load_public_jwk
 from .uplink import MqttLink, Will
 
@@ -50,6 +52,7 @@ class Agent:
         self._lock = threading.Lock()
         self._pending_visible: set[int] = set()
         self._ack_shown_until = 0.0
+        self._last_test_alert: dict[str, Any] | None = None
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
 
@@ -123,6 +126,8 @@ class Agent:
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        self._notifier = SystemdNotifier()
+        self._watchdog = threading.Thread(target=self._feed_watchdog, name="watchdog", daemon=True)
 
     def __repr__(self) -> str:
         return f"<Agent {self.site}/{self.device} connected={self.link.is_connected} outbox={self.outbox.depth()}>"
@@ -142,6 +147,8 @@ class Agent:
         self._housekeeping.start()
         if self.vision is not None:
             self.vision.start()
+        self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
+        self._watchdog.start()
         if self.tamper is not None and self.tamper.is_open:
             self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
         log.info(
@@ -156,6 +163,7 @@ class Agent:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._notifier.notify("STOPPING=1")
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
         self.link.close(final=final)
@@ -231,6 +239,8 @@ class Agent:
                 self._ack_shown_until = time.monotonic() + self.config.indicator.ack_display_s
         self._refresh_indicator()
         log.info("%s seq %d acknowledged by the centre", entry.kind, entry.seq)
+        if self._last_test_alert and self._last_test_alert["seq"] == entry.seq:
+            self._last_test_alert["acknowledged"] = True
         if self._external_acknowledged:
             self._external_acknowledged(entry, at)
 
@@ -280,6 +290,41 @@ class Agent:
                 next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
                 self.raise_event("telemetry", self.health())
 
+    def problems(self) -> list[str]:
+        """What is wrong with the alert path itself (not the network): empty when healthy."""
+        found = []
+        if not self.delivery.is_alive or time.monotonic() - self.delivery.last_progress > 5.0:
+            found.append("delivery thread stuck")
+        if not self.link.network_thread_alive:
+            found.append("MQTT network thread not running")
+        if not self.outbox.is_responsive(timeout_s=1.0):
+            found.append("outbox not responding")
+        if not self._housekeeping.is_alive():
+            found.append("housekeeping thread stopped")
+        for name, button in self.buttons.items():
+            try:
+                _ = button.is_pressed  # reads the line: fails if the GPIO chip went away
+            except Exception as exc:
+                found.append(f"button {name!r} unreadable: {exc}")
+        return found
+
+    def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 only while the alert path is healthy, so systemd restarts a stuck agent."""
+        interval = watchdog_interval_s() or 5.0
+        reported: list[str] = []
+        while not self._stopping.wait(interval):
+            found = self.problems()
+            if not found:
+                self._notifier.notify("WATCHDOG=1")
+            if found != reported:
+                if found:
+                    log.error("alert path unhealthy, withholding watchdog: %s", "; ".join(found))
+                    self._notifier.notify(f"STATUS=unhealthy: {'; '.join(found)}")
+                else:
+                    log.info("alert path healthy again")
+                    self._notifier.notify("STATUS=alert path up")
+                reported = found
+
     def health(self) -> dict[str, Any]:
         oldest = self.outbox.oldest_age_s()
         return {
@@ -287,11 +332,13 @@ class Agent:
             "version": __version__,
             "config_sha256": self.config.source_sha256,
             "host": platform.node(),
+            **system_health(self.config.state_dir),
             "connected": self.link.is_connected,
             "outbox_depth": self.outbox.depth(),
             "oldest_unsent_s": None if oldest is None else round(oldest, 1),
             "dropped_telemetry": self.outbox.dropped_telemetry,
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
+            "last_test_alert": self._last_test_alert,
             "vision": None
             if self.vision is None
             else {"state": self.vision.state, "restarts": self.vision.restarts, **self.vision.stats},
@@ -324,4 +371,5 @@ class Agent:
                 raise ConfigError("this device has no buttons to test")
             name = next(iter(self.buttons))
         entry = self.raise_alert(str(name), test=True)
+        self._last_test_alert = {"button": name, "seq": entry.seq, "at": entry.created, "acknowledged": False}
         return {"seq": entry.seq, "event_id": entry.event_id, "button": name}

@@ -114,6 +114,12 @@ class MqttLink:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def network_thread_alive(self) -> bool:
+        """paho's loop thread is running (whether or not the broker is reachable)."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,8 +200,8 @@ def main() -> None:
         sys.exit(f"needs {VIDEO} and the SSD model in {MODEL_DIR} (set EDGE_AGENT_SHARED)")
     # The load test runs first, in a fresh process, so its RSS figures are the agent's and the vision
     # process's own, not this process's (which holds decoded frames for the fps comparison).
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        load = pool.apply(press_to_puback_under_load, (args.presses,))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic
+        load = pool.submit(press_to_puback_under_load, args.presses).result()
     result = measure_fps(args.frames)
     result["cpu_s_per_video_min"] = measure_cpu(args.frames)
     result["peak_rss_mb"] = load["vision_process_peak_rss_mb"]
