@@ -66,7 +66,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     from .signing import generate_private_key
 
     config = load_agent_config(args.config)
-    path = resolve_secret(config.identity.private_key_file, config.state_dir)
+    path = resolve_secret(config.identity.private_key_file, *config.secret_dirs)
     key = generate_private_key(path, force=args.force)
     print(f"created device key {path} (mode 0600)", file=sys.stderr)
     _print_json(enrolment_record(config.device.id, config.device.site, config.device.kind, key))
@@ -203,7 +203,7 @@ def cmd_receiver_init(args: argparse.Namespace) -> int:
     from .signing import generate_private_key, public_jwk
 
     config = load_receiver_config(args.config)
-    path = resolve_secret(config.receiver.signing_key_file, config.receiver.state_dir)
+    path = resolve_secret(config.receiver.signing_key_file, *config.secret_dirs)
     key = generate_private_key(path, force=args.force)
     print(f"created centre key {path} (mode 0600); give devices this public JWK as centre.jwk:", file=sys.stderr)
     _print_json(public_jwk(key))

@@ -54,7 +54,11 @@ class DeviceSection(Section):
     kind: Literal["call-point", "building-button", "camera-box"] = Field(description="What this box is.")
     state_dir: ConfigRelativePath = Field(
         Path("/var/lib/edge-agent"),
-        description="Writable directory for the outbox, keys and control socket (systemd StateDirectory=).",
+        description="Writable directory for the outbox and control socket (systemd StateDirectory=).",
+    )
+    credentials_dir: ConfigRelativePath = Field(
+        Path("/etc/edge-agent/credentials"),
+        description="Where keys and passwords live (root-only); systemd hands them over with LoadCredential=.",
     )
 
 
@@ -225,6 +229,11 @@ class AgentConfig(Section):
         return self.device.state_dir
 
     @property
+    def secret_dirs(self) -> tuple[Path, ...]:
+        """Where secret files are looked for, after $CREDENTIALS_DIRECTORY; keys are created in the first."""
+        return (self.device.credentials_dir, self.state_dir)
+
+    @property
     def outbox_path(self) -> Path:
         return self.state_dir / self.outbox.path
 
@@ -245,6 +254,9 @@ class ReceiverSection(Section):
     state_dir: ConfigRelativePath = Field(
         Path("/var/lib/edge-agent-receiver"), description="Database, keyring and keys."
     )
+    credentials_dir: ConfigRelativePath = Field(
+        Path("/etc/edge-agent/credentials"), description="Where the centre's key and passwords live."
+    )
     keyring_dir: str = Field("keyring", description="Directory of enrolled device keys, relative to state_dir.")
     database: str = Field("receiver.sqlite", description="Accepted messages, relative to state_dir.")
     signing_key_file: str = Field("centre-key.pem", description="The centre's Ed25519 key for acknowledgements.")
@@ -259,6 +271,10 @@ class ReceiverSection(Section):
 class ReceiverConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
     mqtt: MqttSection
+
+    @property
+    def secret_dirs(self) -> tuple[Path, ...]:
+        return (self.receiver.credentials_dir, self.receiver.state_dir)
 
     @property
     def keyring_path(self) -> Path:
@@ -310,20 +326,24 @@ def load_receiver_config(path: Path | str) -> ReceiverConfig:
     return _load(path, ReceiverConfig)
 
 
-def resolve_secret(name: str, state_dir: Path) -> Path:
-    """Find a secret file: absolute as given, else ``$CREDENTIALS_DIRECTORY``, else ``state_dir``."""
+def resolve_secret(name: str, *dirs: Path) -> Path:
+    """Find a secret file: absolute as given, else in ``$CREDENTIALS_DIRECTORY`` (systemd
+    ``LoadCredential=``), else in the first of ``dirs`` holding it, else where it belongs (``dirs[0]``)."""
     path = Path(name)
     if path.is_absolute():
         return path
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials and (Path(credentials) / path).exists():
         return Path(credentials) / path
-    return state_dir / path
+    for directory in dirs:
+        if (directory / path).exists():
+            return directory / path
+    return dirs[0] / path
 
 
-def read_secret(name: str, state_dir: Path, what: str) -> str:
+def read_secret(name: str, dirs: tuple[Path, ...], what: str) -> str:
     """Read a one-line secret (a password), naming the file and setting when it is missing."""
-    path = resolve_secret(name, state_dir)
+    path = resolve_secret(name, *dirs)
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:

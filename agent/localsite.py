@@ -29,9 +29,12 @@ class LocalSite:
         self.centre_dir = self.root / "centre"
         self.centre_dir.mkdir(parents=True, exist_ok=True)
         self._receiver_config_path = self.centre_dir / "receiver.toml"
-        self._receiver_config_path.write_text(f'[receiver]\nid = "centre-1"\nstate_dir = "."\n\n{self.mqtt_toml()}')
+        self._receiver_config_path.write_text(
+            f'[receiver]\nid = "centre-1"\nstate_dir = "."\ncredentials_dir = "credentials"\n\n{self.mqtt_toml()}'
+        )
         self.receiver_config = load_receiver_config(self._receiver_config_path)
-        centre_key = generate_private_key(self.centre_dir / self.receiver_config.receiver.signing_key_file, force=True)
+        key_path = self.receiver_config.secret_dirs[0] / self.receiver_config.receiver.signing_key_file
+        centre_key = generate_private_key(key_path, force=True)
         self.centre_jwk = public_jwk(centre_key)
         self.keyring = Keyring(self.receiver_config.keyring_path)
 
@@ -64,13 +67,15 @@ class LocalSite:
         device_dir.mkdir(parents=True, exist_ok=True)
         path = device_dir / "agent.toml"
         path.write_text(
-            f'[device]\nid = "{device_id}"\nsite = "{self.site}"\nkind = "{kind}"\nstate_dir = "state"\n\n'
+            f'[device]\nid = "{device_id}"\nsite = "{self.site}"\nkind = "{kind}"\nstate_dir = "state"\n'
+            f'credentials_dir = "credentials"\n\n'
             f"{self.mqtt_toml()}\n[outbox]\nack_retry_s = 5\n{outbox}\n{body}"
         )
         config = load_agent_config(path)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        key = generate_private_key(config.state_dir / config.identity.private_key_file, force=True)
-        (config.state_dir / config.identity.centre_key_file).write_text(json.dumps(self.centre_jwk))
+        credentials = config.secret_dirs[0]
+        key = generate_private_key(credentials / config.identity.private_key_file, force=True)
+        (credentials / config.identity.centre_key_file).write_text(json.dumps(self.centre_jwk))
         if enroll:
             self.keyring.enroll(enrolment_record(device_id, self.site, kind, key))
         return config

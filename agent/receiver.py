@@ -138,7 +138,7 @@ class Receiver:
         self.config = config
         settings = config.receiver
         self.topics = TopicLayout(config.mqtt.topic_prefix)
-        self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, settings.state_dir)))
+        self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, *config.secret_dirs)))
         self.keyring = Keyring(config.keyring_path)
         self.store = ReceiverStore(config.database_path)
         self.checker = MessageChecker(
@@ -148,7 +148,7 @@ class Receiver:
         self.on_device_event = on_device_event
         self.registry = self.store.registry(settings.supervision_s)
         self.link = MqttLink(
-            config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}", secrets_dir=settings.state_dir
+            config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}", secret_dirs=config.secret_dirs
         )
         prefix, group = self.topics.prefix, settings.share_group
         for channel in ("alert", "event", "telemetry"):

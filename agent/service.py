@@ -56,16 +56,17 @@ class Agent:
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
 
-        state_dir = config.state_dir
-        self.signer = MessageSigner(load_private_key(resolve_secret(config.identity.private_key_file, state_dir)))
-        centre_key = load_public_jwk(resolve_secret(config.identity.centre_key_file, state_dir))
+        self.signer = MessageSigner(
+            load_private_key(resolve_secret(config.identity.private_key_file, *config.secret_dirs))
+        )
+        centre_key = load_public_jwk(resolve_secret(config.identity.centre_key_file, *config.secret_dirs))
         self.topics = TopicLayout(config.mqtt.topic_prefix)
         self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
         self._closers.append(self.outbox.close)
         self.link = MqttLink(
             config.mqtt,
             client_id=config.mqtt.client_id or f"edge-{self.device}",
-            secrets_dir=state_dir,
+            secret_dirs=config.secret_dirs,
             will=Will(self.topics.topic(self.site, self.device, "status"), self._status_payload("offline")),
         )
         self.delivery = Delivery(

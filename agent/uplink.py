@@ -44,7 +44,7 @@ class MqttLink:
     Args:
         settings: the ``[mqtt]`` section.
         client_id: MQTT client id (unique per broker).
-        secrets_dir: where relative secret file names are looked up after $CREDENTIALS_DIRECTORY.
+        secret_dirs: where relative secret file names are looked up after $CREDENTIALS_DIRECTORY.
         will: optional last will, published by the broker if this client vanishes.
         session_expiry_s: how long the broker keeps subscriptions and queued QoS 1
             messages (acks) for us while we are away; 0 for a clean session.
@@ -54,7 +54,7 @@ class MqttLink:
         self,
         settings: MqttSection,
         client_id: str,
-        secrets_dir: Path,
+        secret_dirs: tuple[Path, ...],
         will: Will | None = None,
         session_expiry_s: int = 3600,
     ):
@@ -79,10 +79,10 @@ class MqttLink:
         if settings.username is not None:
             password = None
             if settings.password_file is not None:
-                password = read_secret(settings.password_file, secrets_dir, "mqtt.password_file")
+                password = read_secret(settings.password_file, secret_dirs, "mqtt.password_file")
             self._client.username_pw_set(settings.username, password)
         if settings.tls.enabled:
-            self._configure_tls(secrets_dir)
+            self._configure_tls(secret_dirs)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._handle_connect
@@ -92,12 +92,12 @@ class MqttLink:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_socket_open = self._handle_socket_open
 
-    def _configure_tls(self, secrets_dir: Path) -> None:
+    def _configure_tls(self, secret_dirs: tuple[Path, ...]) -> None:
         tls = self.settings.tls
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if tls.cert_file and tls.key_file:
-            context.load_cert_chain(tls.cert_file, str(resolve_secret(tls.key_file, secrets_dir)))
+            context.load_cert_chain(tls.cert_file, str(resolve_secret(tls.key_file, *secret_dirs)))
         self._client.tls_set_context(context)
 
     def __repr__(self) -> str:

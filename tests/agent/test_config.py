@@ -141,7 +141,11 @@ def test_secrets_come_from_credentials_directory_first(tmp_path, monkeypatch):
     credentials.mkdir()
     (credentials / "device-key.pem").write_text("x")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
-    assert resolve_secret("device-key.pem", tmp_path / "state") == credentials / "device-key.pem"
-    assert resolve_secret("other.pem", tmp_path / "state") == tmp_path / "state" / "other.pem"
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    assert resolve_secret("device-key.pem", etc, state) == credentials / "device-key.pem"
+    assert resolve_secret("other.pem", etc, state) == etc / "other.pem"  # where it would be created
+    state.mkdir()
+    (state / "other.pem").write_text("x")
+    assert resolve_secret("other.pem", etc, state) == state / "other.pem"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     assert os.fspath(resolve_secret("device-key.pem", tmp_path)) == os.fspath(tmp_path / "device-key.pem")

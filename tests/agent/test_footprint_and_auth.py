@@ -39,7 +39,7 @@ def auth_broker(tmp_path):
 
 def link(broker, tmp_path, **settings) -> MqttLink:
     mqtt = MqttSection(host=broker.host, port=broker.port, tls=TlsSection(enabled=False), **settings)
-    return MqttLink(mqtt, client_id=f"auth-{time.monotonic_ns()}", secrets_dir=tmp_path)
+    return MqttLink(mqtt, client_id=f"auth-{time.monotonic_ns()}", secret_dirs=(tmp_path,))
 
 
 def test_password_from_a_file_authenticates(auth_broker, tmp_path):

@@ -18,7 +18,7 @@ from tests.conftest import wait_until
 def test_enroll_accepts_the_record_printed_by_keys_init(site, tmp_path, capsys):
     config_path = tmp_path / "dev.toml"
     config_path.write_text(
-        '[device]\nid = "cp-7"\nsite = "s1"\nkind = "call-point"\nstate_dir = "st"\n'
+        '[device]\nid = "cp-7"\nsite = "s1"\nkind = "call-point"\nstate_dir = "st"\ncredentials_dir = "cr"\n'
         '[mqtt]\nhost = "b"\n[[buttons]]\nname = "m"\npin = 4\n'
     )
     assert main(["keys", "init", "--config", str(config_path)]) == 0
@@ -45,7 +45,7 @@ def test_enroll_refuses_a_private_key_or_a_wrong_kid(site, tmp_path, capsys):
 def test_rejected_messages_over_mqtt_are_counted_and_never_acknowledged(site, receiver, tmp_path):
     stranger = MessageSigner(generate_private_key(tmp_path / "stranger.pem"))
     acks = []
-    with MqttLink(site.receiver_config.mqtt, client_id="intruder", secrets_dir=tmp_path) as link:
+    with MqttLink(site.receiver_config.mqtt, client_id="intruder", secret_dirs=(tmp_path,)) as link:
         link.on_message = lambda topic, payload: acks.append(payload)
         link.subscribe("edge/+/+/ack")
         link.start()

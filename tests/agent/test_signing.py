@@ -69,13 +69,13 @@ def test_other_algorithms_are_refused_before_the_signature(tmp_path):
 def test_keys_init_prints_an_enrolment_record(tmp_path, capsys):
     config = tmp_path / "agent.toml"
     config.write_text(
-        '[device]\nid = "cp-9"\nsite = "s"\nkind = "call-point"\nstate_dir = "state"\n'
+        '[device]\nid = "cp-9"\nsite = "s"\nkind = "call-point"\nstate_dir = "state"\ncredentials_dir = "creds"\n'
         '[mqtt]\nhost = "b"\n[[buttons]]\nname = "m"\npin = 4\n'
     )
     assert main(["keys", "init", "--config", str(config)]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["device_id"] == "cp-9" and record["jwk"]["kid"] == record["kid"]
     assert "d" not in record["jwk"]
-    assert stat.S_IMODE((tmp_path / "state" / "device-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "creds" / "device-key.pem").stat().st_mode) == 0o600
     assert main(["keys", "init", "--config", str(config)]) == 1
     assert "refusing to replace a device identity (use --force)" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def tls_broker(tmp_path, pki):
 
 def link_for(broker, tls: TlsSection, tmp_path) -> MqttLink:
     settings = MqttSection(host=broker.host, port=broker.port, tls=tls, reconnect_min_s=0.1, reconnect_max_s=0.5)
-    return MqttLink(settings, client_id=f"tls-test-{time.monotonic_ns()}", secrets_dir=tmp_path)
+    return MqttLink(settings, client_id=f"tls-test-{time.monotonic_ns()}", secret_dirs=(tmp_path,))
 
 
 def test_verified_server_and_client_certificate_connect(tls_broker, pki, tmp_path):
