@@ -241,6 +241,60 @@ def cmd_detect(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .provisioning import ProvisionRequest, provision, qr_text
+
+    request = ProvisionRequest(
+        device_id=args.device_id,
+        site=args.site,
+        kind=args.kind,
+        broker=args.broker,
+        root=args.root,
+        location=args.location,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        username=args.username,
+        password_file=args.password_file,
+        centre_key=args.centre_key,
+        camera=args.camera,
+        force=args.force,
+    )
+    record, config_path = provision(request)
+    print(f"wrote {config_path}; device key created (mode 0600). Enrol this device at the centre:", file=sys.stderr)
+    _print_json(record)
+    if not args.no_qr:
+        print(qr_text(record), file=sys.stderr)
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import SelfTest
+
+    pin_factory = None
+    if args.mock_pins:
+        from gpiozero.pins.mock import MockFactory
+
+        pin_factory = MockFactory()
+    test = SelfTest(
+        args.config,
+        pin_factory=pin_factory,
+        interactive=args.interactive,
+        timeout_s=args.timeout,
+        say=lambda text: print(text, file=sys.stderr),
+    )
+    checks = test.run()
+    if args.json:
+        _print_json([c.as_dict() for c in checks])
+    else:
+        for check in checks:
+            print(check.line())
+    failed = [c for c in checks if not c.ok]
+    if not args.json:
+        print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -300,6 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
     enroll.set_defaults(func=cmd_receiver_enroll)
+
+    prov = commands.add_parser("provision", help="create the device key and config; print the enrolment record")
+    prov.add_argument("--device-id", required=True)
+    prov.add_argument("--site", required=True)
+    prov.add_argument("--kind", required=True, choices=["call-point", "building-button", "camera-box"])
+    prov.add_argument("--broker", required=True, help="mqtts://host[:port] (TLS) or mqtt://host[:port]")
+    prov.add_argument("--location", default="", help="where the device is mounted, shown at the centre")
+    prov.add_argument("--ca-file", type=Path, help="CA certificate of the broker")
+    prov.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
+    prov.add_argument("--key-file", type=Path, help="client certificate key for mutual TLS")
+    prov.add_argument("--username")
+    prov.add_argument("--password-file", type=Path, help="file holding the broker password")
+    prov.add_argument("--centre-key", type=Path, help="the centre's public JWK (from 'edge-agent receiver init')")
+    prov.add_argument("--camera", default="picamera2", help="camera-box: camera source")
+    prov.add_argument("--root", type=Path, default=Path("/"), help="install under this root (default /)")
+    prov.add_argument("--force", action="store_true", help="replace an existing device key")
+    prov.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
+    prov.set_defaults(func=cmd_provision)
+
+    selftest = commands.add_parser("selftest", help="check every part of this box; exit 1 if any fails")
+    selftest.add_argument("--config", type=Path, required=True)
+    selftest.add_argument("--json", action="store_true", help="machine-readable results")
+    selftest.add_argument("--interactive", action="store_true", help="ask the installer to press each button")
+    selftest.add_argument("--mock-pins", action="store_true", help="gpiozero mock pins (no hardware)")
+    selftest.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for broker and centre")
+    selftest.set_defaults(func=cmd_selftest)
 
     detect = commands.add_parser("detect", help="run the detector on an image or video; JSON lines out")
     detect.add_argument("file", type=Path)

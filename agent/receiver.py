@@ -134,6 +134,7 @@ class Receiver:
         *,
         on_verdict: Callable[[Verdict], None] | None = None,
         on_device_event: Callable[[DeviceEvent], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.config = config
         settings = config.receiver
@@ -141,8 +142,9 @@ class Receiver:
         self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, *config.secret_dirs)))
         self.keyring = Keyring(config.keyring_path)
         self.store = ReceiverStore(config.database_path)
+        self.clock = clock  # the centre's clock: the time window and the ack's stored_at
         self.checker = MessageChecker(
-            self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s
+            self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s, clock
         )
         self.on_verdict = on_verdict
         self.on_device_event = on_device_event
@@ -202,7 +204,7 @@ class Receiver:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
                 enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
-                for event in self.registry.check(enrolled, time.time()):
+                for event in self.registry.check(enrolled, self.clock()):
                     self._report(event)
 
     def _report(self, event: DeviceEvent) -> None:
@@ -217,7 +219,7 @@ class Receiver:
         verdict = self.checker.check(topic, payload)
         claims = verdict.claims
         if claims is not None:
-            back = self.registry.heard(claims, time.time())
+            back = self.registry.heard(claims, self.clock())
             if back is not None:
                 self._report(back)
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
@@ -241,8 +243,8 @@ class Receiver:
             device=claims.device,
             seq=claims.seq,
             event_id=claims.event_id,
-            stored_at=time.time(),
-            sent=time.time(),
+            stored_at=self.clock(),
+            sent=self.clock(),
             duplicate=duplicate,
         )
         topic = self.topics.topic(claims.site, claims.device, "ack")

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,35 @@ class MqttLink:
         except (OSError, ValueError) as exc:
             raise UplinkError(f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}") from None
         self._client.loop_start()
+
+    def probe(self, timeout: float = 10.0) -> str | None:
+        """Connect once, now, and say why not: None when connected (then call ``close``), else the reason.
+
+        For installers and the self-test: separates an unreachable broker, a TLS
+        certificate that does not verify, and a refused login.
+        """
+        settings = self.settings
+        try:
+            self._client.connect(settings.host, settings.port, keepalive=settings.keepalive_s, clean_start=True)
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS: the broker's certificate does not verify ({exc.verify_message})"
+        except ssl.SSLError as exc:
+            return f"TLS handshake with {settings.host}:{settings.port} failed: {exc.reason or exc}"
+        except (socket.gaierror, socket.herror) as exc:
+            return f"cannot resolve {settings.host}: {exc.strerror}"
+        except OSError as exc:
+            return f"cannot reach {settings.host}:{settings.port}: {exc.strerror or exc}"
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.is_connected and not self._last_refusal:
+            time.sleep(0.02)
+        if self.is_connected:
+            return None
+        return (
+            f"broker refused the connection: {self._last_refusal}"
+            if self._last_refusal
+            else f"no answer from the broker within {timeout:g} s"
+        )
 
     def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly; ``final`` (topic, payload) is published retained first (e.g. 'offline')."""

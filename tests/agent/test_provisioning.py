@@ -1,0 +1,215 @@
+"""An installer's day on a temporary root: provision → enroll → selftest → run, and selftest catching faults."""
+
+import json
+import shutil
+import stat
+import threading
+import time
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_agent_config
+from agent.receiver import Receiver
+from agent.service import Agent
+from tests.conftest import SHARED_DIR, wait_until
+
+
+@pytest.fixture
+def centre_jwk(site, tmp_path):
+    path = tmp_path / "centre.jwk"
+    path.write_text(json.dumps(site.centre_jwk))
+    return path
+
+
+def provision(broker, root, centre_jwk, capsys, kind="call-point", device="cp-42", extra=()):
+    args = [
+        "provision",
+        "--device-id",
+        device,
+        "--site",
+        "demo-site",
+        "--kind",
+        kind,
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--centre-key",
+        str(centre_jwk),
+        "--location",
+        "Storgata 1",
+        "--root",
+        str(root),
+        *extra,
+    ]
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured
+
+
+def selftest(config, capsys, *extra):
+    code = main(["selftest", "--config", str(config), "--mock-pins", "--json", "--timeout", "5", *extra])
+    return code, {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+
+
+def test_provision_enroll_selftest_run(site, receiver, broker, tmp_path, centre_jwk, capsys, mock_factory):
+    root = tmp_path / "root"
+    code, out = provision(broker, root, centre_jwk, capsys)
+    assert code == 0
+    record = json.loads(out.out)
+    assert record["device_id"] == "cp-42" and record["kind"] == "call-point" and "fingerprint" in record
+    assert "█" in out.err  # the QR code for the installer's phone
+    key = root / "etc/edge-agent/credentials/device-key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    config_path = root / "etc/edge-agent/agent.toml"
+    config = load_agent_config(config_path)
+    assert config.buttons[0].location == "Storgata 1" and config.mqtt.port == broker.port
+
+    assert provision(broker, root, centre_jwk, capsys)[0] == 1  # never silently replaces an identity
+
+    record_file = tmp_path / "record.json"
+    record_file.write_text(out.out)
+    assert main(["receiver", "enroll", str(record_file), "--config", str(site.receiver_toml_path())]) == 0
+    capsys.readouterr()
+    time.sleep(0.2)
+
+    code, checks = selftest(config_path, capsys)
+    assert code == 0, checks
+    assert {
+        "config",
+        "device key",
+        "centre key",
+        "GPIO button 'help'",
+        "GPIO LED",
+        "broker",
+        "centre round trip",
+        "clock",
+        "disk",
+    } <= set(checks)
+    assert "acknowledged by centre-1" in checks["centre round trip"]["detail"]
+
+    with Agent(config, pin_factory=mock_factory) as agent:
+        assert agent.link.wait_connected(10)
+        mock_factory.pin(17).drive_low()
+        mock_factory.pin(17).drive_high()
+        assert wait_until(lambda: [m for m in receiver.store.messages(kind="alert") if m.device == "cp-42"], 10)
+
+
+def test_selftest_interactive_press(site, receiver, broker, tmp_path, centre_jwk, capsys, monkeypatch):
+    from gpiozero.pins.mock import MockFactory
+
+    from agent.selftest import SelfTest
+
+    root = tmp_path / "root"
+    assert provision(broker, root, centre_jwk, capsys, kind="building-button", device="bb-1")[0] == 0
+    factory = MockFactory()
+
+    def installer_presses():
+        time.sleep(0.5)
+        factory.pin(17).drive_low()
+
+    threading.Thread(target=installer_presses, daemon=True).start()
+    test = SelfTest(
+        root / "etc/edge-agent/agent.toml",
+        pin_factory=factory,
+        interactive=True,
+        timeout_s=3,
+        ask=lambda question: "y",
+        say=lambda text: None,
+    )
+    checks = {c.name: c for c in test.run()}
+    assert checks["press button 'alarm'"].ok and checks["LED pulse"].ok
+
+
+def test_selftest_reports_a_wrong_pin(site, broker, tmp_path, centre_jwk, capsys):
+    root = tmp_path / "root"
+    provision(broker, root, centre_jwk, capsys)
+    config_path = root / "etc/edge-agent/agent.toml"
+    config_path.write_text(config_path.read_text().replace("pin = 27", "pin = 99"))
+    code, checks = selftest(config_path, capsys)
+    assert code == 1
+    wrong = checks["GPIO button 'duress'"]
+    assert not wrong["ok"] and "pin 99: 99 is not a valid pin name" in wrong["detail"]
+    assert "check the pin number" in wrong["hint"]
+    assert checks["GPIO button 'help'"]["ok"]
+
+
+def test_selftest_reports_an_unreachable_broker(site, broker, tmp_path, centre_jwk, capsys):
+    root = tmp_path / "root"
+    provision(broker, root, centre_jwk, capsys)
+    broker.stop()
+    code, checks = selftest(root / "etc/edge-agent/agent.toml", capsys)
+    assert code == 1
+    assert not checks["broker"]["ok"] and f"cannot reach 127.0.0.1:{broker.port}" in checks["broker"]["detail"]
+
+
+def test_selftest_reports_a_clock_off_the_centres(site, broker, tmp_path, centre_jwk, capsys):
+    root = tmp_path / "root"
+    _, out = provision(broker, root, centre_jwk, capsys)
+    site.keyring.enroll(json.loads(out.out))
+    with Receiver(site.receiver_config, clock=lambda: time.time() + 120):  # the device is 2 minutes behind
+        time.sleep(0.3)
+        code, checks = selftest(root / "etc/edge-agent/agent.toml", capsys)
+    assert code == 1
+    assert not checks["centre round trip"]["ok"]
+    assert not checks["clock"]["ok"]
+
+
+def test_selftest_reports_a_wrong_model_hash(site, broker, tmp_path, centre_jwk, capsys):
+    model = SHARED_DIR / "models" / "ssd_mobilenet_v1_coco_quant.tflite"
+    video = SHARED_DIR / "data" / "vtest.avi"
+    if not model.exists() or not video.exists():
+        pytest.skip(f"{model} or {video} is absent")
+    root = tmp_path / "root"
+    provision(broker, root, centre_jwk, capsys, kind="camera-box", device="cam-2", extra=("--camera", str(video)))
+    models = root / "var/lib/edge-agent/models"
+    models.mkdir(parents=True)
+    shutil.copy(model, models)
+    with (models / model.name).open("ab") as handle:
+        handle.write(b"!")
+    code, checks = selftest(root / "etc/edge-agent/agent.toml", capsys)
+    assert code == 1
+    assert checks["camera"]["ok"] and "768x576" in checks["camera"]["detail"]
+    assert not checks["model"]["ok"] and "but the manifest expects" in checks["model"]["detail"]
+    assert checks["model"]["hint"] == "edge-agent models fetch ssd-mobilenet-v1-coco-quant"
+
+
+def test_provision_refuses_bad_arguments(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "provision",
+                "--device-id",
+                "x",
+                "--site",
+                "s",
+                "--kind",
+                "call-point",
+                "--broker",
+                "http://b",
+                "--root",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "expected mqtts://host[:port] or mqtt://host[:port]" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "provision",
+                "--device-id",
+                "bad id!",
+                "--site",
+                "s",
+                "--kind",
+                "call-point",
+                "--broker",
+                "mqtts://b",
+                "--root",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "device.id = 'bad id!'" in capsys.readouterr().err
+    assert not (tmp_path / "etc/edge-agent/agent.toml").exists()
