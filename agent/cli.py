@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     rinit = sub.add_parser("init", parents=[config_after], help="create the centre's signing key and print its JWK")
     rinit.add_argument("--force", action="store_true")
     rinit.set_defaults(func=cmd_receiver_init)
+    devices = sub.add_parser("devices", parents=[config_after], help="the fleet: state, last seen, health")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(func=cmd_receiver_devices)
     enroll = sub.add_parser(
         "enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)"
     )
