@@ -295,6 +295,64 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .vision.detect_command import run_snapshot
+
+    return run_snapshot(args.config, args.out, detect=not args.no_detect)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model_dir is not None:
+        return args.model_dir
+    if args.config is not None:
+        from .config import load_agent_config
+
+        return load_agent_config(args.config).model_dir
+    return Path("/var/lib/edge-agent/models")
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from models import load_manifest
+    from models.fetch import verify_all
+
+    specs = list(load_manifest().values())
+    rows = [
+        [
+            s.name,
+            s.family,
+            f"{s.input_size[0]}x{s.input_size[1]}",
+            s.licence + (" (test only)" if s.test_only else ""),
+            state,
+            s.description,
+        ]
+        for s, state in verify_all(specs, _model_dir(args))
+    ]
+    print(tabulate(rows, headers=["name", "family", "input", "licence", f"in {_model_dir(args)}", "about"]))
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from models import find_model
+    from models.fetch import fetch_model
+
+    path = fetch_model(find_model(args.name), _model_dir(args), url=args.source, progress=sys.stderr.isatty())
+    print(f"{args.name}: installed {path} (sha256 verified)")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from models import load_manifest
+    from models.fetch import verify_all
+
+    results = verify_all(list(load_manifest().values()), _model_dir(args))
+    for spec, state in results:
+        print(f"{'✓' if state == 'ok' else '✗'} {spec.name}: {state}")
+    wanted = [r for r in results if not r[0].test_only or r[1] != "missing"]
+    return 0 if all(state == "ok" for _, state in wanted) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -383,6 +441,28 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--mock-pins", action="store_true", help="gpiozero mock pins (no hardware)")
     selftest.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for broker and centre")
     selftest.set_defaults(func=cmd_selftest)
+
+    snapshot = commands.add_parser("snapshot", help="a frame from the camera with zones, masks and detections")
+    snapshot.add_argument("--config", type=Path, required=True)
+    snapshot.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    snapshot.add_argument("--no-detect", action="store_true", help="only the picture, zones and masks")
+    snapshot.set_defaults(func=cmd_snapshot)
+
+    models = commands.add_parser("models", help="detection models: list, fetch, verify")
+    models_sub = models.add_subparsers(dest="sub", required=True)
+    model_place = argparse.ArgumentParser(add_help=False)
+    model_place.add_argument("--config", type=Path, help="use this device config's detector.model_dir")
+    model_place.add_argument("--model-dir", type=Path, help="directory holding the model files")
+    models_sub.add_parser(
+        "list", parents=[model_place], help="models in the manifest and whether they are here"
+    ).set_defaults(func=cmd_models_list)
+    fetch = models_sub.add_parser("fetch", parents=[model_place], help="download, verify and install a model")
+    fetch.add_argument("name")
+    fetch.add_argument("--from", dest="source", help="download from this URL (a mirror, or file://)")
+    fetch.set_defaults(func=cmd_models_fetch)
+    models_sub.add_parser("verify", parents=[model_place], help="check every installed model's sha256").set_defaults(
+        func=cmd_models_verify
+    )
 
     detect = commands.add_parser("detect", help="run the detector on an image or video; JSON lines out")
     detect.add_argument("file", type=Path)

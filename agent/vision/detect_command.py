@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import CameraError, ConfigError
+from ..errors import CameraError, ConfigError, ModelError
 
 
 def run_detect(
@@ -84,3 +84,52 @@ def _video_frames(camera):
     with camera:
         while (frame := camera.read()) is not None:
             yield frame.rgb
+
+
+def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frames: int = 5) -> int:
+    """``edge-agent snapshot``: one frame from the configured camera with zones, masks and detections drawn."""
+    import logging
+
+    from hw.camera import CameraUnavailable, open_camera
+    from models import find_model
+
+    from ..config import load_agent_config
+    from .annotate import annotate, write_png
+    from .detector import Detector
+
+    config = load_agent_config(config_path)
+    vision = config.vision_config()
+    if vision is None:
+        raise ConfigError(f"{config_path} has no [camera] section: nothing to take a snapshot with")
+    settings = vision.camera
+    camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps)
+    try:
+        with camera:
+            frame = None
+            for _ in range(warmup_frames):  # let exposure settle on live cameras
+                frame = camera.read() or frame
+    except CameraUnavailable as exc:
+        raise CameraError(str(exc)) from None
+    if frame is None:
+        raise CameraError(f"camera {settings.source} delivered no frame")
+    detections = []
+    if detect:
+        try:
+            detector = Detector(
+                find_model(vision.detector.model),
+                config.model_dir,
+                vision.detector.num_threads,
+                vision.detector.runtime,
+                vision.detector.edgetpu,
+                vision.detector.min_score,
+            )
+            detections = detector.detect(frame.rgb)
+        except ModelError as exc:
+            logging.getLogger(__name__).warning("snapshot without detections: %s", exc)
+    write_png(out, annotate(frame.full if frame.full is not None else frame.rgb, detections, vision))
+    print(
+        json.dumps(
+            {"out": str(out), "size": list(frame.rgb.shape[1::-1]), "detections": [d.as_dict() for d in detections]}
+        )
+    )
+    return 0

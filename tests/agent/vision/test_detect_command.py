@@ -71,3 +71,27 @@ def test_detect_errors_are_specific(tmp_path, capsys):
     assert main(["detect", str(tmp_path / "nope.mp4"), "--model-dir", str(MODEL_DIR)]) == 1
     assert "nope.mp4: no such file" in capsys.readouterr().err
     assert main(["detect", str(tmp_path), "--model-dir", str(MODEL_DIR), "--every", "0"]) == 2
+
+
+def test_snapshot_draws_zones_and_applies_privacy_masks(site, tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    body = (
+        f'[camera]\nsource = "{VIDEO}"\n[detector]\nmodel_dir = "{MODEL_DIR}"\n'
+        '[[zones]]\nname = "gate"\npolygon = [[0.5, 0.5], [0.9, 0.5], [0.9, 0.9], [0.5, 0.9]]\n'
+        "[[privacy_masks]]\npolygon = [[0.0, 0.0], [0.3, 0.0], [0.3, 0.2], [0.0, 0.2]]\n"
+    )
+    site.add_device("cam-snap", kind="camera-box", body=body)
+    out = tmp_path / "aim.png"
+    assert main(["snapshot", "--config", str(site.device_config_path("cam-snap")), "--out", str(out)]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["size"] == [768, 576] and any(d["label"] == "person" for d in reply["detections"])
+    picture = cv2.imread(str(out))
+    assert picture[:100, :200].max() == 0  # the neighbour's windows are blacked out
+    zone_edge = picture[int(0.5 * 576), int(0.6 * 768)]
+    assert tuple(zone_edge) == (0, 200, 255)  # the zone outline (BGR of the RGB zone colour)
+
+
+def test_snapshot_needs_a_camera(site, capsys):
+    site.add_device("cp-snap")
+    assert main(["snapshot", "--config", str(site.device_config_path("cp-snap")), "--out", "/tmp/x.png"]) == 2
+    assert "has no [camera] section" in capsys.readouterr().err
