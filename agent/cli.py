@@ -356,13 +356,18 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    if not args.log_level_given:  # the demo prints its own story; keep the logs to what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("agent.receiver").setLevel(logging.ERROR)
+    if args.seconds < 0:
+        raise ConfigError("--seconds must not be negative")
+    return run_demo(seconds=args.seconds, video=args.video, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -475,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--every", type=int, default=1, help="process every Nth frame")
     detect.set_defaults(func=cmd_detect)
 
-    demo = commands.add_parser("demo", help="broker, receiver and a call point on this machine, with mock pins")
-    demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: after the demo steps)")
+    demo = commands.add_parser("demo", help="broker, centre, a call point and a camera box on this machine")
+    demo.add_argument("--seconds", type=float, default=20, help="how long the camera box runs (default 20)")
+    demo.add_argument("--video", type=Path, help="video for the camera box (default: vtest.avi)")
+    demo.add_argument("--out", type=Path, default=Path("edge-demo.png"), help="annotated picture to write")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -484,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.log_level_given = args.log_level is not None
+    args.log_level = args.log_level or "info"
     if args.command == "receiver" and args.config is None:
         parser.error("receiver: --config FILE is required")
     _setup_logging(args.log_level, args.log_format)

@@ -125,6 +125,17 @@ class MessageChecker:
         return Verdict("accepted", claims=claims)
 
 
+def describe(body: dict) -> str:
+    """One short line for the log: what happened and where, without boxes or other detail."""
+    if body.get("source") == "camera":
+        return (
+            f"{body.get('rule')} ({body.get('rule_type')}) in {body.get('zone') or 'view'}, count {body.get('count')}"
+        )
+    if "button" in body:
+        return f"{body.get('alert_kind')} from button {body.get('button')!r} at {body.get('location') or '-'}"
+    return ", ".join(f"{k}={v}" for k, v in sorted(body.items()))
+
+
 class Receiver:
     """Subscribes (shared), checks every message, and acknowledges what it stored."""
 
@@ -232,7 +243,7 @@ class Receiver:
                 claims.site,
                 claims.device,
                 claims.seq,
-                claims.body,
+                describe(claims.body),
             )
         if self.on_verdict is not None:
             self.on_verdict(verdict)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Install edge-agent on Raspberry Pi OS (Bookworm) as a supervised systemd service.
+#
+#   sudo scripts/install-pi.sh --kind call-point|building-button|camera-box [--receiver] [--root DIR] [--dry-run]
+#
+# --dry-run prints every command instead of running it; --root installs below DIR (for tests and
+# image building). Provisioning (keys, config, enrolment) is a separate step: edge-agent provision.
+set -euo pipefail
+
+KIND=call-point
+ROOT=/
+DRY_RUN=0
+RECEIVER=0
+SOURCE=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/opt/edge-agent
+
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kind) KIND=${2:?--kind needs a value}; shift 2 ;;
+    --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --receiver) RECEIVER=1; shift ;;
+    -h|--help) usage ;;
+    *) echo "install-pi.sh: unknown argument '$1'" >&2; usage ;;
+  esac
+done
+case "$KIND" in
+  call-point|building-button) SPEC="$SOURCE" ;;          # the core only: no numpy, OpenCV or interpreter
+  camera-box) SPEC="$SOURCE[detect]" ;;
+  *) echo "install-pi.sh: --kind must be call-point, building-button or camera-box, not '$KIND'" >&2; exit 2 ;;
+esac
+R=${ROOT%/}
+
+run() {
+  if [ "$DRY_RUN" = 1 ]; then printf '+ %s\n' "$*"; else "$@"; fi
+}
+
+# 1. System packages: picamera2 and lgpio only come from apt on a Pi.
+APT="python3-venv python3-lgpio mosquitto-clients"
+[ "$KIND" = camera-box ] && APT="$APT python3-picamera2"
+if [ "$R" = "" ]; then
+  run apt-get update
+  run apt-get install -y $APT
+else
+  printf 'skipping apt-get (installing below %s): would install %s\n' "$ROOT" "$APT"
+fi
+
+# 2. Service users, in the gpio and video groups.
+if [ "$R" = "" ]; then
+  getent passwd edge-agent >/dev/null || run useradd --system --home-dir /var/lib/edge-agent --shell /usr/sbin/nologin edge-agent
+  run usermod -a -G gpio,video edge-agent
+  if [ "$RECEIVER" = 1 ]; then
+    getent passwd edge-agent-receiver >/dev/null || run useradd --system --home-dir /var/lib/edge-agent-receiver --shell /usr/sbin/nologin edge-agent-receiver
+  fi
+fi
+
+# 3. A venv that sees apt's picamera2 and lgpio, with the extras this kind of device needs.
+run install -d -m 0755 "$R$PREFIX"
+run python3 -m venv --system-site-packages "$R$PREFIX"
+run "$R$PREFIX/bin/pip" install --upgrade pip
+run "$R$PREFIX/bin/pip" install "$SPEC"
+
+# 4. Configuration and credentials directories (root only); state is created by systemd.
+run install -d -m 0755 "$R/etc/edge-agent"
+run install -d -m 0700 "$R/etc/edge-agent/credentials"
+
+# 5. Models for camera boxes, verified against the manifest.
+if [ "$KIND" = camera-box ]; then
+  run install -d -m 0755 "$R/var/lib/edge-agent/models"
+  run "$R$PREFIX/bin/edge-agent" models fetch ssd-mobilenet-v1-coco-quant --model-dir "$R/var/lib/edge-agent/models"
+fi
+
+# 6. systemd units (enabled; started after provisioning).
+run install -d -m 0755 "$R/etc/systemd/system"
+run install -m 0644 "$SOURCE/systemd/edge-agent.service" "$R/etc/systemd/system/edge-agent.service"
+[ "$RECEIVER" = 1 ] && run install -m 0644 "$SOURCE/systemd/edge-agent-receiver.service" "$R/etc/systemd/system/edge-agent-receiver.service"
+if [ "$R" = "" ]; then
+  run systemctl daemon-reload
+  run systemctl enable edge-agent.service
+else
+  printf 'skipping systemctl (installing below %s)\n' "$ROOT"
+fi
+
+cat <<NEXT
+Installed. Next:
+  sudo $PREFIX/bin/edge-agent provision --device-id ID --site SITE --kind $KIND --broker mqtts://BROKER --ca-file CA.pem --centre-key centre.jwk
+  (enrol the printed record at the centre), then
+  sudo $PREFIX/bin/edge-agent selftest --config /etc/edge-agent/agent.toml --interactive
+  sudo systemctl start edge-agent && journalctl -u edge-agent -f
+NEXT
