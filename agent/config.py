@@ -20,18 +20,7 @@ from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, mod
 
 from .config_base import Name, Section
 from .config_errors import describe_validation_error
-from .config_vision import (
-    CameraSection,
-    DetectorSection,
-    EvidenceSection,
-    FilterSection,
-    MaskSection,
-    MotionSection,
-    RuleSection,
-    VisionConfig,
-    VisionSection,
-    ZoneSection,
-)
+from .config_vision import CameraSection, VisionConfig, VisionSettings
 from .errors import ConfigError
 
 
@@ -155,7 +144,7 @@ class TelemetrySection(Section):
     interval_s: float = Field(30.0, ge=5, le=3600, description="Heartbeat interval.")
 
 
-class AgentConfig(Section):
+class AgentConfig(VisionSettings):
     """A device's whole configuration."""
 
     device: DeviceSection
@@ -167,16 +156,8 @@ class AgentConfig(Section):
     indicator: IndicatorSection = Field(default_factory=IndicatorSection)
     control: ControlSection = Field(default_factory=ControlSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
-    # Camera boxes: the vision pipeline (see config_vision); absent on call points.
+    # Camera boxes: the vision pipeline's sections come from VisionSettings; no camera on call points.
     camera: CameraSection | None = None
-    detector: DetectorSection = Field(default_factory=DetectorSection)
-    motion: MotionSection = Field(default_factory=MotionSection)
-    filters: dict[str, FilterSection] = Field(default_factory=dict)
-    zones: list[ZoneSection] = Field(default_factory=list)
-    privacy_masks: list[MaskSection] = Field(default_factory=list)
-    rules: list[RuleSection] = Field(default_factory=list)
-    evidence: EvidenceSection = Field(default_factory=EvidenceSection)
-    vision: VisionSection = Field(default_factory=VisionSection)
     source_sha256: str = Field("", exclude=True, description="Hash of the file this came from (set by the loader).")
 
     @model_validator(mode="after")
@@ -213,8 +194,7 @@ class AgentConfig(Section):
         """The vision pipeline's settings, or None on a device without a camera."""
         if self.camera is None:
             return None
-        fields = ("camera", "detector", "motion", "filters", "zones", "privacy_masks", "rules", "evidence", "vision")
-        return VisionConfig(**{name: getattr(self, name) for name in fields})
+        return VisionConfig(camera=self.camera, **{name: getattr(self, name) for name in VisionSettings.model_fields})
 
     @property
     def model_dir(self) -> Path:

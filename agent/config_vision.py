@@ -132,10 +132,9 @@ class VisionSection(Section):
     nice: int = Field(10, ge=0, le=19, description="Scheduling niceness of the vision process.")
 
 
-class VisionConfig(Section):
-    """Everything the vision process needs; passed to it as JSON."""
+class VisionSettings(Section):
+    """The vision sections a device config may carry (all but the camera have defaults)."""
 
-    camera: CameraSection
     detector: DetectorSection = Field(default_factory=DetectorSection)
     motion: MotionSection = Field(default_factory=MotionSection)
     filters: dict[str, FilterSection] = Field(default_factory=dict)
@@ -144,6 +143,12 @@ class VisionConfig(Section):
     rules: list[RuleSection] = Field(default_factory=list)
     evidence: EvidenceSection = Field(default_factory=EvidenceSection)
     vision: VisionSection = Field(default_factory=VisionSection)
+
+
+class VisionConfig(VisionSettings):
+    """Everything the vision process needs; passed to it as JSON."""
+
+    camera: CameraSection
 
     @model_validator(mode="after")
     def _references(self) -> VisionConfig:

@@ -15,6 +15,25 @@ from .camera import Camera, Frame
 _END = object()
 
 
+def put_unless_stopped(target: queue.Queue, item, stop: threading.Event, drop_oldest: bool = False) -> bool:
+    """Put ``item`` on a bounded queue, waiting for room but never past ``stop``.
+
+    With ``drop_oldest`` a full queue loses its oldest entry instead (live cameras: the present
+    matters, not a backlog). Returns False if stopped first.
+    """
+    while not stop.is_set():
+        try:
+            target.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            if drop_oldest:
+                try:
+                    target.get_nowait()
+                except queue.Empty:
+                    pass
+    return False
+
+
 class FramePrefetcher:
     """Wraps an open camera; ``read()`` behaves like the camera's, errors included."""
 
@@ -27,16 +46,7 @@ class FramePrefetcher:
         self._thread.start()
 
     def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._frames.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if self.drop_old:
-                    try:
-                        self._frames.get_nowait()
-                    except queue.Empty:
-                        pass
+        put_unless_stopped(self._frames, item, self._stop, drop_oldest=self.drop_old)
 
     def _read(self) -> None:
         try:

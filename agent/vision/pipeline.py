@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 
 from hw.camera import Frame
+from hw.frame_prefetch import put_unless_stopped
 
 from ..config_vision import VisionConfig
 from .camera_tamper import CameraTamperDetector
@@ -202,14 +203,7 @@ class OverlappedRun:
         self._put(self._END)
 
     def _put(self, item) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._looked.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        put_unless_stopped(self._looked, item, self._stop)
 
     def __iter__(self):
         while True:
