@@ -210,6 +210,60 @@ def cmd_receiver_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
+    import os
+
+    from .config import load_receiver_config, resolve_secret
+    from .evidence_transfer import EvidenceError, fetch
+    from .keyring import Keyring
+    from .messages import TopicLayout
+    from .receiver_store import ReceiverStore
+    from .signing import MessageSigner, load_private_key
+    from .uplink import MqttLink
+
+    config = load_receiver_config(args.config)
+    with ReceiverStore(config.database_path) as store:
+        alerts = [
+            m
+            for m in store.messages(kind="alert", device=args.device)
+            if (m.claims["body"].get("evidence") or {}).get("ref") == args.ref
+            or m.claims["body"].get("situation_id") == args.ref
+        ]
+    if not alerts:
+        raise EvidenceError(f"no stored alert from {args.device} names evidence {args.ref!r}")
+    alert = alerts[0]
+    evidence = alert.claims["body"]["evidence"]
+    signer = MessageSigner(load_private_key(resolve_secret(config.receiver.signing_key_file, *config.secret_dirs)))
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-evidence",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise EvidenceError(problem)
+    try:
+        data = fetch(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            signer,
+            Keyring(config.keyring_path),
+            site=alert.site,
+            device=alert.device,
+            ref=evidence["ref"],
+            expected_sha256=evidence["sha256"],
+            timeout_s=args.timeout,
+        )
+    finally:
+        link.close()
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    print(f"{args.out}: {len(data)} bytes from {alert.site}/{alert.device}, sha256 matches the signed alert")
+    return 0
+
+
 def cmd_receiver_enroll(args: argparse.Namespace) -> int:
     from .config import load_receiver_config
     from .keyring import Keyring
@@ -413,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", parents=[config_after], help="the fleet: state, last seen, health")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(func=cmd_receiver_devices)
+    evidence = sub.add_parser(
+        "fetch-evidence", parents=[config_after], help="ask a device for the evidence image of one of its alerts"
+    )
+    evidence.add_argument("--device", required=True)
+    evidence.add_argument("ref", help="the alert's evidence ref (evidence/….jpg) or its situation id")
+    evidence.add_argument("--out", type=Path, required=True)
+    evidence.add_argument("--timeout", type=float, default=15.0)
+    evidence.set_defaults(func=cmd_receiver_fetch_evidence)
     enroll = sub.add_parser(
         "enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)"
     )

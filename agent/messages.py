@@ -7,6 +7,8 @@ Topics::
     <prefix>/<site>/<device>/telemetry  heartbeats                              QoS 1
     <prefix>/<site>/<device>/status     retained online/offline (last will)     QoS 1
     <prefix>/<site>/<device>/ack        the centre's signed acknowledgements    QoS 1
+    <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
+    <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG (signed)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
 set. ``created`` is when the event happened; ``sent`` is when this copy was
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 Kind = Literal["alert", "tamper", "test", "telemetry", "status", "event"]
-CHANNELS = ("alert", "event", "telemetry", "status", "ack")
+CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence")
 CHANNEL_OF_KIND: dict[str, str] = {
     "alert": "alert",
     "test": "event",
@@ -115,3 +117,32 @@ class TopicLayout:
             return None
         site, device, channel = parts[self._depth :]
         return (site, device, channel) if channel in CHANNELS else None
+
+
+class EvidenceRequest(BaseModel):
+    """The centre asks a device for one evidence image named in a signed alert."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    kind: Literal["evidence-request"] = "evidence-request"
+    device: str
+    ref: str = Field(pattern=r"^evidence/[0-9a-f-]{36}\.jpg$", description="As given in the alert's body.")
+    request_id: uuid.UUID
+    sent: float
+
+
+class EvidenceReply(BaseModel):
+    """The device's answer: the JPEG (base64) or why there is none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    kind: Literal["evidence"] = "evidence"
+    device: str
+    ref: str
+    request_id: uuid.UUID
+    sent: float
+    sha256: str | None = None
+    jpeg_b64: str | None = None
+    error: str | None = None

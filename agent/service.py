@@ -13,6 +13,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
@@ -22,6 +23,7 @@ from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError
+from .evidence_transfer import answer_request
 from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from .outbox import Outbox, OutboxEntry
@@ -84,6 +86,12 @@ class Agent:
         self.link.on_published = self.delivery.handle_published
         self.link.on_message = self._on_message
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
+        self._centre_key = centre_key
+        self._requests = None
+        if config.camera is not None:  # evidence leaves the box only when the centre asks for it
+            self.link.subscribe(self.topics.topic(self.site, self.device, "evidence-request"))
+            self._requests = ThreadPoolExecutor(1, thread_name_prefix="evidence")
+            self._closers.append(lambda: self._requests.shutdown(wait=False, cancel_futures=True))
 
         self.indicator = StatusIndicator(config.indicator.led_pin, config.indicator.buzzer_pin, pin_factory=pin_factory)
         self._closers.append(self.indicator.close)
@@ -259,6 +267,19 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.topic(self.site, self.device, "ack"):
             self.delivery.handle_ack(payload)
+        elif self._requests is not None and topic == self.topics.topic(self.site, self.device, "evidence-request"):
+            self._requests.submit(self._answer_evidence_request, payload)
+
+    def _answer_evidence_request(self, payload: bytes) -> None:
+        reply = answer_request(
+            payload,
+            device=self.device,
+            centre_key=self._centre_key,
+            signer=self.signer,
+            evidence_dir=self.config.evidence_dir,
+        )
+        if reply is not None:
+            self.link.publish(self.topics.topic(self.site, self.device, "evidence"), reply)
 
     def _status_payload(self, state: str) -> bytes:
         claims = new_claims(

@@ -24,6 +24,15 @@ ALGORITHM = "Ed25519"
 _REGISTRY = jws.JWSRegistry(algorithms=[ALGORITHM])
 
 
+class _EvidenceRegistry(jws.JWSRegistry):
+    """joserfc caps payloads at 128 kB, rightly, for messages; evidence images are bigger."""
+
+    max_payload_length = 8 * 1024 * 1024
+
+
+_LARGE_REGISTRY = _EvidenceRegistry(algorithms=[ALGORITHM])
+
+
 def generate_private_key(path: Path, *, force: bool = False) -> OKPKey:
     """Create a new Ed25519 key in a 0600 PEM file; refuses to replace one unless ``force``."""
     key = OKPKey.generate_key("Ed25519")
@@ -101,29 +110,33 @@ class MessageSigner:
         self._key = private_key
         self.kid = key_id(private_key)
 
-    def sign(self, claims: dict[str, Any]) -> str:
+    def sign(self, claims: dict[str, Any], large: bool = False) -> str:
+        """Compact JWS of the claims; ``large`` lifts the 128 kB payload cap (evidence images only)."""
         payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
         header = {"alg": ALGORITHM, "kid": self.kid, "typ": "edge-agent+jws"}
-        return jws.serialize_compact(header, payload, self._key, registry=_REGISTRY)
+        return jws.serialize_compact(header, payload, self._key, registry=_LARGE_REGISTRY if large else _REGISTRY)
 
 
-def unverified_header(token: str | bytes) -> dict[str, Any]:
+def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]:
     """Read the protected header to find the key, without trusting anything in it."""
+    registry = _LARGE_REGISTRY if large else _REGISTRY
     try:
-        return dict(jws.extract_compact(token if isinstance(token, bytes) else token.encode()).headers())
+        return dict(
+            jws.extract_compact(token if isinstance(token, bytes) else token.encode(), None, registry).headers()
+        )
     except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise SignatureInvalid("malformed", f"not a compact JWS: {exc}") from None
 
 
-def verify(token: str | bytes, key: OKPKey) -> dict[str, Any]:
+def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, Any]:
     """Check the algorithm and the signature; return the claims as a dict."""
-    header = unverified_header(token)
+    header = unverified_header(token, large)
     if header.get("alg") != ALGORITHM:
         raise SignatureInvalid(
             "algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}"
         )
     try:
-        payload = jws.deserialize_compact(token, key, registry=_REGISTRY).payload
+        payload = jws.deserialize_compact(token, key, registry=_LARGE_REGISTRY if large else _REGISTRY).payload
     except JoseError as exc:
         raise SignatureInvalid(
             "bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}"

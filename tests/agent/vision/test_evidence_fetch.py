@@ -1,0 +1,97 @@
+"""Evidence leaves the camera box only when the centre asks, signed both ways, and must match the alert's hash."""
+
+import hashlib
+import time
+
+import cv2
+
+from agent.cli import main
+from agent.evidence_transfer import answer_request
+from agent.messages import EvidenceRequest
+from agent.service import Agent
+from agent.signing import MessageSigner, generate_private_key
+from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
+from tests.conftest import wait_until
+
+RULE = (
+    '[[rules]]\nname = "crowd"\ntype = "grouping"\nmin_count = 5\nmin_duration_s = 1\nevidence = true\n'
+    "[evidence]\nretention_s = 600\n"
+)
+
+
+def test_centre_fetches_the_redacted_image_named_in_the_signed_alert(site, receiver, mock_factory, tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    body = f'[camera]\nsource = "{VIDEO}"\nrealtime = true\n[detector]\nmodel_dir = "{MODEL_DIR}"\n{RULE}'
+    config = site.add_device("cam-ev", kind="camera-box", body=body)
+    with Agent(config, pin_factory=mock_factory):
+        assert wait_until(lambda: receiver.store.messages(kind="alert"), 40)
+        (alert,) = receiver.store.messages(kind="alert")
+        evidence = alert.claims["body"]["evidence"]
+        assert evidence["ref"].startswith("evidence/") and len(evidence["sha256"]) == 64
+        assert "jpeg" not in str(alert.claims).lower().replace("jpg", "")  # the image itself never rides along
+        out = tmp_path / "evidence.jpg"
+        assert (
+            main(
+                [
+                    "receiver",
+                    "fetch-evidence",
+                    "--config",
+                    str(site.receiver_toml_path()),
+                    "--device",
+                    "cam-ev",
+                    evidence["ref"],
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        assert "sha256 matches the signed alert" in capsys.readouterr().out
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == evidence["sha256"]
+        assert cv2.imread(str(out)).shape == (576, 768, 3)
+        assert oct(out.stat().st_mode & 0o777) == "0o600"
+        assert (
+            main(
+                [
+                    "receiver",
+                    "fetch-evidence",
+                    "--config",
+                    str(site.receiver_toml_path()),
+                    "--device",
+                    "cam-ev",
+                    "evidence/00000000-0000-0000-0000-000000000000.jpg",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 1
+        )
+        assert "no stored alert from cam-ev names evidence" in capsys.readouterr().err
+
+
+def test_device_answers_only_genuine_fresh_requests(tmp_path):
+    centre = generate_private_key(tmp_path / "centre.pem")
+    impostor = generate_private_key(tmp_path / "impostor.pem")
+    device_key = generate_private_key(tmp_path / "device.pem")
+    device = MessageSigner(device_key)
+    (tmp_path / "ev").mkdir()
+    name = "0f8fad5b-d9cb-469f-a165-70867728950e.jpg"
+    (tmp_path / "ev" / name).write_bytes(b"\xff\xd8jpeg")
+
+    def request(key, sent):
+        claims = EvidenceRequest(
+            device="cam-1", ref=f"evidence/{name}", request_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427", sent=sent
+        ).model_dump(mode="json")
+        return MessageSigner(key).sign(claims).encode()
+
+    def answer(payload):
+        return answer_request(payload, device="cam-1", centre_key=centre, signer=device, evidence_dir=tmp_path / "ev")
+
+    assert answer(request(centre, time.time())) is not None
+    assert answer(request(impostor, time.time())) is None
+    assert answer(request(centre, time.time() - 120)) is None
+    (tmp_path / "ev" / name).unlink()  # retention ran
+    from agent.signing import verify
+
+    reply = verify(answer(request(centre, time.time())), device_key, large=True)
+    assert reply["error"].startswith("not found: expired") and reply["jpeg_b64"] is None
