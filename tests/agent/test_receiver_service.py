@@ -69,7 +69,8 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
         text=True,
     )
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-run"))],
+        [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--mock-pins", "--config",
+         str(site.device_config_path("cp-run"))],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -102,4 +103,9 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
         codes = [p.wait(timeout=20) for p in (agent, receiver)]
     assert codes == [0, 0]
     log = agent.stderr.read()
-    assert "agent demo-site/cp-run stopped" in log and "BEGIN PRIVATE KEY" not in log
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is one JSON object
+    messages = [e["message"] for e in entries]
+    assert "agent demo-site/cp-run stopped" in messages
+    assert any(m.startswith("test alert seq") and m.endswith("accepted from button 'main'") for m in messages)
+    assert "PRIVATE KEY" not in log and '"d":' not in log
+    assert {e["level"] for e in entries} <= {"INFO", "WARNING"}
