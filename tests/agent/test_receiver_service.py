@@ -69,8 +69,17 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
         text=True,
     )
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--mock-pins", "--config",
-         str(site.device_config_path("cp-run"))],
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "--log-format",
+            "json",
+            "run",
+            "--mock-pins",
+            "--config",
+            str(site.device_config_path("cp-run")),
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
