@@ -106,10 +106,6 @@ class TopicLayout:
     def for_kind(self, site: str, device: str, kind: str) -> str:
         return self.topic(site, device, CHANNEL_OF_KIND[kind])
 
-    def device_messages_filter(self) -> str:
-        """Everything devices send (the receiver filters out ``ack`` itself)."""
-        return f"{self.prefix}/+/+/+"
-
     def parse(self, topic: str) -> tuple[str, str, str] | None:
         """``(site, device, channel)`` or None for a topic outside the layout."""
         parts = topic.split("/")

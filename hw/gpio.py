@@ -235,10 +235,6 @@ class StatusIndicator:
     def state(self) -> IndicatorState | None:
         return self._state
 
-    @property
-    def led_is_lit(self) -> bool:
-        return bool(self._led and self._led.is_lit)
-
     def show(self, state: IndicatorState) -> None:
         with self._lock:
             if state == self._state:
@@ -253,19 +249,6 @@ class StatusIndicator:
             if self._buzzer is not None and state in BUZZER_PATTERNS:
                 on_s, off_s, count = BUZZER_PATTERNS[state]
                 self._buzzer.beep(on_time=on_s, off_time=off_s, n=count)
-
-    def pulse(self, seconds: float = 1.0) -> None:
-        """Light the LED and sound the buzzer briefly (self-test), then restore the state."""
-        state, self._state = self._state, None
-        for device in (self._led, self._buzzer):
-            if device is not None:
-                device.on()
-        time.sleep(seconds)
-        for device in (self._led, self._buzzer):
-            if device is not None:
-                device.off()
-        if state is not None:
-            self.show(state)
 
     def close(self) -> None:
         for device in (self._led, self._buzzer):
