@@ -246,6 +246,9 @@ class ReceiverSection(Section):
     supervision_s: float = Field(
         90.0, ge=10, le=3600, description="A device silent this long is reported missing (EN 50136: 20-90 s)."
     )
+    retention_days: float = Field(
+        90.0, ge=1, le=3650, description="Stored messages and device events older than this are deleted."
+    )
 
 
 class ReceiverConfig(Section):

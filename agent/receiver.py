@@ -200,6 +200,7 @@ class Receiver:
 
     def _work(self) -> None:
         next_check = time.monotonic() + 1.0
+        next_prune = time.monotonic()
         while True:
             try:
                 item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
@@ -217,6 +218,15 @@ class Receiver:
                 enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
                 for event in self.registry.check(enrolled, self.clock()):
                     self._report(event)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + 3600
+                removed = self.store.prune(self.clock() - self.config.receiver.retention_days * 86400)
+                if removed:
+                    log.info(
+                        "retention: deleted %d record(s) older than %g days",
+                        removed,
+                        self.config.receiver.retention_days,
+                    )
 
     def _report(self, event: DeviceEvent) -> None:
         if event.event == "missing":

@@ -87,6 +87,13 @@ class ReceiverStore:
             )
             return cursor.rowcount == 1
 
+    def prune(self, older_than: float) -> int:
+        """Delete messages and device events received before ``older_than`` (Unix time): bounded retention."""
+        with self._lock:
+            removed = self._db.execute("DELETE FROM messages WHERE received_at < ?", (older_than,)).rowcount
+            removed += self._db.execute("DELETE FROM device_events WHERE at < ?", (older_than,)).rowcount
+        return removed
+
     def messages(self, kind: str | None = None, device: str | None = None) -> list[StoredMessage]:
         query, args = "SELECT * FROM messages WHERE 1=1", []
         if kind is not None:

@@ -118,3 +118,23 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
     assert any(m.startswith("test alert seq") and m.endswith("accepted from button 'main'") for m in messages)
     assert "PRIVATE KEY" not in log and '"d":' not in log
     assert {e["level"] for e in entries} <= {"INFO", "WARNING"}
+
+
+def test_centre_keeps_records_only_for_its_retention(site, tmp_path):
+    from agent.config import load_receiver_config
+    from agent.receiver import Receiver
+
+    path = site.receiver_toml_path()
+    path.write_text(
+        path.read_text().replace(
+            'credentials_dir = "credentials"', 'credentials_dir = "credentials"\nretention_days = 7'
+        )
+    )
+    config = load_receiver_config(path)
+    with Receiver(config) as first:
+        old = new_claims(device="cp-old", site=site.site, seq=1, kind="alert", body={})
+        recent = new_claims(device="cp-old", site=site.site, seq=2, kind="alert", body={})
+        first.store.insert(old, time.time() - 8 * 86400)
+        first.store.insert(recent, time.time() - 6 * 86400)
+    with Receiver(config) as second:  # prunes at start, then hourly
+        assert wait_until(lambda: [m.seq for m in second.store.messages(device="cp-old")] == [2], 5)

@@ -15,8 +15,9 @@ from hw.gpio import AlertButton, IndicatorState, StatusIndicator
 
 pytestmark = [
     pytest.mark.pi,
-    pytest.mark.skipif(os.environ.get("EDGE_AGENT_PI_TESTS") != "1",
-                       reason="hardware tests: run on a Pi with EDGE_AGENT_PI_TESTS=1"),
+    pytest.mark.skipif(
+        os.environ.get("EDGE_AGENT_PI_TESTS") != "1", reason="hardware tests: run on a Pi with EDGE_AGENT_PI_TESTS=1"
+    ),
 ]
 
 
