@@ -34,6 +34,7 @@ class CameraSection(Section):
     height: int = Field(480, ge=48, le=4096)
     fps: float = Field(10.0, gt=0, le=60, description="Requested frame rate.")
     realtime: bool = Field(False, description="Pace a video file at its own frame rate (replay as live).")
+    rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP cameras: RTP over TCP or UDP.")
     loop: bool = Field(False, description="Restart a video file at its end.")
     reconnect_max_s: float = Field(30.0, ge=1, le=600, description="Cap of the reconnect backoff.")
 

@@ -8,6 +8,7 @@ three-channel 8-bit RGB (16-bit is stretched to the frame's own range).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class OpenCVCamera(Camera):
         width, height, fps: requested capture settings for devices (ignored for files).
         realtime: pace a file at its own frame rate, as a live camera would deliver it.
         loop: restart a file at its end instead of ending.
+        rtsp_transport: "tcp" (default, interleaved) or "udp" for RTSP cameras.
     """
 
     def __init__(
@@ -34,12 +36,14 @@ class OpenCVCamera(Camera):
         fps: float | None = None,
         realtime: bool = False,
         loop: bool = False,
+        rtsp_transport: str = "tcp",
     ):
         self.source = str(source)
         self.name = f"opencv:{self.source}"
         self._width, self._height, self._fps = width, height, fps
         self.realtime = realtime
         self.loop = loop
+        self.rtsp_transport = rtsp_transport
         self._capture = None
         self._index = 0
         self._next_due = 0.0
@@ -61,7 +65,15 @@ class OpenCVCamera(Camera):
         if self.is_file and not Path(self.source).exists():
             raise CameraUnavailable(f"camera source {self.source}: no such file")
         target = int(self.source) if self.source.isdigit() else self.source
-        capture = cv2.VideoCapture(target)
+        if self.source.startswith(_STREAM_PREFIXES):
+            if self.source.startswith(("rtsp://", "rtsps://")):
+                # RTP over the RTSP TCP connection: survives NAT and firewalls that drop camera UDP.
+                os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{self.rtsp_transport}"
+            # Bounded waits instead of FFmpeg's 30 s: a dead stream becomes a reconnect, not a stall.
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5_000]
+            capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
+        else:
+            capture = cv2.VideoCapture(target)
         if not capture.isOpened():
             capture.release()
             raise CameraUnavailable(f"camera source {self.source}: cannot be opened by OpenCV")

@@ -83,6 +83,7 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
         fps=settings.fps,
         realtime=settings.realtime,
         loop=settings.loop,
+        rtsp_transport=settings.rtsp_transport,
     )
     failing, backoff = False, 1.0
     beats = _Heartbeat(out, pipeline)

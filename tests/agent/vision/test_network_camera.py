@@ -1,7 +1,11 @@
 """A camera over the network: frames arrive, a lost stream is a fault reported once, its return a recovery."""
 
+import socket
+import subprocess
 import time
+from pathlib import Path
 
+import cv2
 import pytest
 
 from agent.service import Agent
@@ -10,6 +14,61 @@ from hw.camera_opencv import OpenCVCamera
 from tests.agent.vision.mjpeg_server import MjpegCamera
 from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
 from tests.conftest import wait_until
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+@pytest.fixture
+def rtsp_camera(tmp_path):
+    """vtest.avi as an RTSP camera (GStreamer's RTSP server, Debian's gir1.2-gst-rtsp-server-1.0)."""
+    require_shared("data/vtest.avi")
+    probe = subprocess.run(
+        [
+            SYSTEM_PYTHON,
+            "-c",
+            "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer",
+        ],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            "no RTSP server here: apt-get install python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good"
+        )
+    capture = cv2.VideoCapture(str(VIDEO))
+    for index in range(40):
+        ok, image = capture.read()
+        cv2.imwrite(str(tmp_path / f"frame{index:05d}.jpg"), image)
+    capture.release()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SERVER), str(port), str(tmp_path)], stdout=subprocess.PIPE)
+    assert server.stdout.readline().strip() == b"ready"
+    yield f"rtsp://127.0.0.1:{port}/live", server
+    server.kill()
+    server.wait()
+
+
+def test_rtsp_camera_delivers_rgb_frames_over_tcp(rtsp_camera, ssd):
+    url, _ = rtsp_camera
+    with OpenCVCamera(url) as camera:
+        frames = [camera.read() for _ in range(5)]
+    assert all(f.rgb.shape == (576, 768, 3) for f in frames)
+    assert any(d.label == "person" for d in ssd.detect(frames[-1].rgb))
+
+
+def test_rtsp_camera_that_dies_raises_camera_unavailable_promptly(rtsp_camera):
+    url, server = rtsp_camera
+    with OpenCVCamera(url) as camera:
+        camera.read()
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(CameraUnavailable, match="stopped delivering frames"):
+            for _ in range(500):
+                camera.read()
+        assert time.monotonic() - started < 15  # bounded read timeout, not FFmpeg's 30 s default
 
 
 @pytest.fixture
