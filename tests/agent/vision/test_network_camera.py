@@ -15,7 +15,6 @@ from tests.agent.vision.mjpeg_server import MjpegCamera
 from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
 from tests.conftest import wait_until
 
-
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
 
