@@ -70,6 +70,9 @@ class ZoneSection(Section):
     name: Name
     polygon: list[Point]
     inertia: int = Field(3, ge=1, le=100, description="Consecutive frames inside before an object counts as in.")
+    filters: dict[str, FilterSection] = Field(
+        default_factory=dict, description="Per-class filters that apply in this zone, on top of the camera's."
+    )
 
     _polygon = field_validator("polygon")(lambda cls, v: _check_polygon(v))
 

@@ -20,7 +20,7 @@ from .camera_tamper import CameraTamperDetector
 from .detector import Detection, Detector
 from .evidence import EvidenceStore
 from .motion import MotionDetector, plan_regions
-from .rules import RuleEngine, RuleEvent
+from .rules import RuleEngine, RuleEvent, passes
 from .tracking import ObjectTracker, Track
 
 TAMPER_CHECK_EVERY_S = 0.25
@@ -98,7 +98,7 @@ class VisionPipeline:
             self.frames_skipped += 1
         else:
             self.tracks = self.tracker.update(detections, now)
-        confirmed = [t for t in self.tracks if self._passes_filters(t)]
+        confirmed = [t for t in self.tracks if passes(t, self.config.filters)]
         for event in self.rules.evaluate(confirmed, now):
             messages.append(self._message(event, frame))
         return messages
@@ -146,10 +146,6 @@ class VisionPipeline:
         if rule is None:
             return True
         return detection.score >= rule.min_score and rule.min_area <= detection.area <= rule.max_area
-
-    def _passes_filters(self, track: Track) -> bool:
-        rule = self.config.filters.get(track.label)
-        return rule is None or track.median_score >= rule.median_score
 
     def _message(self, event: RuleEvent, frame: Frame) -> dict[str, Any]:
         body = {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config_vision import RuleSection, ZoneSection
+from ..config_vision import FilterSection, RuleSection, ZoneSection
 from .tracking import Track
 
 
@@ -32,6 +32,15 @@ def point_in_polygon(point: tuple[float, float], polygon: list[tuple[float, floa
     return inside
 
 
+def passes(track: Track, filters: dict[str, FilterSection]) -> bool:
+    """A track meets its class's filter: median score over its history, and box area."""
+    rule = filters.get(track.label)
+    if rule is None:
+        return True
+    x1, y1, x2, y2 = track.box
+    return track.median_score >= rule.median_score and rule.min_area <= (x2 - x1) * (y2 - y1) <= rule.max_area
+
+
 class Zone:
     """A polygon with inertia: an object counts as inside after ``inertia`` consecutive frames in it."""
 
@@ -39,13 +48,14 @@ class Zone:
         self.name = settings.name
         self.polygon = settings.polygon
         self.inertia = settings.inertia
+        self.filters = settings.filters
         self._streak: dict[int, int] = {}
         self.entered_at: dict[int, float] = {}
 
     def update(self, tracks: list[Track], now: float) -> None:
         live = {t.id for t in tracks}
         for track in tracks:
-            if point_in_polygon(track.bottom_centre, self.polygon):
+            if point_in_polygon(track.bottom_centre, self.polygon) and passes(track, self.filters):
                 self._streak[track.id] = self._streak.get(track.id, 0) + 1
                 if self._streak[track.id] >= self.inertia:
                     self.entered_at.setdefault(track.id, now)

@@ -108,3 +108,18 @@ def test_rules_that_need_a_duration_refuse_none():
         "handbag",
         "suitcase",
     ]
+
+
+def test_zone_filters_keep_small_or_doubtful_objects_out_of_a_zone():
+    zone = ZoneSection(
+        name="yard", polygon=SQUARE, inertia=1, filters={"person": {"median_score": 0.6, "min_area": 0.005}}
+    )
+    engine = RuleEngine([zone], [rule(type="intrusion", zone="yard")])
+    doubtful = person(1)
+    doubtful.scores.extend([0.4, 0.5, 0.45])
+    tiny = Track(2, "person", (0.20, 0.88, 0.21, 0.90), first_seen=0.0, last_seen=0.0)
+    tiny.scores.extend([0.9, 0.9])
+    assert run(engine, [(0.0, [doubtful, tiny])]) == []
+    confident = person(3)
+    confident.scores.extend([0.7, 0.8, 0.75])
+    assert run(engine, [(1.0, [doubtful, tiny, confident])]) == [(1.0, "start")]
