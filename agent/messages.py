@@ -73,10 +73,17 @@ class AckClaims(BaseModel):
 
 
 def new_claims(
-    *, device: str, site: str, seq: int, kind: str, body: dict[str, Any], test: bool = False
+    *,
+    device: str,
+    site: str,
+    seq: int,
+    kind: str,
+    body: dict[str, Any],
+    test: bool = False,
+    created: float | None = None,
 ) -> dict[str, Any]:
     """Claims for a new event; ``sent`` is filled in each time a copy is signed."""
-    now = time.time()
+    now = time.time() if created is None else created
     return {
         "v": SCHEMA_VERSION,
         "device": device,

@@ -22,7 +22,7 @@ from . import __version__
 from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
-from .errors import ConfigError
+from .errors import ConfigError, OutboxError
 from .evidence_transfer import answer_request
 from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
@@ -55,6 +55,7 @@ class Agent:
         self._pending_visible: set[int] = set()
         self._ack_shown_until = 0.0
         self._last_test_alert: dict[str, Any] | None = None
+        self._unstored: list[tuple[str, bool, float]] = []
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
 
@@ -187,8 +188,28 @@ class Agent:
 
     # Events in.
 
-    def raise_alert(self, button_name: str, *, test: bool = False) -> OutboxEntry:
-        """Commit an alert for a button durably; returns once it is on disk."""
+    def raise_alert(self, button_name: str, *, test: bool = False) -> OutboxEntry | None:
+        """Commit an alert for a button durably; returns once it is on disk.
+
+        If the outbox cannot take it (disk full, storage failing), the press is not dropped: it is held
+        in memory, the LED shows a fault, and the housekeeping thread keeps trying to store it, in order.
+        """
+        self.config.button(button_name)  # an unknown name is the caller's error, not a storage fault
+        held = (button_name, test, time.time())
+        with self._lock:
+            if self._unstored:  # earlier presses are still waiting: keep the order
+                self._unstored.append(held)
+                return None
+        try:
+            return self._store_alert(*held)
+        except OutboxError as exc:
+            with self._lock:
+                self._unstored.append(held)
+            log.critical("alert from button %r could not be stored (%s); holding it and retrying", button_name, exc)
+            self._refresh_indicator()
+            return None
+
+    def _store_alert(self, button_name: str, test: bool, pressed_at: float) -> OutboxEntry:
         settings = self.config.button(button_name)
         body = {
             "button": settings.name,
@@ -197,7 +218,7 @@ class Agent:
             "activation": settings.activation,
             "silent": settings.silent,
         }
-        entry = self._commit("alert", body, test=test)
+        entry = self._commit("alert", body, test=test, created=pressed_at)
         if not settings.silent:
             with self._lock:
                 self._pending_visible.add(entry.seq)
@@ -206,16 +227,22 @@ class Agent:
         return entry
 
     def raise_event(self, kind: str, body: dict[str, Any]) -> OutboxEntry | None:
-        entry = self._commit(kind, body)
+        try:
+            entry = self._commit(kind, body)
+        except OutboxError as exc:
+            log.error("%s event could not be stored: %s", kind, exc)
+            return None
         if entry is not None:
             log.info("%s event seq %d: %s", kind, entry.seq, body)
         return entry
 
-    def _commit(self, kind: str, body: dict[str, Any], test: bool = False) -> OutboxEntry:
+    def _commit(self, kind: str, body: dict[str, Any], test: bool = False, created: float | None = None) -> OutboxEntry:
         entry = self.outbox.add(
             kind,
             kind in ACKNOWLEDGED_KINDS,
-            lambda seq: new_claims(device=self.device, site=self.site, seq=seq, kind=kind, body=body, test=test),
+            lambda seq: new_claims(
+                device=self.device, site=self.site, seq=seq, kind=kind, body=body, test=test, created=created
+            ),
         )
         self.delivery.wake()
         return entry
@@ -295,6 +322,8 @@ class Agent:
 
     def indicator_state(self) -> IndicatorState:
         with self._lock:
+            if self._unstored:
+                return IndicatorState.FAULT  # a press we could not store yet: never pretend it is on its way
             if self._pending_visible:
                 return IndicatorState.PENDING
             if time.monotonic() < self._ack_shown_until:
@@ -307,10 +336,27 @@ class Agent:
     def _housekeep(self) -> None:
         next_heartbeat = time.monotonic()
         while not self._stopping.wait(0.25):
+            self._store_held_alerts()
             self._refresh_indicator()
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
                 self.raise_event("telemetry", self.health())
+
+    def _store_held_alerts(self) -> None:
+        while True:
+            with self._lock:
+                if not self._unstored:
+                    return
+                button_name, test, pressed_at = self._unstored[0]
+            try:
+                self._store_alert(button_name, test, pressed_at)
+            except OutboxError:
+                return  # still failing; try again on the next tick
+            with self._lock:
+                self._unstored.pop(0)
+            log.warning(
+                "held alert from button %r stored %.1f s after the press", button_name, time.time() - pressed_at
+            )
 
     def problems(self) -> list[str]:
         """What is wrong with the alert path itself (not the network): empty when healthy."""
@@ -393,5 +439,7 @@ class Agent:
                 raise ConfigError("this device has no buttons to test")
             name = next(iter(self.buttons))
         entry = self.raise_alert(str(name), test=True)
+        if entry is None:
+            raise OutboxError("the test alert could not be stored; it is held in memory and retried (see the log)")
         self._last_test_alert = {"button": name, "seq": entry.seq, "at": entry.created, "acknowledged": False}
         return {"seq": entry.seq, "event_id": entry.event_id, "button": name}

@@ -172,3 +172,19 @@ def test_retained_status_is_online_and_the_will_says_offline(site, receiver, ver
         assert wait_until(lambda: any(v.claims.body.get("state") == "online" for v in verdicts.accepted("status")), 10)
         running.link._client._sock.close()  # the device vanishes without a DISCONNECT
         assert wait_until(lambda: any(v.claims.body.get("state") == "offline" for v in verdicts.accepted("status")), 10)
+
+
+def test_press_is_held_not_lost_when_the_outbox_cannot_store_it(receiver, agent, mock_factory):
+    db = agent.outbox._db  # fault injection inside SQLite itself: every insert into the outbox now fails
+    with agent.outbox._lock:
+        db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    press(mock_factory.pin(17))
+    press(mock_factory.pin(17))
+    assert agent.indicator_state() is IndicatorState.FAULT  # never "pending" for a press that is not stored
+    assert len(agent._unstored) == 2
+    with agent.outbox._lock:
+        db.execute("DROP TRIGGER refuse")  # the storage works again
+    assert wait_until(lambda: len(receiver.store.messages(kind="alert")) == 2, 15)
+    first, second = receiver.store.messages(kind="alert")
+    assert first.seq < second.seq and first.claims["created"] < second.claims["created"]
+    assert wait_until(lambda: agent.indicator_state() is IndicatorState.ACKNOWLEDGED, 10)
