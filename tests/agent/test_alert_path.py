@@ -1,5 +1,6 @@
 """End to end on a real mosquitto: press → signed alert → verified and stored at the centre → ack on the LED."""
 
+import json
 import os
 import signal
 import subprocess
@@ -188,3 +189,17 @@ def test_press_is_held_not_lost_when_the_outbox_cannot_store_it(receiver, agent,
     first, second = receiver.store.messages(kind="alert")
     assert first.seq < second.seq and first.claims["created"] < second.claims["created"]
     assert wait_until(lambda: agent.indicator_state() is IndicatorState.ACKNOWLEDGED, 10)
+
+
+def test_control_socket_refuses_malformed_requests(agent, config):
+    import socket as sockets
+
+    for raw, error in (
+        (b"reboot now\n", "request is not a JSON object on one line"),
+        (b'{"cmd": "status"}\n', "request needs a string field 'command'"),
+    ):
+        with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as sock:
+            sock.connect(str(config.control_socket))
+            sock.sendall(raw)
+            reply = json.loads(sock.makefile("rb").readline())
+        assert reply == {"ok": False, "error": error}
