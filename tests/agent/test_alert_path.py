@@ -168,11 +168,20 @@ def test_cli_status_and_test_alert(receiver, agent, config, site, capsys):
     assert '"device": "cp-1"' in capsys.readouterr().out
 
 
-def test_retained_status_is_online_and_the_will_says_offline(site, receiver, verdicts, config, mock_factory):
-    with Agent(config, pin_factory=mock_factory) as running:
-        assert wait_until(lambda: any(v.claims.body.get("state") == "online" for v in verdicts.accepted("status")), 10)
-        running.link._client._sock.close()  # the device vanishes without a DISCONNECT
-        assert wait_until(lambda: any(v.claims.body.get("state") == "offline" for v in verdicts.accepted("status")), 10)
+def test_retained_status_is_online_and_the_will_says_offline(site, receiver, verdicts, config):
+    def states():
+        return [v.claims.body.get("state") for v in verdicts.accepted("status")]
+
+    device = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-1"))],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: "online" in states(), 20)
+    finally:
+        device.kill()  # the device vanishes without a DISCONNECT: the broker publishes its last will
+        device.wait()
+    assert wait_until(lambda: states()[-1:] == ["offline"], 10)
 
 
 def test_press_is_held_not_lost_when_the_outbox_cannot_store_it(receiver, agent, mock_factory):
