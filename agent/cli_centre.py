@@ -16,7 +16,7 @@ def cmd_receiver_run(args: argparse.Namespace) -> int:
 
     from .config import load_receiver_config
     from .receiver import Receiver
-    from .sdnotify import SystemdNotifier, watchdog_interval_s
+    from .sdnotify import HealthWatchdog, SystemdNotifier
 
     receiver = Receiver(load_receiver_config(args.config))
     done = threading.Event()
@@ -24,10 +24,10 @@ def cmd_receiver_run(args: argparse.Namespace) -> int:
     receiver.start()
     notifier = SystemdNotifier()
     notifier.notify("READY=1", "STATUS=receiving")
-    interval = watchdog_interval_s() or 5.0
-    while not done.wait(interval):
-        if receiver.is_healthy:
-            notifier.notify("WATCHDOG=1")
+    watchdog = HealthWatchdog(receiver.problems, notifier, "receiving")
+    watchdog.start()
+    done.wait()
+    watchdog.stop()
     notifier.notify("STOPPING=1")
     receiver.close()
     return 0

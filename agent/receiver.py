@@ -193,10 +193,10 @@ class Receiver:
         self._worker.join(timeout=5)
         self.store.close()
 
-    @property
-    def is_healthy(self) -> bool:
-        """For the watchdog: the worker runs and paho's network thread is alive."""
-        return self._worker.is_alive() and self.link.network_thread_alive
+    def problems(self) -> list[str]:
+        """For the watchdog: empty while the worker runs and paho's network thread is alive."""
+        found = [] if self._worker.is_alive() else ["receiver worker stopped"]
+        return found if self.link.network_thread_alive else [*found, "MQTT network thread not running"]
 
     def _work(self) -> None:
         next_check = time.monotonic() + 1.0

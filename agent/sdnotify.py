@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +50,39 @@ def watchdog_interval_s() -> float | None:
         return int(usec) / 1e6 / 2
     except ValueError:
         return None
+
+
+class HealthWatchdog:
+    """Sends WATCHDOG=1 only while ``problems()`` finds none, so systemd restarts a stuck service.
+
+    A change of health is logged once and shown in ``systemctl status`` (STATUS=…), not on every tick.
+    """
+
+    def __init__(self, problems: Callable[[], list[str]], notifier: SystemdNotifier, healthy_status: str):
+        self.problems = problems
+        self.notifier = notifier
+        self.healthy_status = healthy_status
+        self.interval_s = watchdog_interval_s() or 5.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        reported: list[str] = []
+        while not self._stop.wait(self.interval_s):
+            found = self.problems()
+            if not found:
+                self.notifier.notify("WATCHDOG=1")
+            if found != reported:
+                if found:
+                    log.error("unhealthy, withholding the watchdog: %s", "; ".join(found))
+                    self.notifier.notify(f"STATUS=unhealthy: {'; '.join(found)}")
+                else:
+                    log.info("healthy again")
+                    self.notifier.notify(f"STATUS={self.healthy_status}")
+                reported = found

@@ -13,7 +13,6 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
@@ -23,11 +22,11 @@ from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError, OutboxError
-from .evidence_transfer import answer_request
+from .evidence_transfer import EvidenceServer
 from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from .outbox import Outbox, OutboxEntry
-from .sdnotify import SystemdNotifier, watchdog_interval_s
+from .sdnotify import HealthWatchdog, SystemdNotifier
 from .signing import MessageSigner, load_private_key, load_public_jwk
 from .uplink import MqttLink, Will
 
@@ -87,12 +86,18 @@ class Agent:
         self.link.on_published = self.delivery.handle_published
         self.link.on_message = self._on_message
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
-        self._centre_key = centre_key
-        self._requests = None
+        self.evidence_server = None
         if config.camera is not None:  # evidence leaves the box only when the centre asks for it
-            self.link.subscribe(self.topics.topic(self.site, self.device, "evidence-request"))
-            self._requests = ThreadPoolExecutor(1, thread_name_prefix="evidence")
-            self._closers.append(lambda: self._requests.shutdown(wait=False, cancel_futures=True))
+            self.evidence_server = EvidenceServer(
+                self.link,
+                self.topics,
+                site=self.site,
+                device=self.device,
+                signer=self.signer,
+                centre_key=centre_key,
+                evidence_dir=config.evidence_dir,
+            )
+            self._closers.append(self.evidence_server.close)
 
         self.indicator = StatusIndicator(config.indicator.led_pin, config.indicator.buzzer_pin, pin_factory=pin_factory)
         self._closers.append(self.indicator.close)
@@ -137,7 +142,7 @@ class Agent:
         )
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
         self._notifier = SystemdNotifier()
-        self._watchdog = threading.Thread(target=self._feed_watchdog, name="watchdog", daemon=True)
+        self._watchdog = HealthWatchdog(self.problems, self._notifier, "alert path up")
 
     def __repr__(self) -> str:
         return f"<Agent {self.site}/{self.device} connected={self.link.is_connected} outbox={self.outbox.depth()}>"
@@ -173,6 +178,7 @@ class Agent:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._watchdog.stop()
         self._notifier.notify("STOPPING=1")
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
@@ -294,19 +300,8 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.topic(self.site, self.device, "ack"):
             self.delivery.handle_ack(payload)
-        elif self._requests is not None and topic == self.topics.topic(self.site, self.device, "evidence-request"):
-            self._requests.submit(self._answer_evidence_request, payload)
-
-    def _answer_evidence_request(self, payload: bytes) -> None:
-        reply = answer_request(
-            payload,
-            device=self.device,
-            centre_key=self._centre_key,
-            signer=self.signer,
-            evidence_dir=self.config.evidence_dir,
-        )
-        if reply is not None:
-            self.link.publish(self.topics.topic(self.site, self.device, "evidence"), reply)
+        elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
+            self.evidence_server.submit(payload)
 
     def _status_payload(self, state: str) -> bytes:
         claims = new_claims(
@@ -375,23 +370,6 @@ class Agent:
             except Exception as exc:
                 found.append(f"button {name!r} unreadable: {exc}")
         return found
-
-    def _feed_watchdog(self) -> None:
-        """WATCHDOG=1 only while the alert path is healthy, so systemd restarts a stuck agent."""
-        interval = watchdog_interval_s() or 5.0
-        reported: list[str] = []
-        while not self._stopping.wait(interval):
-            found = self.problems()
-            if not found:
-                self._notifier.notify("WATCHDOG=1")
-            if found != reported:
-                if found:
-                    log.error("alert path unhealthy, withholding watchdog: %s", "; ".join(found))
-                    self._notifier.notify(f"STATUS=unhealthy: {'; '.join(found)}")
-                else:
-                    log.info("alert path healthy again")
-                    self._notifier.notify("STATUS=alert path up")
-                reported = found
 
     def health(self) -> dict[str, Any]:
         oldest = self.outbox.oldest_age_s()
