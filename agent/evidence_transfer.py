@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,41 @@ def answer_request(
         reply["error"] = "not found: expired (retention) or never stored"
     log.info("evidence %s requested by the centre: %s", request.ref, reply.get("error") or "sent")
     return signer.sign(EvidenceReply(**reply).model_dump(mode="json"), large=True).encode()
+
+
+class EvidenceServer:
+    """On a camera box: answers the centre's evidence requests, off paho's network thread."""
+
+    def __init__(
+        self,
+        link,
+        topics: TopicLayout,
+        *,
+        site: str,
+        device: str,
+        signer: MessageSigner,
+        centre_key: Any,
+        evidence_dir: Path,
+    ):
+        self.link = link
+        self.request_topic = topics.topic(site, device, "evidence-request")
+        self.reply_topic = topics.topic(site, device, "evidence")
+        self.device, self.signer, self.centre_key, self.evidence_dir = device, signer, centre_key, evidence_dir
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="evidence")
+        link.subscribe(self.request_topic)
+
+    def submit(self, payload: bytes) -> None:
+        self._worker.submit(self._answer, payload)
+
+    def _answer(self, payload: bytes) -> None:
+        reply = answer_request(
+            payload, device=self.device, centre_key=self.centre_key, signer=self.signer, evidence_dir=self.evidence_dir
+        )
+        if reply is not None:
+            self.link.publish(self.reply_topic, reply)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
 
 def fetch(
