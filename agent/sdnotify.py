@@ -71,6 +71,8 @@ class HealthWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         reported: list[str] = []

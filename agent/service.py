@@ -179,6 +179,8 @@ class Agent:
             return
         self._stopping.set()
         self._watchdog.stop()
+        if self._housekeeping.is_alive():
+            self._housekeeping.join(timeout=5)  # it writes to the outbox: let it finish before the outbox closes
         self._notifier.notify("STOPPING=1")
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
