@@ -18,9 +18,12 @@ def _pixels(polygon, w: int, h: int) -> np.ndarray:
 
 
 def annotate(rgb: np.ndarray, detections: list[Detection], config: VisionConfig | None = None) -> np.ndarray:
-    """A copy of the frame with privacy masks applied, zones outlined and detections boxed."""
+    """A copy of the frame with privacy masks applied, heads blurred, zones outlined and detections boxed.
+
+    The picture is written to disk, so it gets the same redaction as evidence: nobody is recognisable.
+    """
     masks = [m.polygon for m in config.privacy_masks] if config else []
-    image = redact(rgb, [], masks)
+    image = redact(rgb, [d for d in detections if d.label == "person"], masks)
     h, w = image.shape[:2]
     if config is not None:
         for zone in config.zones:

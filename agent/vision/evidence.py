@@ -16,11 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .decoders import Detection
 from .tracking import Track
 
 
 def redact(
-    rgb: np.ndarray, persons: list[Track], masks: list[list[tuple[float, float]]], head_fraction: float = 0.35
+    rgb: np.ndarray,
+    persons: list[Track | Detection],
+    masks: list[list[tuple[float, float]]],
+    head_fraction: float = 0.35,
 ) -> np.ndarray:
     """A copy with masks filled and person heads blurred; the input is left untouched."""
     image = rgb.copy()

@@ -95,3 +95,18 @@ def test_snapshot_needs_a_camera(site, capsys):
     site.add_device("cp-snap")
     assert main(["snapshot", "--config", str(site.device_config_path("cp-snap")), "--out", "/tmp/x.png"]) == 2
     assert "has no [camera] section" in capsys.readouterr().err
+
+
+def test_pictures_for_installers_blur_heads_too(tmp_path, capsys):
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    out = tmp_path / "seen.png"
+    assert main(["detect", str(VIDEO), "--model-dir", str(MODEL_DIR), "--max-frames", "1", "--annotate", str(out)]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    person = max((d for d in line["detections"] if d["label"] == "person"), key=lambda d: d["box"][3] - d["box"][1])
+    x1, y1, x2, y2 = person["box"]
+    head = (slice(int(y1 * 576) + 3, int((y1 + (y2 - y1) * 0.3) * 576)), slice(int(x1 * 768) + 3, int(x2 * 768) - 3))
+    capture = cv2.VideoCapture(str(VIDEO))
+    original = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2GRAY)
+    capture.release()
+    drawn = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2GRAY)
+    assert cv2.Laplacian(drawn[head], cv2.CV_64F).var() < 0.3 * cv2.Laplacian(original[head], cv2.CV_64F).var()
