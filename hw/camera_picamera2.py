@@ -24,13 +24,14 @@ class Picamera2Camera(Camera):
         width: int = 640,
         height: int = 480,
         fps: float | None = None,
-        main_size: tuple[int, int] = (1920, 1080),
+        main_size: tuple[int, int] | None = None,
         **_ignored,
     ):
         self.index = index
         self.name = f"picamera2:{index}"
         self._lores = (width, height)
-        self._main = main_size
+        # The full stream keeps the detection stream's aspect ratio, so normalised boxes mean the same in both.
+        self._main = main_size or (width * 3, height * 3)
         self._fps = fps
         self._camera = None
         self._count = 0

@@ -121,10 +121,14 @@ class VisionPipeline:
         return plan_regions(moved + tracked, w, h, min_side=side, max_regions=self.config.motion.max_regions)
 
     def _detect(self, frame: Frame, regions: list[tuple[int, int, int, int]]) -> list[Detection]:
+        """Regions are planned on the small detection frame but cut from the full-size one (picamera2's
+        main stream), so a small, distant person is seen with all the pixels the sensor has."""
         h, w = frame.rgb.shape[:2]
+        full_h, full_w = frame.full.shape[:2]
+        sx, sy = full_w / w, full_h / h
         found: list[Detection] = []
         for x, y, rw, rh in regions:
-            crop = frame.rgb[y : y + rh, x : x + rw]
+            crop = frame.full[round(y * sy) : round((y + rh) * sy), round(x * sx) : round((x + rw) * sx)]
             for d in self.detector.detect(crop):
                 box = (
                     (x + d.box[0] * rw) / w,

@@ -2,6 +2,7 @@
 
 from collections import defaultdict
 
+import cv2
 import pytest
 
 from agent.config_vision import VisionConfig
@@ -145,3 +146,20 @@ def test_still_scene_is_skipped_by_motion_gating(ssd):
         frame.timestamp = i / 10
         pipeline.process(frame)
     assert pipeline.frames_skipped >= 95  # only the periodic full-frame passes ran the model
+
+
+def test_regions_are_cut_from_the_full_size_frame(ssd):
+    """A camera with a small detection stream and a full-size one (picamera2's lores and main)."""
+    from hw.camera import Frame
+
+    frame = next(vtest_frames(limit=1))
+    small = cv2.resize(frame.rgb, (384, 288), interpolation=cv2.INTER_AREA)
+    dual = Frame(rgb=small, timestamp=0.0, index=0, full=frame.rgb)
+    pipeline = VisionPipeline(vision(motion={"enabled": False}), ssd)
+    from_full = pipeline.look(dual)
+    from_small = VisionPipeline(vision(motion={"enabled": False}), ssd).look(Frame(rgb=small, timestamp=0.0, index=0))
+    people = [d for d in from_full if d.label == "person"]
+    assert len(people) >= len([d for d in from_small if d.label == "person"])
+    assert people and all(0 <= d.box[0] < d.box[2] <= 1 for d in people)
+    full_only = pipeline.look(Frame(rgb=frame.rgb, timestamp=0.0, index=0))
+    assert [round(d.box[0], 2) for d in from_full] == [round(d.box[0], 2) for d in full_only]
