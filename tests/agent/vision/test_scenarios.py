@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 import cv2
+import numpy as np
 import pytest
 
 from agent.config_vision import VisionConfig
@@ -163,3 +164,20 @@ def test_regions_are_cut_from_the_full_size_frame(ssd):
     assert people and all(0 <= d.box[0] < d.box[2] <= 1 for d in people)
     full_only = pipeline.look(Frame(rgb=frame.rgb, timestamp=0.0, index=0))
     assert [round(d.box[0], 2) for d in from_full] == [round(d.box[0], 2) for d in full_only]
+
+
+def turned_away(frame):
+    """Someone twists the camera: the view now shows another part of the scene (shifted and flipped)."""
+    from hw.camera import Frame
+
+    view = cv2.flip(frame.rgb, -1)
+    return Frame(rgb=np.ascontiguousarray(view), timestamp=frame.timestamp, index=frame.index)
+
+
+def test_camera_turned_away_raises_a_tamper_alert(ssd):
+    config = vision(rules=[{"name": "tamper", "type": "camera_tamper", "min_duration_s": 2, "hysteresis_s": 2}])
+    pipeline = VisionPipeline(config, ssd)
+    frames = (turned_away(f) if f.index >= 60 else f for f in vtest_frames(limit=120))
+    messages = run(pipeline, frames)
+    (start,) = [m for m in messages if m["kind"] == "alert"]
+    assert start["body"]["reason"] == "scene_changed"
