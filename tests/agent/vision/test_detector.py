@@ -1,6 +1,7 @@
 """Both model families find the people in the real footage; bad model files are refused clearly."""
 
 import shutil
+import sys
 
 import pytest
 
@@ -104,16 +105,32 @@ def test_ssd_label_count_is_checked_against_the_manifest(tmp_path):
         Detector(find_model("ssd-mobilenet-v1-coco-quant"), model_dir)
 
 
-def test_unavailable_runtime_is_reported(tmp_path):
-    require_shared("models/yolov8n_int8.tflite")
-    try:
-        import tflite_runtime  # noqa: F401
+def hide_modules(monkeypatch, *names):
+    """As if these packages were not installed (import of them fails)."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.setitem(sys.modules, f"{name}.interpreter", None)
 
-        pytest.skip("tflite-runtime is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ModelError, match="no TFLite runtime is installed .*tflite-runtime: No module named"):
-        load_interpreter(MODEL_DIR / "yolov8n_int8.tflite", runtime="tflite-runtime")
+
+def test_tflite_runtime_is_the_fallback_when_litert_is_missing(monkeypatch):
+    require_shared("models/ssd_mobilenet_v1_coco_quant.tflite")
+    pytest.importorskip("tflite_runtime", reason="tflite-runtime has no wheel for this Python/platform")
+    hide_modules(monkeypatch, "ai_edge_litert")
+    detector = Detector(find_model("ssd-mobilenet-v1-coco-quant"), MODEL_DIR, min_score=0.4)
+    assert detector.runtime == "tflite-runtime"
+    frame = next(vtest_frames(limit=1))
+    assert any(d.label == "person" for d in detector.detect(frame.rgb))
+
+
+def test_no_runtime_at_all_is_reported(monkeypatch):
+    require_shared("models/yolov8n_int8.tflite")
+    hide_modules(monkeypatch, "ai_edge_litert", "tflite_runtime")
+    with pytest.raises(
+        ModelError,
+        match="no TFLite runtime is installed .*litert: .*tflite-runtime: .*"
+        r"install ai-edge-litert \(pip install 'edge-agent\[detect\]'\)",
+    ):
+        load_interpreter(MODEL_DIR / "yolov8n_int8.tflite")
 
 
 def test_manifest_entries_are_complete():
