@@ -212,3 +212,20 @@ def test_control_socket_refuses_malformed_requests(agent, config):
             sock.sendall(raw)
             reply = json.loads(sock.makefile("rb").readline())
         assert reply == {"ok": False, "error": error}
+
+
+def test_opening_the_enclosure_reaches_the_centre_as_a_signed_tamper_event(site, receiver, mock_factory):
+    config = site.add_device("cp-lid", body=BUTTONS + "\n[tamper]\npin = 22\n")
+    with Agent(config, pin_factory=mock_factory) as agent:
+        mock_factory.pin(22).drive_low()  # the lid is shut
+        time.sleep(0.1)
+        mock_factory.pin(22).drive_high()  # someone opens it
+        assert wait_until(
+            lambda: (
+                [m.claims["body"] for m in receiver.store.messages(kind="tamper") if m.device == "cp-lid"][-1:]
+                == [{"enclosure": "opened"}]
+            ),
+            10,
+        )
+        assert agent.health()["tamper"] == "open"
+        assert wait_until(lambda: not [e for e in agent.outbox.entries() if e.kind == "tamper"], 10)  # acknowledged
