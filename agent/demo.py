@@ -234,7 +234,6 @@ def _script(agent, factory, receiver, boxes, view, seconds, video, camera_box, o
 
 def _write_picture(config, video: Path, out: Path) -> None:
     from hw.camera_opencv import OpenCVCamera
-    from models import find_model
 
     from .vision.annotate import annotate, write_png
     from .vision.detector import Detector
@@ -242,6 +241,6 @@ def _write_picture(config, video: Path, out: Path) -> None:
     with OpenCVCamera(str(video)) as camera:
         frame = camera.read()
     vision = config.vision_config()
-    detector = Detector(find_model(vision.detector.model), config.model_dir, min_score=vision.detector.min_score)
+    detector = Detector.from_settings(vision.detector, config.model_dir)
     write_png(out, annotate(frame.rgb, detector.detect(frame.rgb), vision))
     _say(f"  annotated picture of what the camera box sees: {out.resolve()}")

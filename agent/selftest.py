@@ -220,20 +220,12 @@ class SelfTest:
         return first
 
     def _model(self, frame) -> None:
-        from models import find_model
 
         from .vision.detector import Detector
 
         settings = self.config.detector
         try:
-            detector = Detector(
-                find_model(settings.model),
-                self.config.model_dir,
-                settings.num_threads,
-                settings.runtime,
-                settings.edgetpu,
-                settings.min_score,
-            )
+            detector = Detector.from_settings(settings, self.config.model_dir)
         except AgentError as exc:
             self.add("model", False, str(exc), f"edge-agent models fetch {settings.model}")
             return

@@ -22,27 +22,19 @@ def run_detect(
 
     from hw.camera import CameraUnavailable
     from hw.camera_opencv import OpenCVCamera
-    from models import find_model
 
     from ..config import load_agent_config
+    from ..config_vision import DetectorSection
     from .annotate import annotate, write_png
     from .detector import Detector
 
     config = load_agent_config(config_path) if config_path else None
     vision = config.vision_config() if config else None
-    settings = vision.detector if vision else None
-    model_name = model or (settings.model if settings else "ssd-mobilenet-v1-coco-quant")
+    settings = vision.detector if vision else DetectorSection()  # the defaults a camera box would use
     directory = model_dir or (config.model_dir if config and vision else None)
     if directory is None:
         raise ConfigError("where is the model? give --model-dir DIR or --config FILE with a [detector] section")
-    detector = Detector(
-        find_model(model_name),
-        directory,
-        settings.num_threads if settings else 2,
-        settings.runtime if settings else "auto",
-        settings.edgetpu if settings else False,
-        threshold if threshold is not None else (settings.min_score if settings else 0.4),
-    )
+    detector = Detector.from_settings(settings, directory, model=model, min_score=threshold)
     if not file.exists():
         raise CameraError(f"{file}: no such file")
     image = cv2.imread(str(file)) if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") else None
@@ -91,7 +83,6 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     import logging
 
     from hw.camera import CameraUnavailable, open_camera
-    from models import find_model
 
     from ..config import load_agent_config
     from .annotate import annotate, write_png
@@ -115,14 +106,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     detections = []
     if detect:
         try:
-            detector = Detector(
-                find_model(vision.detector.model),
-                config.model_dir,
-                vision.detector.num_threads,
-                vision.detector.runtime,
-                vision.detector.edgetpu,
-                vision.detector.min_score,
-            )
+            detector = Detector.from_settings(vision.detector, config.model_dir)
             detections = detector.detect(frame.rgb)
         except ModelError as exc:
             logging.getLogger(__name__).warning("snapshot without detections: %s", exc)

@@ -15,8 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models import ModelSpec, label_count, load_labels, verify_model_file
+from models import ModelSpec, find_model, label_count, load_labels, verify_model_file
 
+from ..config_vision import DetectorSection
 from ..errors import ModelError
 from .decoders import DECODERS, Detection
 
@@ -100,6 +101,20 @@ class Detector:
             )
         self.last_invoke_ms = 0.0
         log.info("detector %s loaded with %s (%d threads)", spec.name, self.runtime, num_threads)
+
+    @classmethod
+    def from_settings(
+        cls, settings: DetectorSection, model_dir: Path, *, model: str | None = None, min_score: float | None = None
+    ) -> Detector:
+        """The detector a ``[detector]`` section describes; ``model`` and ``min_score`` override it."""
+        return cls(
+            find_model(model or settings.model),
+            model_dir,
+            settings.num_threads,
+            settings.runtime,
+            settings.edgetpu,
+            settings.min_score if min_score is None else min_score,
+        )
 
     @staticmethod
     def _find_labels(spec: ModelSpec, label_dir: Path, model_dir: Path) -> Path:

@@ -42,21 +42,12 @@ def run_vision(vision_json: str, model_dir: str, evidence_dir: str, out: Any, st
 
 
 def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
-    from models import find_model
 
     from .detector import Detector
     from .evidence import EvidenceStore
     from .pipeline import VisionPipeline
 
-    detector_settings = config.detector
-    detector = Detector(
-        find_model(detector_settings.model),
-        model_dir,
-        detector_settings.num_threads,
-        detector_settings.runtime,
-        detector_settings.edgetpu,
-        detector_settings.min_score,
-    )
+    detector = Detector.from_settings(config.detector, model_dir)
     evidence = None
     if any(rule.evidence for rule in config.rules):
         evidence = EvidenceStore(

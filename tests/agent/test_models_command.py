@@ -22,22 +22,13 @@ def zoo_archive(tmp_path):
     return archive
 
 
+def fetch(model_dir, source: str) -> int:
+    return main(["models", "fetch", "ssd-mobilenet-v1-coco-quant", "--model-dir", str(model_dir), "--from", source])
+
+
 def test_fetch_from_a_zoo_archive_installs_and_verifies(tmp_path, zoo_archive, capsys):
     models = tmp_path / "models"
-    assert (
-        main(
-            [
-                "models",
-                "fetch",
-                "ssd-mobilenet-v1-coco-quant",
-                "--model-dir",
-                str(models),
-                "--from",
-                zoo_archive.as_uri(),
-            ]
-        )
-        == 0
-    )
+    assert fetch(models, zoo_archive.as_uri()) == 0
     installed = models / "ssd_mobilenet_v1_coco_quant.tflite"
     assert sha256_of(installed) == sha256_of(SSD)
     assert "sha256 verified" in capsys.readouterr().out
@@ -49,10 +40,7 @@ def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path, capsys):
     bad = tmp_path / "detect.tflite"
     bad.write_bytes(b"not the model")
     models = tmp_path / "models"
-    assert (
-        main(["models", "fetch", "ssd-mobilenet-v1-coco-quant", "--model-dir", str(models), "--from", bad.as_uri()])
-        == 1
-    )
+    assert fetch(models, bad.as_uri()) == 1
     assert "not the manifest's e4b118e5" in capsys.readouterr().err
     assert not (models / "ssd_mobilenet_v1_coco_quant.tflite").exists()
 
@@ -63,20 +51,7 @@ def test_test_only_models_are_not_fetched_for_devices(tmp_path, capsys):
 
 
 def test_unreachable_source_is_named(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "models",
-                "fetch",
-                "ssd-mobilenet-v1-coco-quant",
-                "--model-dir",
-                str(tmp_path),
-                "--from",
-                (tmp_path / "nowhere.zip").as_uri(),
-            ]
-        )
-        == 1
-    )
+    assert fetch(tmp_path, (tmp_path / "nowhere.zip").as_uri()) == 1
     assert "cannot download file://" in capsys.readouterr().err
 
 
