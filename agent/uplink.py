@@ -66,6 +66,10 @@ class MqttLink:
         self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
         self.on_published: Callable[[int, bool, str], None] = lambda mid, ok, reason: None
         self._subscriptions: dict[str, int] = {}
+        self._pending_subacks: set[int] = set()
+        self._early_subacks: set[int] = set()  # SUBACKs that beat subscribe() returning its mid
+        self._sub_lock = threading.Lock()
+        self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._session_expiry_s = session_expiry_s
         self._closing = False
@@ -123,6 +127,13 @@ class MqttLink:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once connected and the broker has granted (SUBACK) every subscription asked for so far."""
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(timeout):
+            return False
+        return self._subscribed.wait(max(0.0, deadline - time.monotonic()))
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting with capped exponential backoff."""
@@ -186,7 +197,20 @@ class MqttLink:
         """Subscribe now if connected and again after every reconnect."""
         self._subscriptions[topic_filter] = qos
         if self.is_connected:
-            self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+            self._send_subscribe(topic_filter, qos)
+
+    def _send_subscribe(self, topic_filter: str, qos: int) -> None:
+        with self._sub_lock:
+            self._subscribed.clear()
+            result, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+            if result != paho.MQTT_ERR_SUCCESS:
+                return  # not connected after all: sent again on the next connect
+            if mid in self._early_subacks:
+                self._early_subacks.discard(mid)
+            else:
+                self._pending_subacks.add(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Hand a message to paho; returns its mid. Not durable: the caller keeps its own copy."""
@@ -212,8 +236,12 @@ class MqttLink:
                 self._last_refusal = str(reason_code)
             return
         self._last_refusal = ""
-        for topic_filter, qos in self._subscriptions.items():
-            client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        with self._sub_lock:
+            self._pending_subacks.clear()
+            self._early_subacks.clear()
+            self._subscribed.set()
+        for topic_filter, qos in list(self._subscriptions.items()):
+            self._send_subscribe(topic_filter, qos)
         self._connected.set()
         log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
         self.on_connected()
@@ -221,6 +249,7 @@ class MqttLink:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was_connected and self._closing:
             log.info("disconnected from %s:%s", self.settings.host, self.settings.port)
             self.on_disconnected(str(reason_code))
@@ -238,3 +267,10 @@ class MqttLink:
         for code in reason_codes:
             if code.is_failure:
                 log.error("broker refused a subscription of %s: %s", self.client_id, code)
+        with self._sub_lock:
+            if mid in self._pending_subacks:
+                self._pending_subacks.discard(mid)
+            else:
+                self._early_subacks.add(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
