@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
-from .errors import AgentError, SignatureInvalid
+from .errors import SignatureInvalid
+from .guard import LoopGuard
 from .messages import AckClaims, TopicLayout
 from .outbox import Outbox, OutboxEntry
-from .signing import MessageSigner, verify
+from .signing import MessageSigner, verify_claims
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +80,8 @@ class Delivery:
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._hold_until = 0.0
         self._refusal_backoff_s = 1.0
-        self._thread: threading.Thread | None = None
         self._stopping = False
-        self.last_progress = time.monotonic()
+        self.guard = LoopGuard("delivery", stall_s=5.0)
 
     # Called from any thread.
 
@@ -104,18 +101,16 @@ class Delivery:
         self._events.put(("ack", payload, time.monotonic()))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
-        self._thread.start()
+        self.guard.start(self._run)
 
     def stop(self) -> None:
         self._stopping = True
         self._events.put(("stop",))
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.guard.join(timeout=5)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.guard.is_alive
 
     # The delivery thread.
 
@@ -127,23 +122,26 @@ class Delivery:
                 event = self._events.get(timeout=timeout)
             except queue.Empty:
                 event = ("tick",)
-            self.last_progress = time.monotonic()
-            try:
+            self.guard.beat()
+            failed_before = sum(self.guard.errors.values())
+            with self.guard.step(event[0]):
                 self._handle(event)
+            with self.guard.step("retry check"):
                 if time.monotonic() >= next_retry_check:
-                    requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
-                    if requeued:
-                        self.stats.retransmitted += requeued
-                        log.warning(
-                            "%d message(s) not acknowledged by the centre in %.0f s; sending again",
-                            requeued,
-                            self.ack_retry_s,
-                        )
                     next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+                    self._requeue_unacknowledged()
+            with self.guard.step("publish"):
                 self._fill_window()
-            except AgentError as exc:
-                log.error("delivery: %s", exc)
-                time.sleep(0.5)
+            if sum(self.guard.errors.values()) != failed_before and not self._stopping:
+                time.sleep(0.5)  # storage or link trouble: do not spin
+
+    def _requeue_unacknowledged(self) -> None:
+        requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
+        if requeued:
+            self.stats.retransmitted += requeued
+            log.warning(
+                "%d message(s) not acknowledged by the centre in %.0f s; sending again", requeued, self.ack_retry_s
+            )
 
     def _handle(self, event: tuple) -> None:
         match event:
@@ -187,12 +185,12 @@ class Delivery:
 
     def _on_ack(self, payload: bytes, at: float) -> None:
         try:
-            ack = AckClaims.model_validate(verify(payload, self.centre_key))
+            ack = verify_claims(AckClaims, payload, self.centre_key)
         except SignatureInvalid as exc:
             self._bad_ack(exc.reason, str(exc))
             return
-        except ValidationError as exc:
-            self._bad_ack("malformed", f"acknowledgement claims invalid: {exc.errors()[0]['msg']}")
+        except Exception as exc:  # noqa: BLE001 - an ack is hostile input: nothing in it may stop delivery
+            self._bad_ack("malformed", f"{type(exc).__name__}: {exc}")
             return
         if ack.device != self.device:
             self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")

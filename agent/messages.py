@@ -18,11 +18,15 @@ receiver's time window while ``created`` keeps the true time.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import SignatureInvalid
 
 SCHEMA_VERSION = 1
 Kind = Literal["alert", "tamper", "test", "telemetry", "status", "event"]
@@ -37,39 +41,90 @@ CHANNEL_OF_KIND: dict[str, str] = {
 }
 #: Kinds the centre acknowledges; the device keeps them until that ack arrives.
 ACKNOWLEDGED_KINDS = frozenset({"alert", "tamper", "test", "event"})
+#: Largest sequence number: every JSON implementation holds it exactly (IEEE double), as SQLite does.
+MAX_SEQ = 2**53 - 1
+#: Deepest nesting of arrays and objects accepted in a signed payload, checked before parsing.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+
+Sequence = Field(ge=1, le=MAX_SEQ, description="Strictly increasing per device, across restarts.")
+UnixTime = Field(ge=0, le=2**34, description="Unix time in seconds; finite.")
+Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class MessageClaims(BaseModel):
+class Strict(BaseModel):
+    """No coercion ("123" is not a number, "false" is not a boolean), no NaN or infinity, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class MessageClaims(Strict):
     """The signed claims of every device message."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     v: Literal[1] = SCHEMA_VERSION
-    device: str = Field(min_length=1, max_length=64)
-    site: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=1, description="Strictly increasing per device, across restarts.")
+    device: str = Name
+    site: str = Name
+    seq: int = Sequence
     event_id: uuid.UUID
-    created: float = Field(description="Unix time the event happened.")
-    sent: float = Field(description="Unix time this copy was signed for sending.")
+    created: float = UnixTime
+    sent: float = UnixTime
     kind: Kind
     test: bool = False
     body: dict[str, Any] = Field(default_factory=dict)
 
 
-class AckClaims(BaseModel):
+class AckClaims(Strict):
     """The centre's signed acknowledgement of one device message."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
     kind: Literal["ack"] = "ack"
-    receiver: str
-    device: str
-    seq: int
+    receiver: str = Field(min_length=1, max_length=128)
+    device: str = Name
+    seq: int = Sequence
     event_id: uuid.UUID
-    stored_at: float
-    sent: float
+    stored_at: float = UnixTime
+    sent: float = UnixTime
     duplicate: bool = False
+
+
+def check_json_depth(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse deeply nested JSON before any parser recurses into it."""
+    depth = 0
+    for bracket in _JSON_STRING.sub(b'""', payload).translate(None, _BRACKETS):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > max_depth:
+            raise SignatureInvalid("malformed", f"JSON nested deeper than {max_depth} levels")
+
+
+def parse_json_object(payload: bytes) -> dict[str, Any]:
+    """A signed payload as a dict: depth-checked first, strictly JSON (no NaN), an object."""
+    check_json_depth(payload)
+    try:
+        value = json.loads(payload, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SignatureInvalid("malformed", f"signed payload is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SignatureInvalid("malformed", "signed payload is not a JSON object")
+    return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+Claims = TypeVar("Claims", bound=BaseModel)
+
+
+def decode_claims(model: type[Claims], payload: bytes) -> Claims:
+    """Validate a verified payload against a claims model; any failure is ``malformed``."""
+    parse_json_object(payload)  # depth, NaN and shape, before pydantic sees it
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise SignatureInvalid("malformed", f"claims invalid at {where}: {first['msg']}") from None
 
 
 def new_claims(
@@ -122,10 +177,8 @@ class TopicLayout:
         return (site, device, channel) if channel in CHANNELS else None
 
 
-class EvidenceRequest(BaseModel):
+class EvidenceRequest(Strict):
     """The centre asks a device for one evidence image named in a signed alert."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
     kind: Literal["evidence-request"] = "evidence-request"
@@ -135,10 +188,8 @@ class EvidenceRequest(BaseModel):
     sent: float
 
 
-class EvidenceReply(BaseModel):
+class EvidenceReply(Strict):
     """The device's answer: the JPEG (base64) or why there is none."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
     kind: Literal["evidence"] = "evidence"

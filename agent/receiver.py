@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import ValidationError
-
 from .config import ReceiverConfig, resolve_secret
 from .errors import SignatureInvalid
+from .guard import LoopGuard
 from .keyring import Keyring
 from .messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
 from .receiver_store import ReceiverStore
 from .registry import DeviceEvent
-from .signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify
+from .signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify_claims
 from .uplink import MqttLink
 
 log = logging.getLogger(__name__)
@@ -43,10 +42,18 @@ MAX_MESSAGE_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: Literal["accepted", "duplicate", "rejected"]
+    """What the receiver decided about one message.
+
+    ``alive`` says whether the message proves that the device is alive now: only a fresh,
+    first-seen message does. A redelivery, a replay, an old retained status or the last
+    will never does.
+    """
+
+    outcome: Literal["accepted", "duplicate", "rejected", "ignored"]
     reason: str | None = None
     detail: str = ""
     claims: MessageClaims | None = None
+    alive: bool = False
 
 
 class MessageChecker:
@@ -68,18 +75,40 @@ class MessageChecker:
         self.window_future_s = window_future_s
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        self.guard = LoopGuard("checker")  # records unexpected errors once per kind; runs on the caller's thread
 
-    def check(self, topic: str, payload: bytes) -> Verdict:
+    def check(self, topic: str, payload: bytes, arrived_at: float | None = None) -> Verdict:
+        """Judge one message; never raises. ``arrived_at`` is when the broker handed it over."""
+        arrived_at = self.clock() if arrived_at is None else arrived_at
         try:
-            verdict = self._check(topic, payload)
+            verdict = self._check(topic, payload, arrived_at)
         except SignatureInvalid as exc:
             verdict = Verdict("rejected", exc.reason, str(exc))
+        except (sqlite3.Error, OSError) as exc:
+            verdict = Verdict("rejected", "store_failed", f"could not store: {exc}")
+        except Exception as exc:  # noqa: BLE001 - hostile input must never stop the receiver
+            self.guard.failed("check", exc)
+            verdict = Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
         self.counters[verdict.outcome if verdict.reason is None else verdict.reason] += 1
         if verdict.outcome == "rejected":
-            log.warning("rejected message on %s: %s (%s)", topic, verdict.reason, verdict.detail)
+            log.warning("rejected message on %.200s: %s (%.300s)", topic, verdict.reason, verdict.detail)
         return verdict
 
-    def _check(self, topic: str, payload: bytes) -> Verdict:
+    def _check(self, topic: str, payload: bytes, arrived_at: float) -> Verdict:
+        claims = self._authenticate(topic, payload)
+        if claims.kind == "status" and claims.body.get("state") == "offline":
+            return self._store_once(claims, arrived_at, alive=False)  # the last will: "offline", as of any age
+        age = arrived_at - claims.sent
+        if age > self.window_past_s or age < -self.window_future_s:
+            if claims.kind == "status":  # a retained "online" from long ago: no news, no alarm
+                return Verdict("ignored", "old_status", f"status sent {age:+.0f} s before arrival", claims)
+            raise SignatureInvalid(
+                "stale", f"sent {age:+.1f} s from arrival, outside -{self.window_past_s:g}/+{self.window_future_s:g} s"
+            )
+        return self._store_once(claims, arrived_at, alive=True)
+
+    def _authenticate(self, topic: str, payload: bytes) -> MessageClaims:
+        """Size, algorithm, enrolled key, signature, strict claims, device and topic: or a reason why not."""
         if len(payload) > MAX_MESSAGE_BYTES:
             raise SignatureInvalid("oversized", f"{len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
         header = unverified_header(payload)
@@ -90,12 +119,7 @@ class MessageChecker:
         device = self.keyring.lookup(str(header.get("kid")))
         if device is None:
             raise SignatureInvalid("unknown_device", f"key id {header.get('kid')!r} is not enrolled")
-        try:
-            claims = MessageClaims.model_validate(verify(payload, device.key))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise SignatureInvalid("malformed", f"claims invalid at {where}: {first['msg']}") from None
+        claims = verify_claims(MessageClaims, payload, device.key)
         if claims.device != device.device_id or claims.site != device.site:
             raise SignatureInvalid(
                 "device_mismatch",
@@ -104,25 +128,29 @@ class MessageChecker:
             )
         if self.topics.parse(topic) != (claims.site, claims.device, CHANNEL_OF_KIND[claims.kind]):
             raise SignatureInvalid(
-                "topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic}"
+                "topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic:.200}"
             )
-        if claims.kind == "status":
-            return Verdict("accepted", claims=claims)  # retained state: old by nature, not de-duplicated
-        age = self.clock() - claims.sent
-        if age > self.window_past_s or age < -self.window_future_s:
-            raise SignatureInvalid(
-                "stale", f"sent {age:+.1f} s from now, outside -{self.window_past_s:g}/+{self.window_future_s:g} s"
-            )
+        return claims
+
+    def _store_once(self, claims: MessageClaims, arrived_at: float, alive: bool) -> Verdict:
+        """Store a first copy; a second copy of the same event is a duplicate, another event on its sequence a replay.
+
+        Whatever happens, the verdict is "accepted" or "duplicate" only once the stored row is read
+        back and is this very event: an acknowledgement promises exactly that.
+        """
+        event_id = str(claims.event_id)
         stored = self.store.find(claims.device, claims.seq)
-        if stored is not None:
-            if stored.event_id == str(claims.event_id):
-                return Verdict("duplicate", claims=claims)
+        inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), arrived_at)
+        stored = self.store.find(claims.device, claims.seq)
+        if stored is None:
+            raise SignatureInvalid("store_failed", f"{claims.device} seq {claims.seq} is not in the store after insert")
+        if stored.event_id != event_id:
             raise SignatureInvalid(
                 "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
             )
-        if not self.store.insert(claims.model_dump(mode="json"), self.clock()):
-            return Verdict("duplicate", claims=claims)  # a concurrent receiver stored it first
-        return Verdict("accepted", claims=claims)
+        if inserted:
+            return Verdict("accepted", claims=claims, alive=alive)
+        return Verdict("duplicate", claims=claims)
 
 
 def describe(body: dict) -> str:
@@ -167,9 +195,9 @@ class Receiver:
         for channel in ("alert", "event", "telemetry"):
             self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
         self.link.subscribe(f"{prefix}/+/+/status")
-        self.link.on_message = lambda topic, payload: self._inbox.put((topic, payload))
-        self._inbox: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._work, name="receiver", daemon=True)
+        self.link.on_message = lambda topic, payload: self._inbox.put((topic, payload, self.clock()))
+        self._inbox: queue.SimpleQueue[tuple[str, bytes, float] | None] = queue.SimpleQueue()
+        self.guard = LoopGuard("receiver", stall_s=5.0)
 
     def __enter__(self) -> Receiver:
         self.start()
@@ -183,19 +211,19 @@ class Receiver:
         return self.checker.counters
 
     def start(self) -> None:
-        self._worker.start()
+        self.guard.start(self._work)
         self.link.start()
         log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
 
     def close(self) -> None:
         self.link.close()
         self._inbox.put(None)
-        self._worker.join(timeout=5)
+        self.guard.join(timeout=5)
         self.store.close()
 
     def problems(self) -> list[str]:
         """For the watchdog: empty while the worker runs and paho's network thread is alive."""
-        found = [] if self._worker.is_alive() else ["receiver worker stopped"]
+        found = [p for p in (self.guard.problem(),) if p]
         return found if self.link.network_thread_alive else [*found, "MQTT network thread not running"]
 
     def _work(self) -> None:
@@ -206,27 +234,31 @@ class Receiver:
                 item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
             except queue.Empty:
                 item = ()
+            self.guard.beat()
             if item is None:
                 return
             if item:
-                try:
+                with self.guard.step("message"):
                     self._handle(*item)
-                except Exception:
-                    log.exception("receiver failed on a message from %s", item[0])
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
-                enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
-                for event in self.registry.check(enrolled, self.clock()):
-                    self._report(event)
+                with self.guard.step("supervision"):
+                    self._supervise_fleet()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 3600
-                removed = self.store.prune(self.clock() - self.config.receiver.retention_days * 86400)
-                if removed:
-                    log.info(
-                        "retention: deleted %d record(s) older than %g days",
-                        removed,
-                        self.config.receiver.retention_days,
-                    )
+                with self.guard.step("retention"):
+                    self._prune()
+
+    def _supervise_fleet(self) -> None:
+        enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
+        for event in self.registry.check(enrolled, self.clock()):
+            self._report(event)
+
+    def _prune(self) -> None:
+        days = self.config.receiver.retention_days
+        removed = self.store.prune(self.clock() - days * 86400)
+        if removed:
+            log.info("retention: deleted %d record(s) older than %g days", removed, days)
 
     def _report(self, event: DeviceEvent) -> None:
         if event.event == "missing":
@@ -236,14 +268,17 @@ class Receiver:
         if self.on_device_event is not None:
             self.on_device_event(event)
 
-    def _handle(self, topic: str, payload: bytes) -> None:
-        verdict = self.checker.check(topic, payload)
+    def _handle(self, topic: str, payload: bytes, arrived_at: float) -> None:
+        verdict = self.checker.check(topic, payload, arrived_at)
         claims = verdict.claims
-        if claims is not None:
-            back = self.registry.heard(claims, self.clock())
+        if verdict.alive and claims is not None:
+            back = self.registry.heard(claims, arrived_at)
             if back is not None:
                 self._report(back)
-        if claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
+        elif verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
+            self.registry.announced_offline(claims, arrived_at)
+            log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
+        if claims is not None and claims.kind in ACKNOWLEDGED_KINDS and verdict.outcome in ("accepted", "duplicate"):
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
             log.warning(

@@ -72,7 +72,8 @@ class ReceiverStore:
         """Store a message; False if (device, seq) is already there."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                # Only the (device, seq) conflict is a duplicate; any other constraint failing is an error.
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING",
                 (
                     claims["device"],
                     claims["seq"],

@@ -69,8 +69,8 @@ class DeviceRegistry:
             self._db.executescript(_SCHEMA)
 
     def heard(self, claims: MessageClaims, now: float) -> DeviceEvent | None:
-        """Record a verified message; returns a 'back' event if the device had been missing."""
-        status = claims.body.get("state") if claims.kind == "status" else "online"
+        """Record a fresh, first-seen message: proof of life. Returns a 'back' event if the device had been missing."""
+        status = "online"
         telemetry = json.dumps(claims.body) if claims.kind == "telemetry" else None
         with self._lock:
             row = self._db.execute("SELECT missing FROM devices WHERE device = ?", (claims.device,)).fetchone()
@@ -84,6 +84,15 @@ class DeviceRegistry:
         if row is not None and row[0]:
             return self._record(DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now)
         return None
+
+    def announced_offline(self, claims: MessageClaims, now: float) -> None:
+        """The device's last will (or clean stop) says it is offline: a fact, never proof of life."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (device, site, status) VALUES (?, ?, 'offline')"
+                " ON CONFLICT(device) DO UPDATE SET status = 'offline'",
+                (claims.device, claims.site),
+            )
 
     def check(self, enrolled: list[tuple[str, str]], now: float) -> list[DeviceEvent]:
         """Devices silent longer than the supervision interval, each reported once."""

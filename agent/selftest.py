@@ -245,7 +245,7 @@ class SelfTest:
     def _broker_round_trip(self) -> None:
         from .messages import AckClaims, TopicLayout, new_claims
         from .outbox import Outbox
-        from .signing import MessageSigner, verify
+        from .signing import MessageSigner, verify_claims
         from .uplink import MqttLink
 
         config = self.config
@@ -288,7 +288,7 @@ class SelfTest:
                 arrived.clear()
                 for payload, received_at in list(acks):
                     try:
-                        candidate = AckClaims.model_validate(verify(payload, self.centre_key))
+                        candidate = verify_claims(AckClaims, payload, self.centre_key)
                     except Exception:
                         continue
                     if candidate.seq == seq and str(candidate.event_id) == claims["event_id"]:

@@ -13,6 +13,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
@@ -23,6 +24,7 @@ from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError, OutboxError
 from .evidence_transfer import EvidenceServer
+from .guard import LoopGuard
 from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from .outbox import Outbox, OutboxEntry
@@ -31,6 +33,25 @@ from .signing import MessageSigner, load_private_key, load_public_jwk
 from .uplink import MqttLink, Will
 
 log = logging.getLogger(__name__)
+
+#: How often the LED is refreshed and the heartbeat timer looked at.
+HOUSEKEEPING_TICK_S = 0.25
+#: How often messages held in memory (storage failing) are tried again.
+HELD_RETRY_S = 0.25
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """A press or event accepted but not (yet) on disk."""
+
+    kind: str
+    body: dict[str, Any]
+    test: bool
+    created: float
+    button: str | None = None
+
+    def describe(self) -> str:
+        return f"alert from button {self.button!r}" if self.button else f"{self.kind} event"
 
 
 class Agent:
@@ -54,7 +75,8 @@ class Agent:
         self._pending_visible: set[int] = set()
         self._ack_shown_until = 0.0
         self._last_test_alert: dict[str, Any] | None = None
-        self._unstored: list[tuple[str, bool, float]] = []
+        self._unstored: list[HeldMessage] = []  # accepted, not yet on disk: retried in order
+        self._held_changed = threading.Event()
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
 
@@ -69,7 +91,7 @@ class Agent:
             config.mqtt,
             client_id=config.mqtt.client_id or f"edge-{self.device}",
             secret_dirs=config.secret_dirs,
-            will=Will(self.topics.topic(self.site, self.device, "status"), self._status_payload("offline")),
+            will=Will(self.topics.topic(self.site, self.device, "status"), lambda: self._status_payload("offline")),
         )
         self.delivery = Delivery(
             self.outbox,
@@ -140,7 +162,8 @@ class Agent:
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
-        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        self._housekeeping = LoopGuard("housekeeping", stall_s=max(5.0, 2 * HOUSEKEEPING_TICK_S))
+        self._held_retry = LoopGuard("held-retry", stall_s=max(5.0, 2 * HELD_RETRY_S))
         self._notifier = SystemdNotifier()
         self._watchdog = HealthWatchdog(self.problems, self._notifier, "alert path up")
 
@@ -159,7 +182,8 @@ class Agent:
         self.delivery.start()
         self.link.start()
         self.control.start()
-        self._housekeeping.start()
+        self._housekeeping.start(self._housekeep)
+        self._held_retry.start(self._retry_held)
         if self.vision is not None:
             self.vision.start()
         self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
@@ -179,8 +203,9 @@ class Agent:
             return
         self._stopping.set()
         self._watchdog.stop()
-        if self._housekeeping.is_alive():
-            self._housekeeping.join(timeout=5)  # it writes to the outbox: let it finish before the outbox closes
+        self._held_changed.set()
+        for loop in (self._housekeeping, self._held_retry):
+            loop.join(timeout=5)  # they write to the outbox: let them finish before the outbox closes
         self._notifier.notify("STOPPING=1")
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
@@ -200,25 +225,9 @@ class Agent:
         """Commit an alert for a button durably; returns once it is on disk.
 
         If the outbox cannot take it (disk full, storage failing), the press is not dropped: it is held
-        in memory, the LED shows a fault, and the housekeeping thread keeps trying to store it, in order.
+        in memory, the LED shows a fault, and the held-retry loop keeps trying to store it, in order.
         """
-        self.config.button(button_name)  # an unknown name is the caller's error, not a storage fault
-        held = (button_name, test, time.time())
-        with self._lock:
-            if self._unstored:  # earlier presses are still waiting: keep the order
-                self._unstored.append(held)
-                return None
-        try:
-            return self._store_alert(*held)
-        except OutboxError as exc:
-            with self._lock:
-                self._unstored.append(held)
-            log.critical("alert from button %r could not be stored (%s); holding it and retrying", button_name, exc)
-            self._refresh_indicator()
-            return None
-
-    def _store_alert(self, button_name: str, test: bool, pressed_at: float) -> OutboxEntry:
-        settings = self.config.button(button_name)
+        settings = self.config.button(button_name)  # an unknown name is the caller's error, not a storage fault
         body = {
             "button": settings.name,
             "alert_kind": settings.alert_kind,
@@ -226,25 +235,56 @@ class Agent:
             "activation": settings.activation,
             "silent": settings.silent,
         }
-        entry = self._commit("alert", body, test=test, created=pressed_at)
-        if not settings.silent:
+        return self._accept(HeldMessage("alert", body, test, time.time(), button=settings.name))
+
+    def _accept(self, message: HeldMessage) -> OutboxEntry | None:
+        """Store a message, or hold it (in order, behind anything already held) when storage fails.
+
+        Telemetry is never held: a heartbeat that cannot be stored is dropped (it says little by then).
+        """
+        if message.kind == "telemetry":
+            try:
+                return self._commit(message.kind, message.body)
+            except OutboxError as exc:
+                log.warning("heartbeat dropped: %s", exc)
+                return None
+        with self._lock:
+            if self._unstored:  # earlier messages are still waiting: keep the order
+                self._unstored.append(message)
+                return None
+        try:
+            return self._store(message)
+        except OutboxError as exc:
+            with self._lock:
+                self._unstored.append(message)
+            self._held_changed.set()
+            log.critical("%s could not be stored (%s); holding it and retrying", message.describe(), exc)
+            self._refresh_indicator()
+            return None
+
+    def _store(self, message: HeldMessage) -> OutboxEntry:
+        entry = self._commit(message.kind, message.body, test=message.test, created=message.created)
+        if message.button is not None:
+            self._press_stored(entry, message)
+        else:
+            log.info("%s event seq %d: %s", message.kind, entry.seq, message.body)
+        return entry
+
+    def _press_stored(self, entry: OutboxEntry, message: HeldMessage) -> None:
+        if not message.body["silent"]:
             with self._lock:
                 self._pending_visible.add(entry.seq)
             self._refresh_indicator()
-        log.info("%salert seq %d accepted from button %r", "test " if test else "", entry.seq, settings.name)
-        return entry
+        prefix = "test " if message.test else ""
+        log.info("%salert seq %d accepted from button %r", prefix, entry.seq, message.button)
 
     def raise_event(self, kind: str, body: dict[str, Any]) -> OutboxEntry | None:
-        try:
-            entry = self._commit(kind, body)
-        except OutboxError as exc:
-            log.error("%s event could not be stored: %s", kind, exc)
-            return None
-        if entry is not None:
-            log.info("%s event seq %d: %s", kind, entry.seq, body)
-        return entry
+        """Commit a tamper, fault or camera event; held and retried like a press if storage fails."""
+        return self._accept(HeldMessage(kind, body, False, time.time()))
 
-    def _commit(self, kind: str, body: dict[str, Any], test: bool = False, created: float | None = None) -> OutboxEntry:
+    def _commit(
+        self, kind: str, body: dict[str, Any], test: bool = False, created: float | None = None
+    ) -> OutboxEntry | None:
         entry = self.outbox.add(
             kind,
             kind in ACKNOWLEDGED_KINDS,
@@ -256,7 +296,9 @@ class Agent:
         return entry
 
     def _on_vision_message(self, kind: str, body: dict[str, Any]) -> None:
-        entry = self._commit(kind, body)
+        entry = self.raise_event(kind, body)  # never raises: a storage fault holds it, like a press
+        if entry is None:
+            return
         log.info(
             "camera %s %s/%s seq %d: %s",
             body.get("camera"),
@@ -332,46 +374,60 @@ class Agent:
 
     def _housekeep(self) -> None:
         next_heartbeat = time.monotonic()
-        while not self._stopping.wait(0.25):
-            self._store_held_alerts()
-            self._refresh_indicator()
+        while not self._stopping.wait(HOUSEKEEPING_TICK_S):
+            self._housekeeping.beat()
+            with self._housekeeping.step("indicator"):
+                self._refresh_indicator()
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
-                self.raise_event("telemetry", self.health())
+                with self._housekeeping.step("heartbeat"):
+                    self.raise_event("telemetry", self.health())
 
-    def _store_held_alerts(self) -> None:
-        while True:
+    def _retry_held(self) -> None:
+        """Its own loop, so that nothing else going wrong can keep a held press from its retries."""
+        while not self._stopping.is_set():
+            self._held_changed.wait(HELD_RETRY_S)
+            self._held_changed.clear()
+            self._held_retry.beat()
+            with self._held_retry.step("store held messages"):
+                self._store_held()
+
+    def _store_held(self) -> None:
+        while not self._stopping.is_set():
             with self._lock:
                 if not self._unstored:
                     return
-                button_name, test, pressed_at = self._unstored[0]
+                message = self._unstored[0]
             try:
-                self._store_alert(button_name, test, pressed_at)
+                self._store(message)
             except OutboxError:
-                return  # still failing; try again on the next tick
+                return  # still failing; try again on the next round
             with self._lock:
                 self._unstored.pop(0)
-            log.warning(
-                "held alert from button %r stored %.1f s after the press", button_name, time.time() - pressed_at
-            )
+            log.warning("held %s stored %.1f s after it happened", message.describe(), time.time() - message.created)
+            self._refresh_indicator()
 
     def problems(self) -> list[str]:
         """What is wrong with the alert path itself (not the network): empty when healthy."""
-        found = []
-        if not self.delivery.is_alive or time.monotonic() - self.delivery.last_progress > 5.0:
-            found.append("delivery thread stuck")
+        found = [p for p in (loop.problem() for loop in self._loops()) if p]
         if not self.link.network_thread_alive:
             found.append("MQTT network thread not running")
         if not self.outbox.is_responsive(timeout_s=1.0):
             found.append("outbox not responding")
-        if not self._housekeeping.is_alive():
-            found.append("housekeeping thread stopped")
         for name, button in self.buttons.items():
             try:
                 _ = button.is_pressed  # reads the line: fails if the GPIO chip went away
             except Exception as exc:
                 found.append(f"button {name!r} unreadable: {exc}")
         return found
+
+    def _loops(self) -> list[LoopGuard]:
+        loops = [self.delivery.guard, self._housekeeping, self._held_retry]
+        if self.evidence_server is not None and hasattr(self.evidence_server, "guard"):
+            loops.append(self.evidence_server.guard)
+        if self.vision is not None and hasattr(self.vision, "guard"):
+            loops.append(self.vision.guard)
+        return loops
 
     def health(self) -> dict[str, Any]:
         oldest = self.outbox.oldest_age_s()
@@ -385,6 +441,9 @@ class Agent:
             "outbox_depth": self.outbox.depth(),
             "oldest_unsent_s": None if oldest is None else round(oldest, 1),
             "dropped_telemetry": self.outbox.dropped_telemetry,
+            "held_in_memory": len(self._unstored),
+            "threads": {loop.name: loop.report() for loop in self._loops()},
+            "bad_acks": dict(self.delivery.stats.bad_acks),
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
             "last_test_alert": self._last_test_alert,
             "vision": None

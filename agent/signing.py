@@ -19,6 +19,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
 from .errors import KeyFileError, SignatureInvalid
+from .messages import Claims, decode_claims, parse_json_object
 
 ALGORITHM = "Ed25519"
 _REGISTRY = jws.JWSRegistry(algorithms=[ALGORITHM])
@@ -118,33 +119,46 @@ class MessageSigner:
 
 
 def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]:
-    """Read the protected header to find the key, without trusting anything in it."""
+    """Read the protected header to find the key, without trusting anything in it.
+
+    Any failure to parse, whatever joserfc raises for it, is ``malformed``: a
+    hostile header must never escape as an exception nobody expected.
+    """
     registry = _LARGE_REGISTRY if large else _REGISTRY
     try:
-        return dict(
-            jws.extract_compact(token if isinstance(token, bytes) else token.encode(), None, registry).headers()
-        )
-    except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise SignatureInvalid("malformed", f"not a compact JWS: {exc}") from None
+        raw = token if isinstance(token, bytes) else token.encode()
+        header = dict(jws.extract_compact(raw, None, registry).headers())
+    except Exception as exc:  # noqa: BLE001 - joserfc raises TypeError/KeyError/... on crafted headers
+        raise SignatureInvalid("malformed", f"not a compact JWS: {type(exc).__name__}: {exc}") from None
+    if "crit" in header:
+        raise SignatureInvalid("malformed", f"critical header extension {header['crit']!r} is not understood")
+    if not isinstance(header.get("kid", ""), str):
+        raise SignatureInvalid("malformed", "key id is not a string")
+    return header
 
 
-def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, Any]:
-    """Check the algorithm and the signature; return the claims as a dict."""
+def verify_payload(token: str | bytes, key: OKPKey, large: bool = False) -> bytes:
+    """Check the algorithm and the signature; return the signed payload bytes, unparsed."""
     header = unverified_header(token, large)
     if header.get("alg") != ALGORITHM:
         raise SignatureInvalid(
             "algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}"
         )
     try:
-        payload = jws.deserialize_compact(token, key, registry=_LARGE_REGISTRY if large else _REGISTRY).payload
+        return jws.deserialize_compact(token, key, registry=_LARGE_REGISTRY if large else _REGISTRY).payload
     except JoseError as exc:
         raise SignatureInvalid(
             "bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}"
         ) from None
-    try:
-        claims = json.loads(payload)
-    except ValueError:
-        raise SignatureInvalid("malformed", "signed payload is not JSON") from None
-    if not isinstance(claims, dict):
-        raise SignatureInvalid("malformed", "signed payload is not a JSON object")
-    return claims
+    except Exception as exc:  # noqa: BLE001 - anything else joserfc trips over is a malformed token
+        raise SignatureInvalid("malformed", f"not a verifiable JWS: {type(exc).__name__}: {exc}") from None
+
+
+def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, Any]:
+    """Check the algorithm and the signature; return the claims as a dict (shape checked, types not)."""
+    return parse_json_object(verify_payload(token, key, large))
+
+
+def verify_claims(model: type[Claims], token: str | bytes, key: OKPKey, large: bool = False) -> Claims:
+    """Verify a token and validate its claims strictly; every failure is a :class:`SignatureInvalid`."""
+    return decode_claims(model, verify_payload(token, key, large))

@@ -34,9 +34,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Will:
+    """The last will. A callable payload is made anew before every (re)connect, so a signed
+    will carries a fresh sequence number and time each time it is armed."""
+
     topic: str
-    payload: bytes
+    payload: bytes | Callable[[], bytes]
     retain: bool = True
+
+    def render(self) -> bytes:
+        return self.payload() if callable(self.payload) else self.payload
 
 
 class MqttLink:
@@ -88,14 +94,19 @@ class MqttLink:
             self._client.username_pw_set(settings.username, password)
         if settings.tls.enabled:
             self._configure_tls(secret_dirs)
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        self._will = will
+        self._arm_will()
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_socket_open = self._handle_socket_open
+        self._client.on_pre_connect = lambda client, userdata: self._arm_will()
+
+    def _arm_will(self) -> None:
+        if self._will is not None:
+            self._client.will_set(self._will.topic, self._will.render(), qos=1, retain=self._will.retain)
 
     def _configure_tls(self, secret_dirs: tuple[Path, ...]) -> None:
         tls = self.settings.tls
