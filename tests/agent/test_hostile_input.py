@@ -142,7 +142,7 @@ def press(pin):
 def test_a_retained_poisoned_ack_does_not_silence_the_device(site, broker, receiver, mock_factory):
     config = site.add_device("cp-1", body='[[buttons]]\nname = "help"\npin = 17\n[indicator]\nled_pin = 5\n')
     publish_retained(broker, "edge/demo-site/cp-1/ack", CRIT_TOKEN)
-    for attempt in range(2):  # and again after a restart, when the broker hands the retained message over anew
+    for _restart in range(2):  # and again after a restart, when the broker hands the retained message over anew
         with Agent(config, pin_factory=mock_factory) as agent:
             assert agent.link.wait_subscribed(10)
             assert wait_until(lambda: agent.delivery.stats.bad_acks.get("malformed", 0) >= 1, 10)
@@ -174,9 +174,7 @@ def test_the_receiver_survives_a_crit_token_and_stores_the_next_alert(site, brok
 
 def test_a_store_that_cannot_write_sends_no_ack_until_it_can(site, receiver, verdicts, mock_factory):
     outside = sqlite3.connect(receiver.config.database_path)  # another process breaks the disk, as it were
-    outside.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
-    )
+    outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
     outside.commit()
     with Agent(site.add_device("cp-1"), pin_factory=mock_factory) as agent:
         entry = agent.raise_alert("main")
