@@ -47,6 +47,7 @@ class DeliveryStats:
     acknowledged: int = 0
     refused_by_broker: int = 0
     retransmitted: int = 0
+    unmatched_acks: int = 0  # genuine acks for nothing in the outbox: a redelivery's second ack, say
     bad_acks: dict[str, int] = field(default_factory=dict)
 
 
@@ -196,7 +197,9 @@ class Delivery:
             self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
             return
         entry = self.outbox.acknowledge(ack.seq, str(ack.event_id))
-        if entry is not None:
+        if entry is None:
+            self.stats.unmatched_acks += 1
+        else:
             self.stats.acknowledged += 1
             self.hooks.acknowledged(entry, at)
 
