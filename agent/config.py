@@ -249,6 +249,15 @@ class ReceiverSection(Section):
     retention_days: float = Field(
         90.0, ge=1, le=3650, description="Stored messages and device events older than this are deleted."
     )
+    session_expiry_s: int = Field(
+        10,
+        ge=0,
+        le=86400,
+        description="How long the broker keeps a crashed receiver's session (and its share of the group) waiting.",
+    )
+    max_inflight: int = Field(
+        200, ge=1, le=65535, description="Messages taken from the broker but not yet stored (MQTT Receive Maximum)."
+    )
 
 
 class ReceiverConfig(Section):

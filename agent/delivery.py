@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .clock import CentreClock
 from .errors import SignatureInvalid
 from .guard import LoopGuard
 from .messages import AckClaims, TopicLayout
@@ -23,6 +25,9 @@ from .outbox import Outbox, OutboxEntry
 from .signing import MessageSigner, verify_claims
 
 log = logging.getLogger(__name__)
+
+#: How many recently sent (sequence, event id) pairs are remembered to match the centre's answers.
+RECENT_SENT = 1024
 
 
 class Transport(Protocol):
@@ -47,6 +52,7 @@ class DeliveryStats:
     acknowledged: int = 0
     refused_by_broker: int = 0
     retransmitted: int = 0
+    naks: int = 0
     unmatched_acks: int = 0  # genuine acks for nothing in the outbox: a redelivery's second ack, say
     bad_acks: dict[str, int] = field(default_factory=dict)
 
@@ -66,6 +72,7 @@ class Delivery:
         ack_retry_s: float,
         window: int = 50,
         hooks: DeliveryHooks | None = None,
+        clock: CentreClock | None = None,
     ):
         self.outbox = outbox
         self.transport = transport
@@ -76,6 +83,8 @@ class Delivery:
         self.ack_retry_s = ack_retry_s
         self.window = window
         self.hooks = hooks or DeliveryHooks()
+        self.clock = clock or CentreClock()
+        self._recently_sent: OrderedDict[int, str] = OrderedDict()  # seq -> event_id, to trust NAKs of telemetry
         self.stats = DeliveryStats()
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # mid -> seq
@@ -89,8 +98,8 @@ class Delivery:
     def wake(self) -> None:
         self._events.put(("wake",))
 
-    def handle_connected(self) -> None:
-        self._events.put(("connected",))
+    def handle_connected(self, session_present: bool = True) -> None:
+        self._events.put(("connected", session_present))
 
     def handle_disconnected(self, reason: str) -> None:
         self._events.put(("disconnected",))
@@ -152,8 +161,10 @@ class Delivery:
                 self._on_ack(payload, at)
             case ("disconnected",):
                 self._inflight.clear()
-            case ("connected",):
+            case ("connected", session_present):
                 self._hold_until = 0.0
+                if not session_present:  # acks queued for us while away are gone with the old session
+                    self._resend_unacknowledged("the broker lost our session")
 
     def _fill_window(self) -> None:
         if not self.transport.is_connected or time.monotonic() < self._hold_until:
@@ -162,11 +173,14 @@ class Delivery:
         if room <= 0:
             return
         for entry in self.outbox.unpublished(room, exclude=set(self._inflight.values())):
-            claims = {**entry.claims, "sent": time.time()}
+            claims = {**entry.claims, "sent": self.clock.now()}
+            if self.clock.error_s:
+                claims["clock_error_s"] = self.clock.error_s
             token = self.signer.sign(claims).encode()
             topic = self.topics.for_kind(claims["site"], claims["device"], entry.kind)
             mid = self.transport.publish(topic, token, qos=1)
             self._inflight[mid] = entry.seq
+            self._remember_sent(entry)
 
     def _on_puback(self, mid: int, ok: bool, reason: str, at: float) -> None:
         seq = self._inflight.pop(mid, None)
@@ -184,6 +198,18 @@ class Delivery:
             self.stats.published += 1
             self.hooks.published(entry, at)
 
+    def _remember_sent(self, entry: OutboxEntry) -> None:
+        self._recently_sent[entry.seq] = entry.event_id
+        self._recently_sent.move_to_end(entry.seq)
+        while len(self._recently_sent) > RECENT_SENT:
+            self._recently_sent.popitem(last=False)
+
+    def _resend_unacknowledged(self, why: str) -> None:
+        resent = self.outbox.requeue_unacknowledged(0.0)
+        if resent:
+            self.stats.retransmitted += resent
+            log.warning("%d message(s) not yet acknowledged: sending again now (%s)", resent, why)
+
     def _on_ack(self, payload: bytes, at: float) -> None:
         try:
             ack = verify_claims(AckClaims, payload, self.centre_key)
@@ -195,6 +221,12 @@ class Delivery:
             return
         if ack.device != self.device:
             self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
+            return
+        if self._recently_sent.get(ack.seq) == str(ack.event_id):  # an answer to what we sent, not a replay
+            self.clock.learn(ack.sent, time.time() - (time.monotonic() - at))
+        if ack.kind == "nak":
+            self.stats.naks += 1
+            self._resend_unacknowledged(f"the centre refused seq {ack.seq} as {ack.reason}")
             return
         entry = self.outbox.acknowledge(ack.seq, str(ack.event_id))
         if entry is None:

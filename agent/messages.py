@@ -72,13 +72,20 @@ class MessageClaims(Strict):
     kind: Kind
     test: bool = False
     body: dict[str, Any] = Field(default_factory=dict)
+    clock_error_s: float = Field(
+        0.0, ge=-(2**31), le=2**31, description="How far off the device's clock was found (it signs corrected time)."
+    )
 
 
 class AckClaims(Strict):
-    """The centre's signed acknowledgement of one device message."""
+    """The centre's signed answer to one device message: ``ack`` (stored) or ``nak`` (refused, with ``reason``).
+
+    ``sent`` is the centre's clock: the device learns its own clock's offset from it.
+    """
 
     v: Literal[1] = SCHEMA_VERSION
-    kind: Literal["ack"] = "ack"
+    kind: Literal["ack", "nak"] = "ack"
+    reason: Literal["stale"] | None = None
     receiver: str = Field(min_length=1, max_length=128)
     device: str = Name
     seq: int = Sequence

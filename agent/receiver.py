@@ -33,7 +33,7 @@ from .messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageCla
 from .receiver_store import ReceiverStore
 from .registry import DeviceEvent
 from .signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify_claims
-from .uplink import MqttLink
+from .uplink import Inbound, MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Verdict:
     detail: str = ""
     claims: MessageClaims | None = None
     alive: bool = False
+    skew_s: float = 0.0  # arrival minus the device's send time: how far off the device's clock looks
 
 
 class MessageChecker:
@@ -96,16 +97,17 @@ class MessageChecker:
 
     def _check(self, topic: str, payload: bytes, arrived_at: float) -> Verdict:
         claims = self._authenticate(topic, payload)
+        skew = arrived_at - claims.sent
         if claims.kind == "status" and claims.body.get("state") == "offline":
-            return self._store_once(claims, arrived_at, alive=False)  # the last will: "offline", as of any age
-        age = arrived_at - claims.sent
-        if age > self.window_past_s or age < -self.window_future_s:
-            if claims.kind == "status":  # a retained "online" from long ago: no news, no alarm
-                return Verdict("ignored", "old_status", f"status sent {age:+.0f} s before arrival", claims)
-            raise SignatureInvalid(
-                "stale", f"sent {age:+.1f} s from arrival, outside -{self.window_past_s:g}/+{self.window_future_s:g} s"
-            )
-        return self._store_once(claims, arrived_at, alive=True)
+            return self._store_once(claims, arrived_at, alive=False, skew=skew)  # the last will, of any age
+        if -self.window_future_s <= skew <= self.window_past_s:
+            return self._store_once(claims, arrived_at, alive=True, skew=skew)
+        outside = f"sent {skew:+.1f} s before arrival, outside -{self.window_future_s:g}/+{self.window_past_s:g} s"
+        if claims.kind == "status":  # a retained "online" from long ago: no news, no alarm
+            return Verdict("ignored", "old_status", outside, claims, skew_s=skew)
+        # Refused, but answered with a signed NAK carrying the centre's time: the device corrects its
+        # clock and sends again at once, so a wrong clock delays an alert by one round trip, never more.
+        return Verdict("rejected", "stale", outside, claims, skew_s=skew)
 
     def _authenticate(self, topic: str, payload: bytes) -> MessageClaims:
         """Size, algorithm, enrolled key, signature, strict claims, device and topic: or a reason why not."""
@@ -132,7 +134,7 @@ class MessageChecker:
             )
         return claims
 
-    def _store_once(self, claims: MessageClaims, arrived_at: float, alive: bool) -> Verdict:
+    def _store_once(self, claims: MessageClaims, arrived_at: float, alive: bool, skew: float) -> Verdict:
         """Store a first copy; a second copy of the same event is a duplicate, another event on its sequence a replay.
 
         Whatever happens, the verdict is "accepted" or "duplicate" only once the stored row is read
@@ -149,8 +151,8 @@ class MessageChecker:
                 "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
             )
         if inserted:
-            return Verdict("accepted", claims=claims, alive=alive)
-        return Verdict("duplicate", claims=claims)
+            return Verdict("accepted", claims=claims, alive=alive, skew_s=skew)
+        return Verdict("duplicate", claims=claims, skew_s=skew)
 
 
 def describe(body: dict) -> str:
@@ -189,14 +191,21 @@ class Receiver:
         self.on_device_event = on_device_event
         self.registry = self.store.registry(settings.supervision_s)
         self.link = MqttLink(
-            config.mqtt, client_id=config.mqtt.client_id or f"receiver-{settings.id}", secret_dirs=config.secret_dirs
+            config.mqtt,
+            client_id=config.mqtt.client_id or f"receiver-{settings.id}",
+            secret_dirs=config.secret_dirs,
+            session_expiry_s=settings.session_expiry_s,
+            manual_ack=True,  # the broker keeps each message until it is stored here
+            receive_maximum=settings.max_inflight,
         )
         prefix, group = self.topics.prefix, settings.share_group
         for channel in ("alert", "event", "telemetry"):
             self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
         self.link.subscribe(f"{prefix}/+/+/status")
-        self.link.on_message = lambda topic, payload: self._inbox.put((topic, payload, self.clock()))
-        self._inbox: queue.SimpleQueue[tuple[str, bytes, float] | None] = queue.SimpleQueue()
+        # Bounded by the broker: at most max_inflight messages are ever unacknowledged in our hands.
+        self.link.on_inbound = lambda inbound: self._inbox.put((inbound, self.clock()))
+        self._inbox: queue.SimpleQueue[tuple[Inbound, float] | None] = queue.SimpleQueue()
+        self._last_nak: dict[str, float] = {}
         self.guard = LoopGuard("receiver", stall_s=5.0)
 
     def __enter__(self) -> Receiver:
@@ -216,7 +225,7 @@ class Receiver:
         log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
 
     def close(self) -> None:
-        self.link.close()
+        self.link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
         self._inbox.put(None)
         self.guard.join(timeout=5)
         self.store.close()
@@ -268,7 +277,13 @@ class Receiver:
         if self.on_device_event is not None:
             self.on_device_event(event)
 
-    def _handle(self, topic: str, payload: bytes, arrived_at: float) -> None:
+    def _handle(self, inbound: Inbound, arrived_at: float) -> None:
+        try:
+            self._judge(inbound.topic, inbound.payload, arrived_at)
+        finally:
+            self.link.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
+
+    def _judge(self, topic: str, payload: bytes, arrived_at: float) -> None:
         verdict = self.checker.check(topic, payload, arrived_at)
         claims = verdict.claims
         if verdict.alive and claims is not None:
@@ -278,30 +293,57 @@ class Receiver:
         elif verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
             self.registry.announced_offline(claims, arrived_at)
             log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
+        if claims is not None and (verdict.outcome == "accepted" or verdict.reason == "stale"):
+            self.registry.note_clock(claims.device, device_clock_error(claims, verdict.skew_s))
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS and verdict.outcome in ("accepted", "duplicate"):
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
+        elif verdict.reason == "stale" and claims is not None:
+            self._refuse_stale(claims, verdict.skew_s)
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
             log.warning(
-                "%s%s from %s/%s seq %d: %s",
+                "%s%s from %s/%s seq %d: %s%s",
                 "TEST " if claims.test else "",
                 claims.kind.upper(),
                 claims.site,
                 claims.device,
                 claims.seq,
                 describe(claims.body),
+                clock_note(claims),
             )
         if self.on_verdict is not None:
             self.on_verdict(verdict)
 
     def _acknowledge(self, claims: MessageClaims, duplicate: bool) -> None:
-        ack = AckClaims(
-            receiver=self.config.receiver.id,
-            device=claims.device,
-            seq=claims.seq,
-            event_id=claims.event_id,
-            stored_at=self.clock(),
-            sent=self.clock(),
-            duplicate=duplicate,
-        )
+        self._answer(claims, AckClaims(**self._answer_fields(claims), duplicate=duplicate))
+
+    def _refuse_stale(self, claims: MessageClaims, skew_s: float) -> None:
+        """A signed, centre-timed NAK (as SIA DC-09 carries the receiver's time): the device corrects its clock.
+
+        At most one a second per device for kinds the centre does not acknowledge, so a flood of stale
+        telemetry cannot make the receiver a NAK amplifier.
+        """
+        now = self.clock()
+        if claims.kind not in ACKNOWLEDGED_KINDS and now - self._last_nak.get(claims.device, 0.0) < 1.0:
+            return
+        self._last_nak[claims.device] = now
+        log.warning("%s/%s clock looks off by %+.0f s; told it the centre's time", claims.site, claims.device, skew_s)
+        self._answer(claims, AckClaims(**self._answer_fields(claims), kind="nak", reason="stale"))
+
+    def _answer_fields(self, claims: MessageClaims) -> dict:
+        now = self.clock()
+        fields = {"device": claims.device, "seq": claims.seq, "event_id": claims.event_id}
+        return {**fields, "receiver": self.config.receiver.id, "stored_at": now, "sent": now}
+
+    def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:
         topic = self.topics.topic(claims.site, claims.device, "ack")
-        self.link.publish(topic, self.signer.sign(ack.model_dump(mode="json")).encode(), qos=1)
+        self.link.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
+
+
+def device_clock_error(claims: MessageClaims, skew_s: float) -> float:
+    """How far the device's own clock is off: what it reports having corrected, or what its send time shows."""
+    return claims.clock_error_s if claims.clock_error_s else -skew_s
+
+
+def clock_note(claims: MessageClaims) -> str:
+    """ " (device clock off by N s)" for an alert signed with a corrected clock, else nothing."""
+    return f" (device clock off by {claims.clock_error_s:+.0f} s, corrected)" if claims.clock_error_s else ""

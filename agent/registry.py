@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL,
     status TEXT NOT NULL DEFAULT 'unknown',
     missing INTEGER NOT NULL DEFAULT 0,
-    last_telemetry TEXT
+    last_telemetry TEXT,
+    clock_skew_s REAL
 );
 CREATE TABLE IF NOT EXISTS device_events (
     at REAL NOT NULL,
@@ -53,6 +54,7 @@ class DeviceState:
     status: str
     missing: bool
     last_telemetry: dict[str, Any] | None
+    clock_skew_s: float | None = None
 
 
 class DeviceRegistry:
@@ -67,6 +69,9 @@ class DeviceRegistry:
         self.started_at = time.time() if started_at is None else started_at
         with self._lock:
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+            if "clock_skew_s" not in columns:  # a database from before clocks were watched
+                self._db.execute("ALTER TABLE devices ADD COLUMN clock_skew_s REAL")
 
     def heard(self, claims: MessageClaims, now: float) -> DeviceEvent | None:
         """Record a fresh, first-seen message: proof of life. Returns a 'back' event if the device had been missing."""
@@ -84,6 +89,11 @@ class DeviceRegistry:
         if row is not None and row[0]:
             return self._record(DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now)
         return None
+
+    def note_clock(self, device: str, skew_s: float) -> None:
+        """How far off the device's clock looked on its latest verified message (arrival minus send time)."""
+        with self._lock:
+            self._db.execute("UPDATE devices SET clock_skew_s = ? WHERE device = ?", (round(skew_s, 1), device))
 
     def announced_offline(self, claims: MessageClaims, now: float) -> None:
         """The device's last will (or clean stop) says it is offline: a fact, never proof of life."""
@@ -128,10 +138,12 @@ class DeviceRegistry:
     def states(self) -> list[DeviceState]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT device, site, last_seen, status, missing, last_telemetry FROM devices ORDER BY site, device"
+                "SELECT device, site, last_seen, status, missing, last_telemetry, clock_skew_s"
+                " FROM devices ORDER BY site, device"
             ).fetchall()
         return [
-            DeviceState(d, s, seen, status, bool(m), json.loads(t) if t else None) for d, s, seen, status, m, t in rows
+            DeviceState(d, s, seen, status, bool(m), json.loads(t) if t else None, skew)
+            for d, s, seen, status, m, t, skew in rows
         ]
 
     def events(self) -> list[tuple[float, str, str, str, str]]:

@@ -19,6 +19,7 @@ from typing import Any
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
 
 from . import __version__
+from .clock import CentreClock
 from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
@@ -79,6 +80,7 @@ class Agent:
         self._held_changed = threading.Event()
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
+        self.clock = CentreClock()  # local time, corrected by the centre's signed answers
 
         self.signer = MessageSigner(
             load_private_key(resolve_secret(config.identity.private_key_file, *config.secret_dirs))
@@ -102,6 +104,7 @@ class Agent:
             device=self.device,
             ack_retry_s=config.outbox.ack_retry_s,
             hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
+            clock=self.clock,
         )
         self.link.on_connected = self._on_connected
         self.link.on_disconnected = self._on_disconnected
@@ -235,7 +238,7 @@ class Agent:
             "activation": settings.activation,
             "silent": settings.silent,
         }
-        return self._accept(HeldMessage("alert", body, test, time.time(), button=settings.name))
+        return self._accept(HeldMessage("alert", body, test, self.clock.now(), button=settings.name))
 
     def _accept(self, message: HeldMessage) -> OutboxEntry | None:
         """Store a message, or hold it (in order, behind anything already held) when storage fails.
@@ -280,7 +283,7 @@ class Agent:
 
     def raise_event(self, kind: str, body: dict[str, Any]) -> OutboxEntry | None:
         """Commit a tamper, fault or camera event; held and retried like a press if storage fails."""
-        return self._accept(HeldMessage(kind, body, False, time.time()))
+        return self._accept(HeldMessage(kind, body, False, self.clock.now()))
 
     def _commit(
         self, kind: str, body: dict[str, Any], test: bool = False, created: float | None = None
@@ -330,11 +333,11 @@ class Agent:
         if self._external_acknowledged:
             self._external_acknowledged(entry, at)
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, session_present: bool) -> None:
         self.link.publish(
             self.topics.topic(self.site, self.device, "status"), self._status_payload("online"), retain=True
         )
-        self.delivery.handle_connected()
+        self.delivery.handle_connected(session_present)
         self._refresh_indicator()
 
     def _on_disconnected(self, reason: str) -> None:
@@ -354,6 +357,7 @@ class Agent:
             seq=self.outbox.next_sequence(),
             kind="status",
             body={"state": state, "version": __version__},
+            created=self.clock.now(),
         )
         return self.signer.sign(claims).encode()
 
@@ -442,6 +446,7 @@ class Agent:
             "oldest_unsent_s": None if oldest is None else round(oldest, 1),
             "dropped_telemetry": self.outbox.dropped_telemetry,
             "held_in_memory": len(self._unstored),
+            "clock_error_s": self.clock.error_s,
             "threads": {loop.name: loop.report() for loop in self._loops()},
             "bad_acks": dict(self.delivery.stats.bad_acks),
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),

@@ -13,6 +13,7 @@ commit to the outbox first and retire a message only from ``on_published``.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -30,6 +31,17 @@ from .config import MqttSection, read_secret, resolve_secret
 from .errors import UplinkError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message taken from the broker; with manual acknowledgement, it stays the broker's until ``ack``."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,10 @@ class MqttLink:
         will: optional last will, published by the broker if this client vanishes.
         session_expiry_s: how long the broker keeps subscriptions and queued QoS 1
             messages (acks) for us while we are away; 0 for a clean session.
+        manual_ack: the broker's copy of a QoS 1 message is released only by ``ack(inbound)``,
+            not when it has been read: whoever stores it acknowledges it after the commit.
+        receive_maximum: at most this many unacknowledged messages in our hands at once
+            (MQTT 5 Receive Maximum); the broker holds the rest: backpressure, not growth.
     """
 
     def __init__(
@@ -64,10 +80,13 @@ class MqttLink:
         secret_dirs: tuple[Path, ...],
         will: Will | None = None,
         session_expiry_s: int = 3600,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
     ):
         self.settings = settings
         self.client_id = client_id
-        self.on_connected: Callable[[], None] = lambda: None
+        self.on_connected: Callable[[bool], None] = lambda session_present: None
+        self.on_inbound: Callable[[Inbound], None] = lambda inbound: None  # with manual_ack
         self.on_disconnected: Callable[[str], None] = lambda reason: None
         self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
         self.on_published: Callable[[int, bool, str], None] = lambda mid, ok, reason: None
@@ -78,14 +97,19 @@ class MqttLink:
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._session_expiry_s = session_expiry_s
+        self._receive_maximum = receive_maximum
+        self._manual_ack = manual_ack
         self._closing = False
         self._last_refusal = ""
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
+            manual_ack=manual_ack,
         )
-        self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
+        # Randomised per client, so a thousand devices back from one outage do not reconnect in one instant.
+        jitter = random.uniform(0.5, 1.0)
+        self._client.reconnect_delay_set(settings.reconnect_min_s * jitter, settings.reconnect_max_s * jitter)
         self._client.max_inflight_messages_set(100)
         if settings.username is not None:
             password = None
@@ -150,6 +174,8 @@ class MqttLink:
         """Connect in the background; paho keeps reconnecting with capped exponential backoff."""
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self._session_expiry_s
+        if self._receive_maximum is not None:
+            properties.ReceiveMaximum = self._receive_maximum
         try:
             self._client.connect_async(
                 self.settings.host,
@@ -191,8 +217,12 @@ class MqttLink:
             else f"no answer from the broker within {timeout:g} s"
         )
 
-    def close(self, final: tuple[str, bytes] | None = None) -> None:
-        """Disconnect cleanly; ``final`` (topic, payload) is published retained first (e.g. 'offline')."""
+    def close(self, final: tuple[str, bytes] | None = None, end_session: bool = False) -> None:
+        """Disconnect cleanly; ``final`` (topic, payload) is published retained first (e.g. 'offline').
+
+        ``end_session`` asks the broker to forget our session now: a stopped receiver must not keep
+        its share of a shared subscription, or the broker parks messages for it.
+        """
         if final is not None and self.is_connected:
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             try:
@@ -200,7 +230,11 @@ class MqttLink:
             except (RuntimeError, ValueError):
                 pass
         self._closing = True
-        self._client.disconnect()
+        properties = None
+        if end_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        self._client.disconnect(properties=properties)
         self._client.loop_stop()
         self._connected.clear()
 
@@ -222,6 +256,11 @@ class MqttLink:
                 self._pending_subacks.add(mid)
             if not self._pending_subacks:
                 self._subscribed.set()
+
+    def ack(self, inbound: Inbound) -> None:
+        """Release a message the broker handed us (manual acknowledgement): it is ours now."""
+        if self._manual_ack and inbound.qos > 0:
+            self._client.ack(inbound.mid, inbound.qos)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Hand a message to paho; returns its mid. Not durable: the caller keeps its own copy."""
@@ -254,8 +293,15 @@ class MqttLink:
         for topic_filter, qos in list(self._subscriptions.items()):
             self._send_subscribe(topic_filter, qos)
         self._connected.set()
-        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
-        self.on_connected()
+        session_present = bool(getattr(flags, "session_present", False))
+        log.info(
+            "connected to %s:%s as %s (%s session)",
+            self.settings.host,
+            self.settings.port,
+            self.client_id,
+            "resumed" if session_present else "new",
+        )
+        self.on_connected(session_present)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
@@ -269,7 +315,10 @@ class MqttLink:
             self.on_disconnected(str(reason_code))
 
     def _handle_message(self, client, userdata, message) -> None:
-        self.on_message(message.topic, message.payload)
+        if self._manual_ack:
+            self.on_inbound(Inbound(message.topic, message.payload, message.mid, message.qos, time.time()))
+        else:
+            self.on_message(message.topic, message.payload)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self.on_published(mid, not reason_code.is_failure, str(reason_code))
