@@ -8,7 +8,7 @@ Topics::
     <prefix>/<site>/<device>/status     retained online/offline (last will)     QoS 1
     <prefix>/<site>/<device>/ack        the centre's signed acknowledgements    QoS 1
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
-    <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG (signed)
+    <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
 set. ``created`` is when the event happened; ``sent`` is when this copy was
@@ -131,12 +131,17 @@ class EvidenceRequest(BaseModel):
     kind: Literal["evidence-request"] = "evidence-request"
     device: str
     ref: str = Field(pattern=r"^evidence/[0-9a-f-]{36}\.jpg$", description="As given in the alert's body.")
-    request_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="Single use: the device answers each id once.")
     sent: float
 
 
 class EvidenceReply(BaseModel):
-    """The device's answer: the JPEG (base64) or why there is none."""
+    """The device's answer: the JPEG sealed for the centre, or why there is none.
+
+    The image travels only as a compact JWE for the centre's X25519 key (see
+    ``sealing``); ``sha256`` is the plaintext's, which the centre checks against
+    the signed alert after opening it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -146,6 +151,6 @@ class EvidenceReply(BaseModel):
     ref: str
     request_id: uuid.UUID
     sent: float
-    sha256: str | None = None
-    jpeg_b64: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Of the plaintext JPEG.")
+    jpeg_jwe: str | None = Field(None, description="The JPEG as a compact JWE (ECDH-ES, A256GCM) for the centre.")
     error: str | None = None
