@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[config_after], help="verify, store and acknowledge device messages").set_defaults(
         func=cmd_receiver_run
     )
-    rinit = sub.add_parser("init", parents=[config_after], help="create the centre's signing key and print its JWK")
+    rinit = sub.add_parser(
+        "init", parents=[config_after], help="create the centre's signing and encryption keys, print their public set"
+    )
     rinit.add_argument("--force", action="store_true")
     rinit.set_defaults(func=cmd_receiver_init)
     devices = sub.add_parser("devices", parents=[config_after], help="the fleet: state, last seen, health")
@@ -343,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--key-file", type=Path, help="client certificate key for mutual TLS")
     prov.add_argument("--username")
     prov.add_argument("--password-file", type=Path, help="file holding the broker password")
-    prov.add_argument("--centre-key", type=Path, help="the centre's public JWK (from 'edge-agent receiver init')")
+    prov.add_argument("--centre-key", type=Path, help="the centre's public key set (from 'edge-agent receiver init')")
     prov.add_argument("--camera", default="picamera2", help="camera-box: camera source")
     prov.add_argument("--root", type=Path, default=Path("/"), help="install under this root (default /)")
     prov.add_argument("--force", action="store_true", help="replace an existing device key")

@@ -91,6 +91,7 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
     from .keyring import Keyring
     from .messages import TopicLayout
     from .receiver_store import ReceiverStore
+    from .sealing import load_encryption_key
     from .signing import MessageSigner, load_private_key
     from .uplink import MqttLink
 
@@ -107,6 +108,7 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
     alert = alerts[0]
     evidence = alert.claims["body"]["evidence"]
     signer = MessageSigner(load_private_key(resolve_secret(config.receiver.signing_key_file, *config.secret_dirs)))
+    decryption_key = load_encryption_key(resolve_secret(config.receiver.encryption_key_file, *config.secret_dirs))
     link = MqttLink(
         config.mqtt,
         client_id=f"receiver-{config.receiver.id}-evidence",
@@ -122,6 +124,7 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
             TopicLayout(config.mqtt.topic_prefix),
             signer,
             Keyring(config.keyring_path),
+            decryption_key,
             site=alert.site,
             device=alert.device,
             ref=evidence["ref"],
@@ -133,19 +136,35 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
     fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-    print(f"{args.out}: {len(data)} bytes from {alert.site}/{alert.device}, sha256 matches the signed alert")
+    print(f"{args.out}: {len(data)} bytes from {alert.site}/{alert.device}, decrypted; sha256 matches the signed alert")
     return 0
 
 
 def cmd_receiver_init(args: argparse.Namespace) -> int:
+    """Create the centre's keys that are missing (``--force``: replace both) and publish the public set."""
     from .config import load_receiver_config, resolve_secret
-    from .signing import generate_private_key, public_jwk
+    from .sealing import centre_key_set, generate_encryption_key, load_encryption_key
+    from .signing import generate_private_key, load_private_key
 
     config = load_receiver_config(args.config)
-    path = resolve_secret(config.receiver.signing_key_file, *config.secret_dirs)
-    key = generate_private_key(path, force=args.force)
-    print(f"created centre key {path} (mode 0600); give devices this public JWK as centre.jwk:", file=sys.stderr)
-    print_json(public_jwk(key))
+    keys = []
+    for what, name, generate, load in (
+        ("signing", config.receiver.signing_key_file, generate_private_key, load_private_key),
+        ("encryption", config.receiver.encryption_key_file, generate_encryption_key, load_encryption_key),
+    ):
+        path = resolve_secret(name, *config.secret_dirs)
+        if path.exists() and not args.force:
+            keys.append(load(path))
+            print(f"kept the centre's {what} key {path}", file=sys.stderr)
+        else:
+            keys.append(generate(path, force=args.force))
+            print(f"created the centre's {what} key {path} (mode 0600)", file=sys.stderr)
+    public = centre_key_set(*keys)
+    out = config.receiver.state_dir / "centre.jwk"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(public, indent=2) + "\n")
+    print(f"give devices this key set as centre.jwk (also written to {out}):", file=sys.stderr)
+    print_json(public)
     return 0
 
 

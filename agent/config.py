@@ -58,7 +58,9 @@ class IdentitySection(Section):
     )
     centre_key_file: str = Field(
         "centre.jwk",
-        description="The centre's public JWK, used to verify acknowledgements. Same lookup as private_key_file.",
+        description="The centre's public keys as printed by 'receiver init': a JWK Set {keys: [sig, enc]} "
+        "(the enc key seals evidence images for the centre), or its single signing JWK on devices without "
+        "evidence. Same lookup as private_key_file.",
     )
 
 
@@ -240,6 +242,9 @@ class ReceiverSection(Section):
     keyring_dir: str = Field("keyring", description="Directory of enrolled device keys, relative to state_dir.")
     database: str = Field("receiver.sqlite", description="Accepted messages, relative to state_dir.")
     signing_key_file: str = Field("centre-key.pem", description="The centre's Ed25519 key for acknowledgements.")
+    encryption_key_file: str = Field(
+        "centre-enc-key.pem", description="The centre's X25519 key; devices encrypt evidence images for it."
+    )
     share_group: Name = Field("centre", description="MQTT 5 shared-subscription group; receivers share the load.")
     window_past_s: float = Field(40.0, gt=0, le=3600, description="Oldest accepted send time (SIA DC-09: 40 s).")
     window_future_s: float = Field(20.0, gt=0, le=3600, description="Furthest accepted future send time (20 s).")

@@ -13,6 +13,7 @@ from pathlib import Path
 from .broker import LocalBroker
 from .config import AgentConfig, load_agent_config, load_receiver_config
 from .keyring import Keyring, enrolment_record
+from .sealing import centre_key_set, generate_encryption_key
 from .signing import generate_private_key, public_jwk
 
 DEFAULT_BUTTON = '[[buttons]]\nname = "main"\npin = 17\nalert_kind = "assistance"\nlocation = "Main entrance"\n'
@@ -33,9 +34,15 @@ class LocalSite:
             f'[receiver]\nid = "centre-1"\nstate_dir = "."\ncredentials_dir = "credentials"\n\n{self.mqtt_toml()}'
         )
         self.receiver_config = load_receiver_config(self._receiver_config_path)
-        key_path = self.receiver_config.secret_dirs[0] / self.receiver_config.receiver.signing_key_file
-        centre_key = generate_private_key(key_path, force=True)
+        credentials = self.receiver_config.secret_dirs[0]
+        centre_key = generate_private_key(credentials / self.receiver_config.receiver.signing_key_file, force=True)
+        encryption_key = generate_encryption_key(
+            credentials / self.receiver_config.receiver.encryption_key_file, force=True
+        )
+        #: The centre's signing JWK alone (what a device without evidence may hold).
         self.centre_jwk = public_jwk(centre_key)
+        #: What ``receiver init`` prints and every device here gets: {"keys": [sig, enc]}.
+        self.centre_keys = centre_key_set(centre_key, encryption_key)
         self.keyring = Keyring(self.receiver_config.keyring_path)
 
     def mqtt_toml(self, client_id: str | None = None, extra: str = "") -> str:
@@ -62,7 +69,7 @@ class LocalSite:
         enroll: bool = True,
         outbox: str = "",
     ) -> AgentConfig:
-        """Write a device config, create its key and the centre's public key, and enrol it."""
+        """Write a device config, create its key and the centre's public key set, and enrol it."""
         device_dir = self.root / device_id
         device_dir.mkdir(parents=True, exist_ok=True)
         path = device_dir / "agent.toml"
@@ -75,7 +82,7 @@ class LocalSite:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         credentials = config.secret_dirs[0]
         key = generate_private_key(credentials / config.identity.private_key_file, force=True)
-        (credentials / config.identity.centre_key_file).write_text(json.dumps(self.centre_jwk))
+        (credentials / config.identity.centre_key_file).write_text(json.dumps(self.centre_keys))
         if enroll:
             self.keyring.enroll(enrolment_record(device_id, self.site, kind, key))
         return config

@@ -8,7 +8,7 @@ Topics::
     <prefix>/<site>/<device>/status     retained online/offline (last will)     QoS 1
     <prefix>/<site>/<device>/ack        the centre's signed acknowledgements    QoS 1
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
-    <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG (signed)
+    <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
 set. ``created`` is when the event happened; ``sent`` is when this copy was
@@ -54,9 +54,10 @@ Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0
 
 
 class Strict(BaseModel):
-    """No coercion ("123" is not a number, "false" is not a boolean), no NaN or infinity, no unknown keys."""
+    """Claims read from the wire: no NaN or infinity, no unknown keys; ``decode_claims`` adds: no coercion
+    ("123" is not a number, "false" is not a boolean)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MessageClaims(Strict):
@@ -127,7 +128,7 @@ def decode_claims(model: type[Claims], payload: bytes) -> Claims:
     """Validate a verified payload against a claims model; any failure is ``malformed``."""
     parse_json_object(payload)  # depth, NaN and shape, before pydantic sees it
     try:
-        return model.model_validate_json(payload)
+        return model.model_validate_json(payload, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
@@ -191,19 +192,24 @@ class EvidenceRequest(Strict):
     kind: Literal["evidence-request"] = "evidence-request"
     device: str
     ref: str = Field(pattern=r"^evidence/[0-9a-f-]{36}\.jpg$", description="As given in the alert's body.")
-    request_id: uuid.UUID
-    sent: float
+    request_id: uuid.UUID = Field(description="Single use: the device answers each id once.")
+    sent: float = UnixTime
 
 
 class EvidenceReply(Strict):
-    """The device's answer: the JPEG (base64) or why there is none."""
+    """The device's answer: the JPEG sealed for the centre, or why there is none.
+
+    The image travels only as a compact JWE for the centre's X25519 key (see
+    ``sealing``); ``sha256`` is the plaintext's, which the centre checks against
+    the signed alert after opening it.
+    """
 
     v: Literal[1] = SCHEMA_VERSION
     kind: Literal["evidence"] = "evidence"
     device: str
     ref: str
     request_id: uuid.UUID
-    sent: float
-    sha256: str | None = None
-    jpeg_b64: str | None = None
+    sent: float = UnixTime
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Of the plaintext JPEG.")
+    jpeg_jwe: str | None = Field(None, description="The JPEG as a compact JWE (ECDH-ES, A256GCM) for the centre.")
     error: str | None = None

@@ -2,13 +2,15 @@
 
 Creates the device key (never replacing one without ``force``), writes a
 config from the template of the device's kind and validates it, installs the
-centre's public key, and returns the enrolment record the installer scans into
-the centre's registry (printed as JSON and as a terminal QR code).
+centre's public keys (the JWK Set ``receiver init`` prints, or its signing JWK
+alone), and returns the enrolment record the installer scans into the centre's
+registry (printed as JSON and as a terminal QR code).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,12 +18,15 @@ from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
 
-from .config import load_agent_config
+from .config import AgentConfig, load_agent_config
 from .errors import ConfigError, KeyFileError
+from .evidence_transfer import require_sealing_key
 from .keyring import enrolment_record
-from .signing import generate_private_key, load_public_jwk
+from .sealing import load_centre_keys
+from .signing import generate_private_key
 
 TEMPLATES = Path(__file__).with_name("templates")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +83,14 @@ def _install_secret(source: Path, target: Path, mode: int) -> None:
     os.chmod(target, mode)
 
 
+def _check_centre_keys(path: Path, config: AgentConfig) -> None:
+    """The centre's key set (or its signing JWK alone), and nothing else; evidence needs its encryption key."""
+    centre_keys = load_centre_keys(path)
+    require_sealing_key(config.rules, centre_keys)
+    if config.camera is not None and centre_keys.encryption is None:
+        log.warning("%s has no encryption key: this camera box cannot send evidence images", path)
+
+
 def provision(request: ProvisionRequest) -> tuple[dict, Path]:
     """Write key, config and centre key under ``request.root``; returns (enrolment record, config path)."""
     root = Path(request.root)
@@ -107,8 +120,10 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(text)
     try:
-        load_agent_config(tmp)  # never leave an invalid config behind
-    except ConfigError:
+        config = load_agent_config(tmp)  # never leave an invalid config behind
+        if request.centre_key is not None:
+            _check_centre_keys(Path(request.centre_key), config)
+    except (ConfigError, KeyFileError):
         tmp.unlink()
         raise
     for source, name, mode in (
@@ -120,7 +135,6 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         if source is not None:
             _install_secret(Path(source), credentials / name, mode)
     if request.centre_key is not None:
-        load_public_jwk(Path(request.centre_key))  # refuse anything but an Ed25519 public JWK
         _install_secret(Path(request.centre_key), credentials / "centre.jwk", 0o644)
     key = generate_private_key(key_path, force=request.force)
     os.replace(tmp, config_path)

@@ -88,7 +88,9 @@ class SelfTest:
 
     def _keys(self) -> bool:
         from .config import resolve_secret
-        from .signing import key_id, load_private_key, load_public_jwk
+        from .evidence_transfer import require_sealing_key
+        from .sealing import load_centre_keys
+        from .signing import key_id, load_private_key
 
         config = self.config
         path = resolve_secret(config.identity.private_key_file, *config.secret_dirs)
@@ -100,10 +102,13 @@ class SelfTest:
             return False
         centre = resolve_secret(config.identity.centre_key_file, *config.secret_dirs)
         try:
-            self.centre_key = load_public_jwk(centre)
-            self.add("centre key", True, f"{centre}")
+            centre_keys = load_centre_keys(centre)
+            require_sealing_key(config.rules, centre_keys)
+            self.centre_key = centre_keys.signing
+            sealing = "signing and encryption keys" if centre_keys.encryption else "signing key only"
+            self.add("centre key", True, f"{centre} ({sealing})")
         except AgentError as exc:
-            self.add("centre key", False, str(exc), "copy the centre's public JWK (edge-agent receiver init) there")
+            self.add("centre key", False, str(exc), "copy the key set 'edge-agent receiver init' printed there")
             return False
         return True
 
@@ -303,12 +308,24 @@ class SelfTest:
                 )
                 self._clock(None)
                 return
-            self.add(
-                "centre round trip",
-                True,
-                f"test message seq {seq} acknowledged by {ack[0].receiver} in {(ack[1] - sent_at) * 1000:.0f} ms",
-            )
-            self._clock(ack[0].stored_at - (sent_at + ack[1]) / 2)
+            answer, received_at = ack
+            offset = answer.sent - (sent_at + received_at) / 2
+            if answer.kind == "nak":
+                self.add(
+                    "centre round trip",
+                    False,
+                    f"the centre refused the test message as {answer.reason}: this clock is {-offset:+.0f} s off",
+                    "enable NTP (the running agent corrects its signing time from the centre's answers, "
+                    "but the clock should be right)",
+                )
+            else:
+                took_ms = (received_at - sent_at) * 1000
+                self.add(
+                    "centre round trip",
+                    True,
+                    f"test message seq {seq} acknowledged by {answer.receiver} in {took_ms:.0f} ms",
+                )
+            self._clock(offset)
         finally:
             link.close()
 

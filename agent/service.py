@@ -24,13 +24,14 @@ from .config import AgentConfig, resolve_secret
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError, OutboxError
-from .evidence_transfer import EvidenceServer
+from .evidence_transfer import EvidenceServer, require_sealing_key
 from .guard import LoopGuard
 from .health import system_health
 from .messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from .outbox import Outbox, OutboxEntry
 from .sdnotify import HealthWatchdog, SystemdNotifier
-from .signing import MessageSigner, load_private_key, load_public_jwk
+from .sealing import load_centre_keys
+from .signing import MessageSigner, load_private_key
 from .uplink import MqttLink, Will
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class Agent:
         self.signer = MessageSigner(
             load_private_key(resolve_secret(config.identity.private_key_file, *config.secret_dirs))
         )
-        centre_key = load_public_jwk(resolve_secret(config.identity.centre_key_file, *config.secret_dirs))
+        centre_keys = load_centre_keys(resolve_secret(config.identity.centre_key_file, *config.secret_dirs))
+        require_sealing_key(config.rules, centre_keys)  # before anything is opened: a ConfigError at start
+        centre_key = centre_keys.signing
         self.topics = TopicLayout(config.mqtt.topic_prefix)
         self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
         self._closers.append(self.outbox.close)
@@ -119,8 +122,9 @@ class Agent:
                 site=self.site,
                 device=self.device,
                 signer=self.signer,
-                centre_key=centre_key,
+                centre_keys=centre_keys,
                 evidence_dir=config.evidence_dir,
+                state_dir=config.state_dir,
             )
             self._closers.append(self.evidence_server.close)
 

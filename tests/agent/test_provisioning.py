@@ -17,8 +17,9 @@ from tests.conftest import SHARED_DIR, wait_until
 
 @pytest.fixture
 def centre_jwk(site, tmp_path):
+    """The centre's public key set, as 'receiver init' prints it."""
     path = tmp_path / "centre.jwk"
-    path.write_text(json.dumps(site.centre_jwk))
+    path.write_text(json.dumps(site.centre_keys))
     return path
 
 
@@ -213,3 +214,56 @@ def test_provision_refuses_bad_arguments(tmp_path, capsys):
     )
     assert "device.id = 'bad id!'" in capsys.readouterr().err
     assert not (tmp_path / "etc/edge-agent/agent.toml").exists()
+
+
+def test_receiver_init_creates_the_missing_centre_keys_and_prints_the_public_set(tmp_path, capsys):
+    config = tmp_path / "receiver.toml"
+    config.write_text('[receiver]\nstate_dir = "state"\ncredentials_dir = "credentials"\n[mqtt]\nhost = "localhost"\n')
+    assert main(["receiver", "init", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert [(k["crv"], k["use"]) for k in printed["keys"]] == [("Ed25519", "sig"), ("X25519", "enc")]
+    assert all("d" not in key for key in printed["keys"])
+    assert json.loads((tmp_path / "state/centre.jwk").read_text()) == printed
+    for name in ("centre-key.pem", "centre-enc-key.pem"):
+        assert stat.S_IMODE((tmp_path / "credentials" / name).stat().st_mode) == 0o600
+    assert "created the centre's encryption key" in out.err
+
+    (tmp_path / "credentials/centre-enc-key.pem").unlink()  # a centre from before evidence was sealed
+    assert main(["receiver", "init", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    again = json.loads(out.out)
+    assert again["keys"][0] == printed["keys"][0] and again["keys"][1] != printed["keys"][1]
+    assert "kept the centre's signing key" in out.err and "created the centre's encryption key" in out.err
+
+
+def test_provision_takes_the_key_set_or_the_older_single_jwk(site, broker, tmp_path, capsys):
+    single = tmp_path / "single.jwk"
+    single.write_text(json.dumps(site.centre_jwk))
+    assert provision(broker, tmp_path / "a", single, capsys)[0] == 0
+    key_set = tmp_path / "set.jwk"
+    key_set.write_text(json.dumps(site.centre_keys))
+    assert provision(broker, tmp_path / "b", key_set, capsys)[0] == 0
+    installed = tmp_path / "b/etc/edge-agent/credentials/centre.jwk"
+    assert json.loads(installed.read_text()) == site.centre_keys
+
+    leaked = tmp_path / "leaked.jwk"
+    leaked.write_text(json.dumps({"keys": [site.centre_jwk, {**site.centre_keys["keys"][1], "d": "AAAA"}]}))
+    code, out = provision(broker, tmp_path / "c", leaked, capsys)
+    assert code == 1 and "the encryption key must be a public OKP JWK (no 'd')" in out.err
+    assert not (tmp_path / "c/etc/edge-agent/agent.toml.new").exists()
+
+
+def test_selftest_reports_evidence_rules_without_the_centres_encryption_key(site, broker, tmp_path, capsys):
+    single = tmp_path / "single.jwk"
+    single.write_text(json.dumps(site.centre_jwk))
+    root = tmp_path / "root"
+    code, out = provision(broker, root, single, capsys, kind="camera-box", device="cam-3")
+    assert code == 0 and "has no encryption key: this camera box cannot send evidence images" in out.err
+    config_path = root / "etc/edge-agent/agent.toml"
+    config_path.write_text(config_path.read_text().replace('type = "grouping"', 'type = "grouping"\nevidence = true'))
+    code, checks = selftest(config_path, capsys)
+    assert code == 1
+    assert not checks["centre key"]["ok"]
+    assert "rule(s) grouping set evidence = true" in checks["centre key"]["detail"]
+    assert checks["centre key"]["hint"] == "copy the key set 'edge-agent receiver init' printed there"

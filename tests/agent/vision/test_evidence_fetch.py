@@ -1,16 +1,20 @@
-"""Evidence leaves the camera box only when the centre asks, signed both ways, and must match the alert's hash."""
+"""Evidence leaves the camera box only when the centre asks, signed both ways, sealed for the centre, matching the alert."""
 
 import hashlib
 import json
 import time
+import uuid
 
 import cv2
+import pytest
 
 from agent.cli import main
-from agent.evidence_transfer import answer_request
+from agent.evidence_transfer import RequestRefused, UsedRequests, answer_request
 from agent.messages import EvidenceRequest
+from agent.sealing import centre_key_set, generate_encryption_key, parse_centre_keys, unseal
 from agent.service import Agent
-from agent.signing import MessageSigner, generate_private_key
+from agent.signing import MessageSigner, generate_private_key, verify
+from tests.agent.broker_spy import BrokerSpy
 from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
 from tests.conftest import wait_until
 
@@ -29,7 +33,7 @@ def test_centre_fetches_the_redacted_image_named_in_the_signed_alert(site, recei
     require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
     body = f'[camera]\nsource = "{VIDEO}"\nrealtime = true\n[detector]\nmodel_dir = "{MODEL_DIR}"\n{RULE}'
     config = site.add_device("cam-ev", kind="camera-box", body=body)
-    with Agent(config, pin_factory=mock_factory):
+    with BrokerSpy(site) as spy, Agent(config, pin_factory=mock_factory):
         assert wait_until(lambda: receiver.store.messages(kind="alert"), 40)
         (alert,) = receiver.store.messages(kind="alert")
         evidence = alert.claims["body"]["evidence"]
@@ -41,33 +45,44 @@ def test_centre_fetches_the_redacted_image_named_in_the_signed_alert(site, recei
         assert hashlib.sha256(out.read_bytes()).hexdigest() == evidence["sha256"]
         assert cv2.imread(str(out)).shape == (576, 768, 3)
         assert oct(out.stat().st_mode & 0o777) == "0o600"
+        assert spy.on("evidence") and spy.found(out.read_bytes()) == []  # sealed for the centre on the broker
         assert fetch_evidence(site, "evidence/00000000-0000-0000-0000-000000000000.jpg", out) == 1
         assert "no stored alert from cam-ev names evidence" in capsys.readouterr().err
 
 
-def test_device_answers_only_genuine_fresh_requests(tmp_path):
+def test_device_answers_only_genuine_fresh_first_time_requests(tmp_path):
     centre = generate_private_key(tmp_path / "centre.pem")
+    centre_enc = generate_encryption_key(tmp_path / "centre-enc.pem")
     impostor = generate_private_key(tmp_path / "impostor.pem")
     device_key = generate_private_key(tmp_path / "device.pem")
     device = MessageSigner(device_key)
+    keys = parse_centre_keys(centre_key_set(centre, centre_enc), "centre.jwk")
     (tmp_path / "ev").mkdir()
     name = "0f8fad5b-d9cb-469f-a165-70867728950e.jpg"
     (tmp_path / "ev" / name).write_bytes(b"\xff\xd8jpeg")
+    used = UsedRequests(tmp_path / "state" / "used.sqlite")
 
     def request(key, sent):
-        claims = EvidenceRequest(
-            device="cam-1", ref=f"evidence/{name}", request_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427", sent=sent
-        ).model_dump(mode="json")
-        return MessageSigner(key).sign(claims).encode()
+        claims = EvidenceRequest(device="cam-1", ref=f"evidence/{name}", request_id=uuid.uuid4(), sent=sent)
+        return MessageSigner(key).sign(claims.model_dump(mode="json")).encode()
+
+    def refusal(payload):
+        with pytest.raises(RequestRefused) as refused:
+            answer(payload)
+        return refused.value.reason
 
     def answer(payload):
-        return answer_request(payload, device="cam-1", centre_key=centre, signer=device, evidence_dir=tmp_path / "ev")
+        return answer_request(
+            payload, device="cam-1", centre_keys=keys, signer=device, evidence_dir=tmp_path / "ev", used=used
+        )
 
-    assert answer(request(centre, time.time())) is not None
-    assert answer(request(impostor, time.time())) is None
-    assert answer(request(centre, time.time() - 120)) is None
+    genuine = request(centre, time.time())
+    sent = verify(answer(genuine).payload, device_key, large=True)
+    assert sent["jpeg_jwe"].count(".") == 4 and "jpeg_b64" not in sent
+    assert unseal(sent["jpeg_jwe"], centre_enc) == b"\xff\xd8jpeg"
+    assert refusal(genuine) == "replayed"
+    assert refusal(request(impostor, time.time())) == "bad_signature"
+    assert refusal(request(centre, time.time() - 120)) == "stale"
     (tmp_path / "ev" / name).unlink()  # retention ran
-    from agent.signing import verify
-
-    reply = verify(answer(request(centre, time.time())), device_key, large=True)
-    assert reply["error"].startswith("not found: expired") and reply["jpeg_b64"] is None
+    reply = verify(answer(request(centre, time.time())).payload, device_key, large=True)
+    assert reply["error"].startswith("not found: expired") and reply["jpeg_jwe"] is None
