@@ -476,7 +476,9 @@ class Agent:
                 "acknowledged": stats.acknowledged,
                 "retransmitted": stats.retransmitted,
                 "refused_by_broker": stats.refused_by_broker,
+                "naks": stats.naks,
             },
+            "evidence_requests": None if self.evidence_server is None else self.evidence_server.counters,
             **self.health(),
         }
 
