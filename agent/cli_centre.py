@@ -46,6 +46,9 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
     enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
     with ReceiverStore(config.database_path) as store:
         states = {s.device: s for s in store.registry(config.receiver.supervision_s).states()}
+        outstanding: dict[str, list[int]] = {}
+        for device, seq, _ in store.outstanding():
+            outstanding.setdefault(device, []).append(seq)
     now = time.time()
     rows = []
     for device_id in sorted(set(enrolled) | set(states)):
@@ -67,20 +70,42 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
                 telemetry.get("version", "-"),
                 telemetry.get("outbox_depth", "-"),
                 telemetry.get("cpu_temperature_c", "-"),
+                clock_shown(state),
+                ",".join(map(str, outstanding.get(device_id, []))) or "-",
                 "yes" if info else "NOT ENROLLED",
             ]
         )
     if args.json:
-        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c", "enrolled"]
+        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c"]
+        keys += ["clock_off_s", "outstanding", "enrolled"]
         print_json([dict(zip(keys, row, strict=True)) for row in rows])
     else:
         print(
             tabulate(
                 rows,
-                headers=["site", "device", "kind", "state", "last seen", "version", "outbox", "temp °C", "enrolled"],
+                headers=[
+                    "site",
+                    "device",
+                    "kind",
+                    "state",
+                    "last seen",
+                    "version",
+                    "outbox",
+                    "temp °C",
+                    "clock off",
+                    "outstanding seq",
+                    "enrolled",
+                ],
             )
         )
     return 0
+
+
+def clock_shown(state) -> str:
+    """The device's clock error when it is worth a look (more than the tolerance a device corrects itself within)."""
+    if state is None or state.clock_skew_s is None or abs(state.clock_skew_s) < 2:
+        return "-"
+    return f"{state.clock_skew_s:+.0f} s"
 
 
 def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:

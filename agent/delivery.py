@@ -84,7 +84,9 @@ class Delivery:
         self.window = window
         self.hooks = hooks or DeliveryHooks()
         self.clock = clock or CentreClock()
-        self._recently_sent: OrderedDict[int, str] = OrderedDict()  # seq -> event_id, to trust NAKs of telemetry
+        # (seq, event id, send time) of copies sent and not yet answered: only an answer to one of
+        # these, naming its send time, may teach the clock, and only once (a replayed answer cannot).
+        self._unanswered: OrderedDict[tuple[int, str, float], None] = OrderedDict()
         self.stats = DeliveryStats()
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # mid -> seq
@@ -180,7 +182,7 @@ class Delivery:
             topic = self.topics.for_kind(claims["site"], claims["device"], entry.kind)
             mid = self.transport.publish(topic, token, qos=1)
             self._inflight[mid] = entry.seq
-            self._remember_sent(entry)
+            self._remember_sent(entry.seq, entry.event_id, claims["sent"])
 
     def _on_puback(self, mid: int, ok: bool, reason: str, at: float) -> None:
         seq = self._inflight.pop(mid, None)
@@ -198,11 +200,10 @@ class Delivery:
             self.stats.published += 1
             self.hooks.published(entry, at)
 
-    def _remember_sent(self, entry: OutboxEntry) -> None:
-        self._recently_sent[entry.seq] = entry.event_id
-        self._recently_sent.move_to_end(entry.seq)
-        while len(self._recently_sent) > RECENT_SENT:
-            self._recently_sent.popitem(last=False)
+    def _remember_sent(self, seq: int, event_id: str, sent: float) -> None:
+        self._unanswered[(seq, event_id, sent)] = None
+        while len(self._unanswered) > RECENT_SENT:
+            self._unanswered.popitem(last=False)
 
     def _resend_unacknowledged(self, why: str) -> None:
         resent = self.outbox.requeue_unacknowledged(0.0)
@@ -222,7 +223,9 @@ class Delivery:
         if ack.device != self.device:
             self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
             return
-        if self._recently_sent.get(ack.seq) == str(ack.event_id):  # an answer to what we sent, not a replay
+        copy = (ack.seq, str(ack.event_id), ack.reply_to_sent)
+        if copy in self._unanswered:  # the first answer to a copy we sent: fresh, so its time can be trusted
+            del self._unanswered[copy]
             self.clock.learn(ack.sent, time.time() - (time.monotonic() - at))
         if ack.kind == "nak":
             self.stats.naks += 1

@@ -73,6 +73,9 @@ class MessageClaims(Strict):
     kind: Kind
     test: bool = False
     body: dict[str, Any] = Field(default_factory=dict)
+    prev: int | None = Field(
+        None, ge=0, le=MAX_SEQ, description="For kinds the centre acknowledges: the previous such seq (0: none)."
+    )
     clock_error_s: float = Field(
         0.0, ge=-(2**31), le=2**31, description="How far off the device's clock was found (it signs corrected time)."
     )
@@ -93,6 +96,7 @@ class AckClaims(Strict):
     event_id: uuid.UUID
     stored_at: float = UnixTime
     sent: float = UnixTime
+    reply_to_sent: float | None = Field(None, ge=0, le=2**34, description="The answered copy's own send time.")
     duplicate: bool = False
 
 

@@ -102,6 +102,17 @@ class Outbox:
         db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('seq', ?)", (seq,))
         return seq
 
+    @staticmethod
+    def _chain(db: sqlite3.Connection, seq: int) -> int:
+        """The sequence of the previous message the centre must acknowledge (0 for the first), and move on.
+
+        Each alert names its predecessor, so the centre can tell "seq 7 is missing" from "seq 7 was
+        telemetry, dropped when the outbox was full" without knowing what the device sent in between.
+        """
+        row = db.execute("SELECT value FROM counters WHERE name = 'chain'").fetchone()
+        db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('chain', ?)", (seq,))
+        return row[0] if row else 0
+
     def next_sequence(self) -> int:
         """Allocate a sequence number for a message that is not queued (status, last will)."""
         return self._transaction(self._allocate_sequence)
@@ -126,6 +137,8 @@ class Outbox:
                     log.warning("outbox %s holds %d alerts, over its capacity of %d", self.path, depth, self.capacity)
             seq = self._allocate_sequence(db)
             claims = build_claims(seq)
+            if needs_ack:
+                claims["prev"] = self._chain(db, seq)
             db.execute(
                 "INSERT INTO outbox (seq, event_id, kind, needs_ack, claims, created) VALUES (?, ?, ?, ?, ?, ?)",
                 (seq, claims["event_id"], kind, int(needs_ack), json.dumps(claims), claims["created"]),

@@ -293,10 +293,13 @@ class Receiver:
         elif verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
             self.registry.announced_offline(claims, arrived_at)
             log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
-        if claims is not None and (verdict.outcome == "accepted" or verdict.reason == "stale"):
+        judged_by_time = verdict.outcome == "accepted" or verdict.reason == "stale"
+        if claims is not None and judged_by_time and claims.kind != "status":  # a last will is old by nature
             self.registry.note_clock(claims.device, device_clock_error(claims, verdict.skew_s))
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS and verdict.outcome in ("accepted", "duplicate"):
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
+        if verdict.outcome == "accepted" and claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
+            self._follow_chain(claims, arrived_at)
         elif verdict.reason == "stale" and claims is not None:
             self._refuse_stale(claims, verdict.skew_s)
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
@@ -312,6 +315,20 @@ class Receiver:
             )
         if self.on_verdict is not None:
             self.on_verdict(verdict)
+
+    def _follow_chain(self, claims: MessageClaims, arrived_at: float) -> None:
+        """Each alert names the one before it: say so when that one has not arrived, and when it does."""
+        missing, filled = self.store.follow_chain(claims.device, claims.seq, claims.prev, arrived_at)
+        if missing is not None:
+            log.warning(
+                "OUTSTANDING from %s/%s: seq %d was sent before seq %d and has not arrived",
+                claims.site,
+                claims.device,
+                missing,
+                claims.seq,
+            )
+        if filled:
+            log.info("%s/%s seq %d arrived: no longer outstanding", claims.site, claims.device, claims.seq)
 
     def _acknowledge(self, claims: MessageClaims, duplicate: bool) -> None:
         self._answer(claims, AckClaims(**self._answer_fields(claims), duplicate=duplicate))
@@ -331,7 +348,7 @@ class Receiver:
 
     def _answer_fields(self, claims: MessageClaims) -> dict:
         now = self.clock()
-        fields = {"device": claims.device, "seq": claims.seq, "event_id": claims.event_id}
+        fields = {"device": claims.device, "seq": claims.seq, "event_id": claims.event_id, "reply_to_sent": claims.sent}
         return {**fields, "receiver": self.config.receiver.id, "stored_at": now, "sent": now}
 
     def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:

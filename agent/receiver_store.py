@@ -25,6 +25,12 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (device, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (kind, received_at);
+CREATE TABLE IF NOT EXISTS outstanding (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    noticed_at REAL NOT NULL,
+    PRIMARY KEY (device, seq)
+);
 """
 
 
@@ -88,6 +94,32 @@ class ReceiverStore:
             )
             return cursor.rowcount == 1
 
+    def follow_chain(self, device: str, seq: int, prev: int | None, now: float) -> tuple[int | None, bool]:
+        """Record what a stored message says about its predecessor.
+
+        Returns ``(missing, filled)``: the predecessor's sequence if the centre does not have it (now
+        outstanding), and whether this message itself was outstanding (a gap filled).
+        """
+        with self._lock:
+            filled = self._db.execute("DELETE FROM outstanding WHERE device = ? AND seq = ?", (device, seq)).rowcount
+            if not prev:
+                return None, bool(filled)
+            have = self._db.execute("SELECT 1 FROM messages WHERE device = ? AND seq = ?", (device, prev)).fetchone()
+            if have is not None:
+                return None, bool(filled)
+            self._db.execute(
+                "INSERT INTO outstanding VALUES (?, ?, ?) ON CONFLICT (device, seq) DO NOTHING", (device, prev, now)
+            )
+        return prev, bool(filled)
+
+    def outstanding(self, device: str | None = None) -> list[tuple[str, int, float]]:
+        """(device, seq, noticed_at) of messages a later one named but the centre never stored."""
+        query, args = "SELECT device, seq, noticed_at FROM outstanding", ()
+        if device is not None:
+            query, args = query + " WHERE device = ?", (device,)
+        with self._lock:
+            return self._db.execute(query + " ORDER BY device, seq", args).fetchall()
+
     def prune(self, older_than: float) -> int:
         """Delete messages and device events received before ``older_than`` (Unix time): bounded retention."""
         with self._lock:
@@ -102,7 +134,7 @@ class ReceiverStore:
         if device is not None:
             query, args = query + " AND device = ?", [*args, device]
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY received_at, device, seq", args).fetchall()
+            rows = self._db.execute(query + " ORDER BY created, device, seq", args).fetchall()
         return [_message(row) for row in rows]
 
 
