@@ -83,6 +83,5 @@ def verdicts() -> VerdictLog:
 @pytest.fixture
 def receiver(site, verdicts):
     with Receiver(site.receiver_config, on_verdict=verdicts) as running:
-        assert running.link.wait_connected(10), "receiver could not connect to the test broker"
-        time.sleep(0.2)  # let the subscriptions land
+        assert running.link.wait_subscribed(10), "receiver could not connect and subscribe to the test broker"
         yield running

@@ -17,6 +17,7 @@ from agent.service import Agent
 from agent.signing import MessageSigner, generate_private_key
 from hw.gpio import IndicatorState
 from tests.conftest import wait_until
+from tests.led import wait_steady_on
 
 BUTTONS = (
     '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n\n'
@@ -28,7 +29,12 @@ BUTTONS = (
 def press(pin):
     pin.drive_low()
     pin.drive_high()
-    time.sleep(0.04)  # past the bounce lockout
+    time.sleep(0.04)  # deliberate: past the bounce lockout
+
+
+def status_states(verdicts, device):
+    """The device's accepted status messages ('online', and 'offline' from its last will), in order."""
+    return [v.claims.body.get("state") for v in verdicts.accepted("status") if v.claims.device == device]
 
 
 @pytest.fixture
@@ -56,9 +62,7 @@ def test_press_is_verified_stored_and_acknowledged_on_the_led(receiver, verdicts
         "activation": "press",
         "silent": False,
     }
-    time.sleep(0.1)
-    led = mock_factory.pin(5)
-    assert led.state and all(s.state for s in led.states[-1:])  # steady on: acknowledged
+    assert wait_steady_on(mock_factory.pin(5))  # acknowledged: steady on, not a blink caught while lit
     assert agent.outbox.depth() == 0 or all(e.kind == "telemetry" for e in agent.outbox.entries())
 
 
@@ -106,13 +110,13 @@ def test_kill_9_right_after_presses_loses_nothing_and_raises_nothing_twice(site,
         agent.start()
         agent.link.wait_connected(10)
         for _ in range(20):
-            factory.pin(17).drive_low(); factory.pin(17).drive_high(); time.sleep(0.035)
+            factory.pin(17).drive_low(); factory.pin(17).drive_high(); time.sleep(0.035)  # past the lockout
         print("pressed", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    time.sleep(0.5)
+    assert wait_until(lambda: status_states(verdicts, "cp-1")[-1:] == ["offline"], 10)  # the broker saw it die
     from gpiozero.pins.mock import MockFactory
 
     with Agent(config, pin_factory=MockFactory()) as restarted:
@@ -169,19 +173,16 @@ def test_cli_status_and_test_alert(receiver, agent, config, site, capsys):
 
 
 def test_retained_status_is_online_and_the_will_says_offline(site, receiver, verdicts, config):
-    def states():
-        return [v.claims.body.get("state") for v in verdicts.accepted("status")]
-
     device = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-1"))],
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert wait_until(lambda: "online" in states(), 20)
+        assert wait_until(lambda: "online" in status_states(verdicts, "cp-1"), 20)
     finally:
         device.kill()  # the device vanishes without a DISCONNECT: the broker publishes its last will
         device.wait()
-    assert wait_until(lambda: states()[-1:] == ["offline"], 10)
+    assert wait_until(lambda: status_states(verdicts, "cp-1")[-1:] == ["offline"], 10)
 
 
 def test_press_is_held_not_lost_when_the_outbox_cannot_store_it(receiver, agent, mock_factory):
@@ -218,7 +219,7 @@ def test_opening_the_enclosure_reaches_the_centre_as_a_signed_tamper_event(site,
     config = site.add_device("cp-lid", body=BUTTONS + "\n[tamper]\npin = 22\n")
     with Agent(config, pin_factory=mock_factory) as agent:
         mock_factory.pin(22).drive_low()  # the lid is shut
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberate: past the switch's 50 ms debounce
         mock_factory.pin(22).drive_high()  # someone opens it
         assert wait_until(
             lambda: (

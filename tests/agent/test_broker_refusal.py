@@ -27,10 +27,11 @@ def test_alert_refused_by_the_broker_acl_is_kept_and_sent_once_allowed(tmp_path,
         config = site.add_device("cp-acl")
         with Receiver(site.receiver_config) as receiver, Agent(config, pin_factory=mock_factory) as agent:
             assert agent.link.wait_connected(10)
+            assert receiver.link.wait_subscribed(10)  # else "nothing reached the centre" would prove nothing
             mock_factory.pin(17).drive_low()
             mock_factory.pin(17).drive_high()
             assert wait_until(lambda: agent.delivery.stats.refused_by_broker >= 1, 10)
-            time.sleep(0.5)
+            time.sleep(0.5)  # deliberate: time for a wrongly retired or delivered alert to show
             (entry,) = [e for e in agent.outbox.entries() if e.kind == "alert"]
             assert entry.published_at is None and receiver.store.messages(kind="alert") == []
             acl.write_text("pattern readwrite #\n")

@@ -10,6 +10,7 @@ import time
 from agent.cli import main
 from agent.keyring import Keyring
 from agent.messages import new_claims
+from agent.receiver_store import ReceiverStore
 from agent.signing import MessageSigner, generate_private_key
 from agent.uplink import MqttLink
 from tests.conftest import wait_until
@@ -49,14 +50,23 @@ def test_rejected_messages_over_mqtt_are_counted_and_never_acknowledged(site, re
         link.on_message = lambda topic, payload: acks.append(payload)
         link.subscribe("edge/+/+/ack")
         link.start()
-        assert link.wait_connected(10)
-        time.sleep(0.2)
+        assert link.wait_subscribed(10)  # else no ack could reach us and "no acks" would prove nothing
         claims = new_claims(device="cp-x", site=site.site, seq=1, kind="alert", body={})
         link.publish(f"edge/{site.site}/cp-x/alert", stranger.sign(claims).encode())
         link.publish(f"edge/{site.site}/cp-x/alert", b"garbage")
         assert wait_until(lambda: receiver.counters["unknown_device"] == 1 and receiver.counters["malformed"] == 1)
-        time.sleep(0.3)
+        time.sleep(0.3)  # deliberate: time for an ack to arrive, were one sent
     assert acks == [] and receiver.store.messages() == []
+
+
+def centre_lists_online(site, device: str) -> bool:
+    """The receiver has heard from the device and holds it online.
+
+    The receiver asks for its alert subscription first, so once anything from the device reaches it, alerts do too.
+    """
+    with ReceiverStore(site.receiver_config.database_path) as store:
+        states = store.registry(site.receiver_config.receiver.supervision_s).states()
+    return any(s.device == device and s.status == "online" for s in states)
 
 
 def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
@@ -86,7 +96,7 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
     )
     try:
         assert wait_until(lambda: config.control_socket.exists(), 15)
-        time.sleep(1.0)
+        assert wait_until(lambda: centre_lists_online(site, "cp-run"), 15)  # agent connected, receiver subscribed
         cli = [sys.executable, "-m", "agent.cli"]
         test = subprocess.run(
             [*cli, "test-alert", "--config", str(site.device_config_path("cp-run"))],

@@ -83,15 +83,27 @@ def test_watchdog_pings_only_while_the_alert_path_is_healthy(site, receiver, moc
                 pass
         return got
 
+    def messages_until(wanted, timeout):
+        got, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline and not any(wanted(m) for m in got):
+            try:
+                got.append(systemd.recv(4096).decode())
+            except TimeoutError:
+                pass
+        return got
+
+    def says_outbox_stuck(message):
+        return message.startswith("STATUS=unhealthy") and "outbox not responding" in message
+
     config = site.add_device("cp-wd")
     with Agent(config, pin_factory=mock_factory) as agent:
         first = messages_for(1.5)
         assert first[0].startswith("READY=1") and first.count("WATCHDOG=1") >= 3
         with agent.outbox._lock:  # the outbox (and so the delivery thread) is stuck
-            time.sleep(6)
-            stuck = messages_for(2.0)
+            noticed = messages_until(says_outbox_stuck, 10)
+            stuck = messages_for(2.0)  # still stuck after systemd was told
+        assert any(says_outbox_stuck(m) for m in noticed), noticed
         assert "WATCHDOG=1" not in stuck
-        assert any(m.startswith("STATUS=unhealthy") and "outbox not responding" in m for m in stuck)
         recovered = messages_for(2.0)
         assert "WATCHDOG=1" in recovered
     systemd.close()

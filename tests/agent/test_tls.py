@@ -88,7 +88,7 @@ def test_verified_server_and_client_certificate_connect(tls_broker, pki, tmp_pat
         received = []
         link.on_message = lambda topic, payload: received.append(payload)
         link.subscribe("t/#")
-        time.sleep(0.2)
+        assert link.wait_subscribed(5)
         link.publish("t/x", b"hello")
         assert wait_until(lambda: received == [b"hello"], 5)
 
@@ -98,11 +98,15 @@ def test_server_not_signed_by_the_configured_ca_is_refused(tls_broker, pki, tmp_
         ca_file=str(pki / "rogue-ca.pem"), cert_file=str(pki / "client.pem"), key_file=str(pki / "client-key.pem")
     )
     with link_for(tls_broker, tls, tmp_path) as link:
-        link.start()
-        assert not link.wait_connected(2)
+        reason = link.probe(5)
+    assert reason is not None and reason.startswith("TLS: the broker's certificate does not verify ("), reason
 
 
 def test_missing_client_certificate_is_refused_by_the_broker(tls_broker, pki, tmp_path):
+    def refusals() -> int:
+        return tls_broker.log_path.read_text().count("peer did not return a certificate")
+
     with link_for(tls_broker, TlsSection(ca_file=str(pki / "ca.pem")), tmp_path) as link:
         link.start()
-        assert not link.wait_connected(2)
+        assert wait_until(lambda: refusals() >= 2, 10), tls_broker.log_path.read_text()  # refused, and on retry
+        assert not link.is_connected

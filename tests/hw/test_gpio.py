@@ -6,12 +6,13 @@ import pytest
 
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
 from tests.conftest import wait_until
+from tests.led import wait_blinks, wait_steady_on
 
 
 def press(pin, hold_s: float = 0.0):
     pin.drive_low()
     if hold_s:
-        time.sleep(hold_s)
+        time.sleep(hold_s)  # deliberate: the button is held this long
     pin.drive_high()
 
 
@@ -21,7 +22,7 @@ def test_press_fires_once_per_press(mock_factory):
         button.when_activated = fired.append
         press(mock_factory.pin(17))
         assert fired == [button]
-        time.sleep(0.05)
+        time.sleep(0.05)  # deliberate: past the 30 ms bounce lockout
         press(mock_factory.pin(17))
         assert len(fired) == 2
 
@@ -35,7 +36,7 @@ def test_contact_bounce_counts_as_one_press(mock_factory):
             pin.drive_low()
             pin.drive_high()
         pin.drive_low()
-        time.sleep(0.05)
+        time.sleep(0.05)  # deliberate: the contact settles, held past the lockout
         pin.drive_high()
         assert len(fired) == 1
 
@@ -46,11 +47,11 @@ def test_hold_fires_only_after_the_hold_time(mock_factory):
         fired = []
         button.when_activated = fired.append
         press(pin, hold_s=0.1)
-        time.sleep(0.3)
+        time.sleep(0.3)  # deliberate: past the hold time, a short press must not have fired
         assert fired == []
         pin.drive_low()
         assert wait_until(lambda: fired, timeout=2)
-        time.sleep(0.5)
+        time.sleep(0.5)  # deliberate: held on past the hold time
         pin.drive_high()
         assert len(fired) == 1  # holding longer does not repeat
 
@@ -62,12 +63,12 @@ def test_multi_press_needs_all_presses_within_the_window(mock_factory):
         button.when_activated = fired.append
         for _ in range(2):
             press(pin)
-            time.sleep(0.02)
+            time.sleep(0.02)  # deliberate: presses 20 ms apart, past the 10 ms lockout
         assert fired == []
-        time.sleep(0.7)  # the window passes: start again
+        time.sleep(0.7)  # deliberate: the window passes, start again
         for _ in range(2):
             press(pin)
-            time.sleep(0.02)
+            time.sleep(0.02)  # deliberate: presses 20 ms apart, past the 10 ms lockout
         assert fired == []
         press(pin)
         assert len(fired) == 1
@@ -110,15 +111,15 @@ def test_indicator_states_have_distinct_led_patterns(mock_factory):
     with StatusIndicator(led_pin=5, buzzer_pin=6) as indicator:
         led = mock_factory.pin(5)
         indicator.show(IndicatorState.ACKNOWLEDGED)
-        time.sleep(0.2)
-        assert led.state and all(state.state for state in led.states[-1:])
+        assert wait_steady_on(led, timeout=5)  # steady: lit and unchanged for longer than any blink's on-time
         indicator.show(IndicatorState.PENDING)
-        led.clear_states()
-        time.sleep(0.5)
-        toggles = len(led.states)
-        assert toggles >= 3  # fast blink
+        wait_blinks(led, 0.1, 0.1, cycles=3)  # fast blink
         indicator.show(IndicatorState.FAULT)
-        led.clear_states()
-        time.sleep(0.5)
-        assert len(led.states) < toggles
+        wait_blinks(led, 0.5, 0.5, cycles=1)  # slow blink
         assert indicator.state is IndicatorState.FAULT
+
+
+def test_idle_led_is_a_short_flash_every_two_seconds(mock_factory):
+    with StatusIndicator(led_pin=5) as indicator:
+        indicator.show(IndicatorState.IDLE)
+        wait_blinks(mock_factory.pin(5), 0.05, 1.95, cycles=1)
