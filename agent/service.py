@@ -18,7 +18,7 @@ from typing import Any
 from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
 
 from . import __version__
-from .config import AgentConfig, resolve_secret
+from .config import AgentConfig, secret_file
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError, OutboxError
@@ -59,9 +59,13 @@ class Agent:
         self._closers: list[Callable[[], None]] = []
 
         self.signer = MessageSigner(
-            load_private_key(resolve_secret(config.identity.private_key_file, *config.secret_dirs))
+            load_private_key(
+                secret_file(config.identity.private_key_file, config.secret_dirs, "identity.private_key_file")
+            )
         )
-        centre_key = load_public_jwk(resolve_secret(config.identity.centre_key_file, *config.secret_dirs))
+        centre_key = load_public_jwk(
+            secret_file(config.identity.centre_key_file, config.secret_dirs, "identity.centre_key_file")
+        )
         self.topics = TopicLayout(config.mqtt.topic_prefix)
         self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
         self._closers.append(self.outbox.close)
