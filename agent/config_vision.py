@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .config_base import Name, Section
 
@@ -50,17 +50,26 @@ class CameraSection(Section):
     loop: bool = Field(False, description="Restart a video file at its end.")
     reconnect_max_s: float = Field(30.0, ge=1, le=600, description="Cap of the reconnect backoff.")
 
-    @model_validator(mode="after")
-    def _login_fits_source(self) -> CameraSection:
-        if self.password_file is not None and self.username is None:
+    # Field validators, not a model validator: an error then shows its own value, never a source with a password.
+    @field_validator("username")
+    @classmethod
+    def _login_fits_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if value is None or source is None:
+            return value
+        url = _URL_SOURCE.match(source)
+        if url is None:
+            raise ValueError("username and password_file are for rtsp:// and http(s):// camera sources only")
+        if "@" in url.group(0):
+            raise ValueError("the source URL carries a login already: give it in username/password_file only")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_needs_user(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "username" in info.data and info.data["username"] is None:  # absent: failed
             raise ValueError("password_file must be given with username")
-        if self.username is not None:
-            url = _URL_SOURCE.match(self.source)
-            if url is None:
-                raise ValueError("username and password_file are for rtsp:// and http(s):// camera sources only")
-            if "@" in url.group(0):
-                raise ValueError("the source URL carries a login already: give it in username/password_file only")
-        return self
+        return value
 
 
 class DetectorSection(Section):

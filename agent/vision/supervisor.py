@@ -74,6 +74,12 @@ class VisionSupervisor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The vision process's id while it runs."""
+        process = self._process
+        return None if process is None else process.pid
+
     def start(self) -> None:
         self._thread.start()
 
