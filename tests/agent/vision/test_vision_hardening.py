@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+from agent.cli import main
 from agent.service import Agent
 from agent.vision.supervisor import VisionSupervisor
 from agent.vision.worker import run_vision
@@ -236,3 +237,12 @@ def test_camera_login_settings_are_checked(tmp_path, camera, problem):
         load_agent_config(path)
     (line,) = raised.value.problems
     assert problem in line and "hunter" not in line and ":b@" not in line
+
+
+def test_camera_password_file_that_is_missing_stops_the_start_with_one_line(site, capsys):
+    camera = f'username = "{LOGIN[0]}"\npassword_file = "camera-password"'
+    config = camera_box(site, "rtsp://127.0.0.1:9/live", camera=camera)
+    assert main(["run", "--config", str(site.device_config_path("cam-1")), "--mock-pins"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    missing = config.secret_dirs[0] / "camera-password"
+    assert line == f"error: camera.password_file: cannot read {missing}: No such file or directory"
