@@ -67,7 +67,7 @@ def parse_broker(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, tls
 
 
-def _mqtt_section(request: ProvisionRequest, credentials: Path) -> str:
+def _mqtt_section(request: ProvisionRequest) -> str:
     host, port, tls = parse_broker(request.broker)
     lines = ["[mqtt]", f'host = "{host}"', f"port = {port}"]
     if request.username:
@@ -196,7 +196,7 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         state_dir=state_dir,
         credentials_dir=credentials,
         location=request.location.replace('"', "'"),
-        mqtt=_mqtt_section(request, credentials),
+        mqtt=_mqtt_section(request),
         camera=request.camera,
         model_dir=state_dir / "models",
     )

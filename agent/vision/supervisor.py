@@ -49,9 +49,8 @@ class VisionSupervisor:
             raise ValueError("VisionSupervisor needs a device with a [camera] section")
         # The camera password is read here, in the agent, so a missing file stops the start with a clear error;
         # it reaches the vision process through the spawn pipe, never its command line or the config JSON.
-        password = config.camera_login().get("password")
+        self._password = config.camera_login().get("password")
         self._args = (vision.model_dump_json(), str(config.model_dir), str(config.evidence_dir))
-        self._password = password
         self._worker = worker
         self.settings = vision.vision
         self.on_message = on_message
