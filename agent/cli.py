@@ -77,6 +77,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_credentials(args: argparse.Namespace) -> int:
+    from .config import load_agent_config, load_receiver_config
+    from .provisioning import reload_systemd, write_credentials_dropin
+
+    config = load_receiver_config(args.file) if args.receiver else load_agent_config(args.file)
+    unit = "edge-agent-receiver.service" if args.receiver else "edge-agent.service"
+    path, listed, left_out = write_credentials_dropin(config, unit, args.unit_dir)
+    print(f"wrote {path}: LoadCredential= for {', '.join(listed) or 'nothing'}")
+    for line in left_out:
+        print(f"not passed in: {line}", file=sys.stderr)
+    problem = reload_systemd(args.unit_dir)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from .config import load_agent_config, resolve_secret
     from .keyring import enrolment_record
@@ -164,7 +181,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
         force=args.force,
     )
     record, config_path = provision(request)
-    print(f"wrote {config_path}; device key created (mode 0600). Enrol this device at the centre:", file=sys.stderr)
+    print(
+        f"wrote {config_path} and the service's credentials drop-in; device key created (mode 0600). "
+        "Enrol this device at the centre:",
+        file=sys.stderr,
+    )
     print_json(record)
     if not args.no_qr:
         print(qr_text(record), file=sys.stderr)
@@ -279,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.add_argument("--receiver", action="store_true", help="the file is a receiver config")
     check.set_defaults(func=cmd_config_check)
+    credentials = config.add_parser(
+        "credentials", help="write the unit's LoadCredential= drop-in: the credentials FILE names that exist"
+    )
+    credentials.add_argument("file", type=Path)
+    credentials.add_argument("--receiver", action="store_true", help="the file is a receiver config")
+    credentials.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="systemd unit dir")
+    credentials.set_defaults(func=cmd_config_credentials)
 
     keys = commands.add_parser("keys", help="device identity").add_subparsers(dest="sub", required=True)
     init = keys.add_parser("init", help="create the device key and print its enrolment record")

@@ -3,8 +3,9 @@
 Unknown keys, wrong types and impossible values are refused with the key
 path, the offending value and a hint, so an installer on a ladder learns what
 to fix from one run of ``edge-agent config check``. Secrets never live in the
-file: it names files, found in ``$CREDENTIALS_DIRECTORY`` (systemd
-``LoadCredential=``) or the state directory.
+file: it names files (every setting ending in ``_file``), found in
+``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``), then
+``credentials_dir``, then the state directory.
 """
 
 from __future__ import annotations
@@ -66,9 +67,15 @@ class IdentitySection(Section):
 
 class TlsSection(Section):
     enabled: bool = Field(True, description="Use TLS with server certificate verification.")
-    ca_file: str | None = Field(None, description="CA bundle for the broker; the system store when unset.")
-    cert_file: str | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    key_file: str | None = Field(None, description="Client certificate key (PEM) for mutual TLS; a secret file.")
+    ca_file: str | None = Field(
+        None,
+        description="CA bundle (PEM) for the broker; the system store when unset. A relative name is looked up "
+        "like a secret: $CREDENTIALS_DIRECTORY, then credentials_dir, then state_dir.",
+    )
+    cert_file: str | None = Field(None, description="Client certificate (PEM) for mutual TLS; looked up like ca_file.")
+    key_file: str | None = Field(
+        None, description="Client certificate key (PEM) for mutual TLS; a secret file, looked up like ca_file."
+    )
 
     @model_validator(mode="after")
     def _cert_and_key_together(self) -> TlsSection:
@@ -86,7 +93,9 @@ class MqttSection(Section):
     keepalive_s: int = Field(30, ge=5, le=300, description="MQTT keep-alive; path loss is noticed within 1.5x this.")
     client_id: str | None = Field(None, description="MQTT client id; the device id when unset.")
     username: str | None = Field(None, description="Broker user name.")
-    password_file: str | None = Field(None, description="File holding the broker password; never inline.")
+    password_file: str | None = Field(
+        None, description="File holding the broker password (never inline); looked up like tls.ca_file."
+    )
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
     reconnect_max_s: float = Field(30.0, gt=0, le=600, description="Cap of the exponential reconnect delay.")
     tls: TlsSection = Field(default_factory=TlsSection)
@@ -215,6 +224,19 @@ class AgentConfig(VisionSettings):
         """Where secret files are looked for, after $CREDENTIALS_DIRECTORY; keys are created in the first."""
         return (self.device.credentials_dir, self.state_dir)
 
+    def camera_login(self) -> dict[str, str | None]:
+        """``username``/``password`` options for ``open_camera``, the password read from its secret file.
+
+        Raises ConfigError naming the file and the setting when the password cannot be read.
+        """
+        camera = self.camera
+        if camera is None or camera.username is None:
+            return {}
+        password = None
+        if camera.password_file is not None:
+            password = read_secret(camera.password_file, self.secret_dirs, "camera.password_file")
+        return {"username": camera.username, "password": password}
+
     @property
     def outbox_path(self) -> Path:
         return self.state_dir / self.outbox.path
@@ -330,12 +352,36 @@ def resolve_secret(name: str, *dirs: Path) -> Path:
     if path.is_absolute():
         return path
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / path).exists():
+    if credentials and _exists(Path(credentials) / path):
         return Path(credentials) / path
     for directory in dirs:
-        if (directory / path).exists():
+        if _exists(directory / path):
             return directory / path
     return dirs[0] / path
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a directory the service user may not enter (the root-only one) counts as no."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def secret_file(name: str, dirs: tuple[Path, ...], setting: str) -> Path:
+    """The path of a credential file (see ``resolve_secret``) once it is known to be readable.
+
+    Raises ConfigError, one line naming the setting and the file, when it is missing or
+    unreadable (the service user cannot read the root-only credentials directory: systemd
+    must hand the file over with ``LoadCredential=``).
+    """
+    path = resolve_secret(name, *dirs)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(_unreadable(name, path, setting, exc)) from None
+    return path
 
 
 def read_secret(name: str, dirs: tuple[Path, ...], what: str) -> str:
@@ -343,5 +389,33 @@ def read_secret(name: str, dirs: tuple[Path, ...], what: str) -> str:
     path = resolve_secret(name, *dirs)
     try:
         return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(_unreadable(name, path, what, exc)) from None
+
+
+def _unreadable(name: str, path: Path, setting: str, exc: Exception) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = f"{setting}: cannot read {path}: {reason}"
+    if isinstance(exc, PermissionError) and not Path(name).is_absolute():
+        text += " (a service reads credentials from $CREDENTIALS_DIRECTORY: run 'edge-agent config credentials')"
+    return text
+
+
+def credential_files(config: Section) -> list[tuple[str, str]]:
+    """Every credential a configuration names by a plain relative file name, as (setting, name).
+
+    These are the settings ending in ``_file`` (keys, the centre's key, passwords, TLS files);
+    they are what a systemd unit must pass in with ``LoadCredential=NAME:credentials_dir/NAME``.
+    """
+    found: list[tuple[str, str]] = []
+
+    def walk(section: Section, prefix: str) -> None:
+        for field_name in type(section).model_fields:
+            value = getattr(section, field_name)
+            if isinstance(value, Section):
+                walk(value, f"{prefix}{field_name}.")
+            elif field_name.endswith("_file") and isinstance(value, str) and "/" not in value:
+                found.append((prefix + field_name, value))
+
+    walk(config, "")
+    return found

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .config_base import Name, Section
 
@@ -27,8 +27,20 @@ def _check_polygon(points: list[Point]) -> list[Point]:
     return points
 
 
+_URL_SOURCE = re.compile(r"^(rtsps?|https?)://[^/?#]+", re.IGNORECASE)
+
+
 class CameraSection(Section):
-    source: str = Field(description="'picamera2', a V4L2 index or /dev/videoN, an rtsp:// or http:// URL, or a file.")
+    source: str = Field(
+        description="'picamera2', a V4L2 index or /dev/videoN, an rtsp:// or http:// URL, or a file. "
+        "Put a camera login in username/password_file, not in the URL (an inline password is hidden in logs)."
+    )
+    username: str | None = Field(None, min_length=1, description="Login of an RTSP/HTTP camera.")
+    password_file: str | None = Field(
+        None,
+        description="File holding the camera's password; looked up like other secrets ($CREDENTIALS_DIRECTORY, "
+        "credentials_dir, state_dir) and put into the URL only when the stream is opened.",
+    )
     name: Name = Field("camera", description="Camera name used in events.")
     width: int = Field(640, ge=64, le=4096, description="Detection stream width (picamera2 lores / capture).")
     height: int = Field(480, ge=48, le=4096)
@@ -37,6 +49,27 @@ class CameraSection(Section):
     rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP cameras: RTP over TCP or UDP.")
     loop: bool = Field(False, description="Restart a video file at its end.")
     reconnect_max_s: float = Field(30.0, ge=1, le=600, description="Cap of the reconnect backoff.")
+
+    # Field validators, not a model validator: an error then shows its own value, never a source with a password.
+    @field_validator("username")
+    @classmethod
+    def _login_fits_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if value is None or source is None:
+            return value
+        url = _URL_SOURCE.match(source)
+        if url is None:
+            raise ValueError("username and password_file are for rtsp:// and http(s):// camera sources only")
+        if "@" in url.group(0):
+            raise ValueError("the source URL carries a login already: give it in username/password_file only")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_needs_user(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "username" in info.data and info.data["username"] is None:  # absent: failed
+            raise ValueError("password_file must be given with username")
+        return value
 
 
 class DetectorSection(Section):
@@ -131,9 +164,24 @@ class EvidenceSection(Section):
 
 
 class VisionSection(Section):
-    stall_s: float = Field(5.0, ge=1, le=120, description="A pipeline silent this long is restarted.")
+    startup_timeout_s: float = Field(
+        60.0,
+        ge=1,
+        le=900,
+        description="The vision process must report its first heartbeat (imports, model load and check done) "
+        "within this long after it is started, or it is restarted.",
+    )
+    stall_s: float = Field(
+        5.0, ge=1, le=120, description="After its first heartbeat, a pipeline silent this long is restarted."
+    )
     restart_max_s: float = Field(60.0, ge=1, le=3600, description="Cap of the restart backoff.")
-    nice: int = Field(10, ge=0, le=19, description="Scheduling niceness of the vision process.")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much nicer (lower priority) than the agent the vision process runs; a failure to lower "
+        "it is reported as a 'priority' fault and in the vision telemetry.",
+    )
 
 
 class VisionSettings(Section):

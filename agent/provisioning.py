@@ -3,8 +3,11 @@
 Creates the device key (never replacing one without ``force``), writes a
 config from the template of the device's kind and validates it, installs the
 centre's public keys (the JWK Set ``receiver init`` prints, or its signing JWK
-alone), and returns the enrolment record the installer scans into the centre's
-registry (printed as JSON and as a terminal QR code).
+alone) and the broker's TLS files and password into the root-only credentials
+directory, writes the systemd drop-in that hands exactly those credentials to
+the service (``LoadCredential=``), and returns the enrolment record the
+installer scans into the centre's registry (printed as JSON and as a terminal
+QR code).
 """
 
 from __future__ import annotations
@@ -12,21 +15,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
 
-from .config import AgentConfig, load_agent_config
+from .config import AgentConfig, ReceiverConfig, credential_files, load_agent_config
 from .errors import ConfigError, KeyFileError
 from .evidence_transfer import require_sealing_key
 from .keyring import enrolment_record
 from .sealing import load_centre_keys
 from .signing import generate_private_key
 
-TEMPLATES = Path(__file__).with_name("templates")
 log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).with_name("templates")
+SYSTEMD_DIR = Path("/etc/systemd/system")
+DROPIN_NAME = "credentials.conf"
+_CREDENTIAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -60,7 +70,7 @@ def parse_broker(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, tls
 
 
-def _mqtt_section(request: ProvisionRequest, credentials: Path) -> str:
+def _mqtt_section(request: ProvisionRequest) -> str:
     host, port, tls = parse_broker(request.broker)
     lines = ["[mqtt]", f'host = "{host}"', f"port = {port}"]
     if request.username:
@@ -68,19 +78,103 @@ def _mqtt_section(request: ProvisionRequest, credentials: Path) -> str:
     if request.password_file:
         lines.append('password_file = "mqtt-password"')
     lines += ["", "[mqtt.tls]", f"enabled = {'true' if tls else 'false'}"]
+    # Plain names, found like every secret: $CREDENTIALS_DIRECTORY (the service), then credentials_dir (root).
     if tls and request.ca_file:
-        lines.append(f'ca_file = "{credentials / "broker-ca.pem"}"')
+        lines.append('ca_file = "broker-ca.pem"')
     if tls and request.cert_file:
-        lines += [f'cert_file = "{credentials / "client-cert.pem"}"', 'key_file = "client-cert-key.pem"']
+        lines += ['cert_file = "client-cert.pem"', 'key_file = "client-cert-key.pem"']
     return "\n".join(lines) + "\n"
 
 
-def _install_secret(source: Path, target: Path, mode: int) -> None:
+def _check_tls_files(request: ProvisionRequest) -> None:
+    """Refuse a CA, certificate or key that TLS could not use, before anything is written."""
+    for flag, path in (
+        ("--ca-file", request.ca_file),
+        ("--cert-file", request.cert_file),
+        ("--key-file", request.key_file),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
     try:
-        shutil.copyfile(source, target)
+        if request.ca_file is not None:
+            ssl.create_default_context(cafile=str(request.ca_file))
+        if request.cert_file is not None and request.key_file is not None:
+            ssl.create_default_context().load_cert_chain(str(request.cert_file), str(request.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        which = "--ca-file" if request.cert_file is None else "--ca-file/--cert-file/--key-file"
+        raise ConfigError(f"{which}: not a usable PEM CA, certificate and key: {exc}") from None
+
+
+def _install_secret(source: Path, target: Path, mode: int) -> None:
+    """Copy a credential so that it never exists with a wider mode than ``mode``, whatever the umask."""
+    try:
+        data = Path(source).read_bytes()
+        tmp = target.with_name(target.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)  # O_CREAT keeps the mode of a leftover file
+        os.replace(tmp, target)
     except OSError as exc:
         raise ConfigError(f"cannot copy {source} to {target}: {exc.strerror}") from None
-    os.chmod(target, mode)
+
+
+def credentials_dropin(config: AgentConfig | ReceiverConfig) -> tuple[str, list[str], list[str]]:
+    """A systemd drop-in passing in every credential ``config`` names that exists in its credentials_dir.
+
+    systemd fails a unit whose ``LoadCredential=`` file is missing, so only files present are
+    listed. Returns (drop-in text, credential names listed, settings left out and why).
+    """
+    directory = config.secret_dirs[0]
+    listed: list[str] = []
+    left_out: list[str] = []
+    for setting, name in credential_files(config):
+        if name in listed:
+            continue
+        if not _CREDENTIAL_ID.match(name):
+            left_out.append(f"{setting} = {name!r}: not a plain file name; give an absolute path the service can read")
+        elif not (directory / name).is_file():
+            left_out.append(f"{setting} = {name!r}: not in {directory}")
+        else:
+            listed.append(name)
+    path = str(directory).replace("%", "%%")  # systemd expands % specifiers
+    text = (
+        f"# Written by edge-agent: the credentials the configuration names that exist in {directory}.\n"
+        "# systemd fails a unit whose LoadCredential= file is missing, so only those present are listed;\n"
+        "# after adding or removing one, run 'edge-agent config credentials CONFIG' again.\n"
+        "[Service]\n" + "".join(f"LoadCredential={name}:{path}/{name}\n" for name in listed)
+    )
+    return text, listed, left_out
+
+
+def write_credentials_dropin(
+    config: AgentConfig | ReceiverConfig, unit: str, unit_dir: Path = SYSTEMD_DIR
+) -> tuple[Path, list[str], list[str]]:
+    """Write ``unit_dir/unit.d/credentials.conf``; returns (its path, names listed, settings left out)."""
+    text, listed, left_out = credentials_dropin(config)
+    target = Path(unit_dir) / f"{unit}.d" / DROPIN_NAME
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(DROPIN_NAME + ".new")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the credentials drop-in {target}: {exc.strerror}") from None
+    return target, listed, left_out
+
+
+def reload_systemd(unit_dir: Path) -> str | None:
+    """``systemctl daemon-reload`` when ``unit_dir`` is the live one and systemd runs; returns why it failed."""
+    if Path(unit_dir) != SYSTEMD_DIR or not Path("/run/systemd/system").is_dir() or not shutil.which("systemctl"):
+        return None
+    try:
+        result = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"systemctl daemon-reload failed: {exc}; run it before starting the service"
+    if result.returncode != 0:
+        return f"systemctl daemon-reload failed: {result.stderr.strip()}; run it before starting the service"
+    return None
 
 
 def _check_centre_keys(path: Path, config: AgentConfig) -> None:
@@ -104,6 +198,7 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         raise ConfigError(f"--kind {request.kind!r}: expected call-point, building-button or camera-box")
     if (request.cert_file is None) != (request.key_file is None):
         raise ConfigError("--cert-file and --key-file must be given together")
+    _check_tls_files(request)
     credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_dir.mkdir(parents=True, exist_ok=True)
     text = Template((TEMPLATES / f"{request.kind}.toml").read_text()).substitute(
@@ -112,7 +207,7 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         state_dir=state_dir,
         credentials_dir=credentials,
         location=request.location.replace('"', "'"),
-        mqtt=_mqtt_section(request, credentials),
+        mqtt=_mqtt_section(request),
         camera=request.camera,
         model_dir=state_dir / "models",
     )
@@ -138,6 +233,11 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         _install_secret(Path(request.centre_key), credentials / "centre.jwk", 0o644)
     key = generate_private_key(key_path, force=request.force)
     os.replace(tmp, config_path)
+    unit_dir = root / "etc/systemd/system"
+    write_credentials_dropin(load_agent_config(config_path), "edge-agent.service", unit_dir)
+    problem = reload_systemd(unit_dir) if root == Path("/") else None
+    if problem is not None:
+        log.warning("%s", problem)
     record = enrolment_record(request.device_id, request.site, request.kind, key)
     record["fingerprint"] = ":".join(record["kid"][i : i + 4] for i in range(0, 16, 4))
     return record, config_path

@@ -189,11 +189,16 @@ class SelfTest:
     def _camera(self):
         from hw.camera import CameraUnavailable, open_camera
 
+        from .errors import ConfigError
+
         settings = self.config.camera
         try:
-            camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps)
+            login = self.config.camera_login()
+            camera = open_camera(
+                settings.source, width=settings.width, height=settings.height, fps=settings.fps, **login
+            )
             camera.open()
-        except CameraUnavailable as exc:
+        except (CameraUnavailable, ConfigError) as exc:
             self.add("camera", False, str(exc), "check the cable/URL, and that no other program uses the camera")
             return None
         frames, first, start = 0, None, time.monotonic()
@@ -248,6 +253,7 @@ class SelfTest:
     # Broker, centre and clock
 
     def _broker_round_trip(self) -> None:
+        from .errors import ConfigError
         from .messages import AckClaims, TopicLayout, new_claims
         from .outbox import Outbox
         from .signing import MessageSigner, verify_claims
@@ -256,7 +262,13 @@ class SelfTest:
         config = self.config
         device, site = config.device.id, config.device.site
         topics = TopicLayout(config.mqtt.topic_prefix)
-        link = MqttLink(config.mqtt, client_id=f"selftest-{device}", secret_dirs=config.secret_dirs, session_expiry_s=0)
+        try:
+            link = MqttLink(
+                config.mqtt, client_id=f"selftest-{device}", secret_dirs=config.secret_dirs, session_expiry_s=0
+            )
+        except ConfigError as exc:  # a CA, certificate, key or password file that cannot be read or used
+            self.add("broker", False, str(exc), "put the file in the credentials directory, readable, in PEM")
+            return
         try:
             problem = link.probe(self.timeout_s)
             mode = "TLS verified" if config.mqtt.tls.enabled else "no TLS"

@@ -20,7 +20,7 @@ from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
 
 from . import __version__
 from .clock import CentreClock
-from .config import AgentConfig, resolve_secret
+from .config import AgentConfig, secret_file
 from .control import ControlServer
 from .delivery import Delivery, DeliveryHooks
 from .errors import ConfigError, OutboxError
@@ -84,9 +84,13 @@ class Agent:
         self.clock = CentreClock()  # local time, corrected by the centre's signed answers
 
         self.signer = MessageSigner(
-            load_private_key(resolve_secret(config.identity.private_key_file, *config.secret_dirs))
+            load_private_key(
+                secret_file(config.identity.private_key_file, config.secret_dirs, "identity.private_key_file")
+            )
         )
-        centre_keys = load_centre_keys(resolve_secret(config.identity.centre_key_file, *config.secret_dirs))
+        centre_keys = load_centre_keys(
+            secret_file(config.identity.centre_key_file, config.secret_dirs, "identity.centre_key_file")
+        )
         require_sealing_key(config.rules, centre_keys)  # before anything is opened: a ConfigError at start
         centre_key = centre_keys.signing
         self.topics = TopicLayout(config.mqtt.topic_prefix)

@@ -27,8 +27,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .config import MqttSection, read_secret, resolve_secret
-from .errors import UplinkError
+from .config import MqttSection, read_secret, secret_file
+from .errors import ConfigError, UplinkError
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,23 @@ class MqttLink:
             self._client.will_set(self._will.topic, self._will.render(), qos=1, retain=self._will.retain)
 
     def _configure_tls(self, secret_dirs: tuple[Path, ...]) -> None:
+        """A verifying TLS context; TLS files are found like secrets, and any that cannot be used is a ConfigError."""
         tls = self.settings.tls
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        ca = None if tls.ca_file is None else secret_file(tls.ca_file, secret_dirs, "mqtt.tls.ca_file")
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"mqtt.tls.ca_file: {ca} is not a PEM CA bundle: {exc}") from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if tls.cert_file and tls.key_file:
-            context.load_cert_chain(tls.cert_file, str(resolve_secret(tls.key_file, *secret_dirs)))
+            cert = secret_file(tls.cert_file, secret_dirs, "mqtt.tls.cert_file")
+            key = secret_file(tls.key_file, secret_dirs, "mqtt.tls.key_file")
+            try:
+                context.load_cert_chain(cert, key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"mqtt.tls.cert_file/key_file: {cert} and {key} are not a PEM certificate and its key: {exc}"
+                ) from None
         self._client.tls_set_context(context)
 
     def __repr__(self) -> str:

@@ -8,8 +8,13 @@ OpenCV or libcamera.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlsplit
+
+# scheme://userinfo@ — userinfo runs to the last "@" before the host part ends ("/", "?", "#", space).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>(?:[^\s/?#@]*@)*[^\s/?#@]*)@")
 
 
 class CameraUnavailable(OSError):
@@ -63,8 +68,38 @@ class Camera(abc.ABC):
         return None
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced: ``rtsp://user:pw@host`` → ``rtsp://user:***@host``.
+
+    For anything that may be shown: logs, exceptions, status and signed fault events.
+    """
+
+    def hide(match: re.Match) -> str:
+        user, has_password, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if has_password else match[0]
+
+    return _USERINFO.sub(hide, text)
+
+
+def url_with_login(url: str, username: str | None, password: str | None) -> str:
+    """``url`` with ``username`` and ``password`` (percent-encoded) in its authority, for opening only."""
+    if username is None:
+        return url
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"camera source {redact_url(url)}: a user name needs an rtsp:// or http:// URL")
+    if "@" in parts.netloc:
+        raise ValueError(f"camera source {redact_url(url)} already carries a login")
+    login = quote(username, safe="") + ("" if password is None else ":" + quote(password, safe=""))
+    return parts._replace(netloc=f"{login}@{parts.netloc}").geturl()
+
+
 def open_camera(source: str, **options: Any) -> Camera:
-    """Pick the backend for a source: ``picamera2[:N]``, a V4L2 index or device, an URL or a file."""
+    """Pick the backend for a source: ``picamera2[:N]``, a V4L2 index or device, an URL or a file.
+
+    ``username``/``password`` options are for URL cameras; the password comes from a secret file,
+    never from the source, and is put into the URL only when the stream is opened.
+    """
     if source == "picamera2" or source.startswith("picamera2:"):
         from .camera_picamera2 import Picamera2Camera
 

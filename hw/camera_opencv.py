@@ -1,7 +1,9 @@
 """OpenCV camera backend: USB/UVC (including thermal UVC), RTSP/HTTP IP cameras and video files.
 
 Wiring note: UVC cameras appear as ``/dev/videoN`` (give the path or the
-index N); IP cameras by URL (``rtsp://user@host/stream``); files by path.
+index N); IP cameras by URL (``rtsp://host/stream``, the login given apart as
+``username``/``password``); files by path. The URL is shown only with its
+password replaced by ``***``.
 Thermal UVC cameras that deliver one 8- or 16-bit channel are converted to
 three-channel 8-bit RGB (16-bit is stretched to the frame's own range).
 """
@@ -12,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .camera import Camera, CameraUnavailable, Frame
+from .camera import Camera, CameraUnavailable, Frame, redact_url, url_with_login
 
 _STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
 
@@ -26,6 +28,7 @@ class OpenCVCamera(Camera):
         realtime: pace a file at its own frame rate, as a live camera would deliver it.
         loop: restart a file at its end instead of ending.
         rtsp_transport: "tcp" (default, interleaved) or "udp" for RTSP cameras.
+        username, password: login of an RTSP/HTTP camera, put into the URL only when opening.
     """
 
     def __init__(
@@ -37,8 +40,14 @@ class OpenCVCamera(Camera):
         realtime: bool = False,
         loop: bool = False,
         rtsp_transport: str = "tcp",
+        username: str | None = None,
+        password: str | None = None,
     ):
-        self.source = str(source)
+        try:
+            self._target = url_with_login(str(source), username, password)
+        except ValueError as exc:
+            raise CameraUnavailable(str(exc)) from None
+        self.source = redact_url(str(source))  # what is shown; the login stays in _target
         self.name = f"opencv:{self.source}"
         self._width, self._height, self._fps = width, height, fps
         self.realtime = realtime
@@ -62,9 +71,9 @@ class OpenCVCamera(Camera):
     def open(self) -> None:
         import cv2
 
-        if self.is_file and not Path(self.source).exists():
+        if self.is_file and not Path(self._target).exists():
             raise CameraUnavailable(f"camera source {self.source}: no such file")
-        target = int(self.source) if self.source.isdigit() else self.source
+        target = int(self._target) if self._target.isdigit() else self._target
         if self.source.startswith(_STREAM_PREFIXES):
             if self.source.startswith(("rtsp://", "rtsps://")):
                 # RTP over the RTSP TCP connection: survives NAT and firewalls that drop camera UDP.

@@ -75,6 +75,15 @@ fi
 run install -d -m 0755 "$R/etc/systemd/system"
 run install -m 0644 "$SOURCE/systemd/edge-agent.service" "$R/etc/systemd/system/edge-agent.service"
 [ "$RECEIVER" = 1 ] && run install -m 0644 "$SOURCE/systemd/edge-agent-receiver.service" "$R/etc/systemd/system/edge-agent-receiver.service"
+
+# 7. Credentials: the units get only the files their drop-in lists (LoadCredential=, one per credential the
+#    config names that exists). provision writes it; on a re-install it is written again from what is there.
+if [ -f "$R/etc/edge-agent/agent.toml" ]; then
+  run "$R$PREFIX/bin/edge-agent" config credentials "$R/etc/edge-agent/agent.toml" --unit-dir "$R/etc/systemd/system"
+fi
+if [ "$RECEIVER" = 1 ] && [ -f "$R/etc/edge-agent/receiver.toml" ]; then
+  run "$R$PREFIX/bin/edge-agent" config credentials "$R/etc/edge-agent/receiver.toml" --receiver --unit-dir "$R/etc/systemd/system"
+fi
 if [ "$R" = "" ]; then
   run systemctl daemon-reload
   run systemctl enable edge-agent.service
@@ -89,3 +98,11 @@ Installed. Next:
   sudo $PREFIX/bin/edge-agent selftest --config /etc/edge-agent/agent.toml --interactive
   sudo systemctl start edge-agent && journalctl -u edge-agent -f
 NEXT
+if [ "$RECEIVER" = 1 ]; then
+  cat <<NEXT
+Receiver: write /etc/edge-agent/receiver.toml (examples/receiver.toml), then
+  sudo $PREFIX/bin/edge-agent receiver init --config /etc/edge-agent/receiver.toml
+  sudo $PREFIX/bin/edge-agent config credentials /etc/edge-agent/receiver.toml --receiver
+  sudo systemctl enable --now edge-agent-receiver
+NEXT
+fi

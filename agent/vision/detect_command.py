@@ -82,7 +82,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     """``edge-agent snapshot``: one frame from the configured camera with zones, masks and detections drawn."""
     import logging
 
-    from hw.camera import CameraUnavailable, open_camera
+    from hw.camera import CameraUnavailable, open_camera, redact_url
 
     from ..config import load_agent_config
     from .annotate import annotate, write_png
@@ -93,7 +93,8 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     if vision is None:
         raise ConfigError(f"{config_path} has no [camera] section: nothing to take a snapshot with")
     settings = vision.camera
-    camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps)
+    login = config.camera_login()
+    camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps, **login)
     try:
         with camera:
             frame = None
@@ -102,7 +103,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     except CameraUnavailable as exc:
         raise CameraError(str(exc)) from None
     if frame is None:
-        raise CameraError(f"camera {settings.source} delivered no frame")
+        raise CameraError(f"camera {redact_url(settings.source)} delivered no frame")
     detections = []
     if detect:
         try:

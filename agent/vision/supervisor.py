@@ -1,10 +1,11 @@
 """Keeps the vision process alive without ever letting it touch the button path.
 
 Lives in the agent process and imports no numpy, OpenCV or interpreter: the
-vision process is started with ``spawn``. If that process dies or stops
-sending heartbeats for ``stall_s``, it is killed and restarted with a capped
-exponential backoff. Each distinct failure is reported once (``on_fault``),
-and once more when the pipeline is healthy again.
+vision process is started with ``spawn``. Its start-up (imports, model load
+and check) has ``startup_timeout_s`` to end in a first heartbeat; from then
+on, if the process dies or stops sending heartbeats for ``stall_s``, it is
+killed and restarted with a capped exponential backoff. Each distinct failure
+is reported once (``on_fault``), and once more when the pipeline is healthy again.
 """
 
 from __future__ import annotations
@@ -31,15 +32,26 @@ class VisionSupervisor:
         config: the device configuration (must have a ``[camera]`` section).
         on_message: called with ``(kind, body)`` for every rule event.
         on_fault: called with ``(component, text, recovered)`` once per failure and once per recovery.
+        worker: the vision process's entry point, ``run_vision`` unless a test starts a slow or silent one.
+
+    Raises ConfigError when the camera's password file cannot be read.
     """
 
     def __init__(
-        self, config: AgentConfig, on_message: Callable[[str, dict], None], on_fault: Callable[[str, str, bool], None]
+        self,
+        config: AgentConfig,
+        on_message: Callable[[str, dict], None],
+        on_fault: Callable[[str, str, bool], None],
+        worker: Callable[..., None] | None = None,
     ):
         vision = config.vision_config()
         if vision is None:
             raise ValueError("VisionSupervisor needs a device with a [camera] section")
+        # The camera password is read here, in the agent, so a missing file stops the start with a clear error;
+        # it reaches the vision process through the spawn pipe, never its command line or the config JSON.
+        self._password = config.camera_login().get("password")
         self._args = (vision.model_dump_json(), str(config.model_dir), str(config.evidence_dir))
+        self._worker = worker
         self.settings = vision.vision
         self.on_message = on_message
         self.on_fault = on_fault
@@ -61,6 +73,12 @@ class VisionSupervisor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The vision process's id while it runs."""
+        process = self._process
+        return None if process is None else process.pid
+
     def start(self) -> None:
         self._thread.start()
 
@@ -76,10 +94,14 @@ class VisionSupervisor:
         self._queue = self._context.Queue()
         self._stop = self._context.Event()
         self._process = self._context.Process(
-            target=run_vision, args=(*self._args, self._queue, self._stop), name="edge-agent-vision", daemon=True
+            target=self._worker or run_vision,
+            args=(*self._args, self._queue, self._stop, self._password),
+            name="edge-agent-vision",
+            daemon=True,
         )
         self._process.start()
-        self._started_at = self._last_beat = time.monotonic()
+        self._started_at = time.monotonic()
+        self._last_beat: float | None = None  # the stall timer starts at the first heartbeat
 
     def _end_process(self) -> None:
         process = self._process
@@ -125,13 +147,26 @@ class VisionSupervisor:
                 outcome = self._handle(item, now)
                 if outcome is not None:
                     return outcome
-            if now - self._last_beat > self.settings.stall_s:
-                self._fault("vision", f"vision pipeline stalled (no progress for {self.settings.stall_s:g} s)")
-                return "stalled"
+            outcome = self._overdue(now)
+            if outcome is not None:
+                return outcome
             if self._process is not None and not self._process.is_alive() and self._queue.empty():
                 self._fault("vision", f"vision process exited with code {self._process.exitcode}")
                 return "exited"
         return "closing"
+
+    def _overdue(self, now: float) -> str | None:
+        """Start-up gets ``startup_timeout_s`` to the first heartbeat; after that, silence beyond ``stall_s`` is a stall."""
+        settings = self.settings
+        if self._last_beat is None:
+            if now - self._started_at <= settings.startup_timeout_s:
+                return None
+            self._fault("vision", f"vision process did not start within {settings.startup_timeout_s:g} s")
+            return "did not start"
+        if now - self._last_beat <= settings.stall_s:
+            return None
+        self._fault("vision", f"vision pipeline stalled (no progress for {settings.stall_s:g} s)")
+        return "stalled"
 
     def _handle(self, item: tuple, now: float) -> str | None:
         match item:

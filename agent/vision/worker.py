@@ -1,12 +1,15 @@
 """The vision process: camera → pipeline, reporting to the agent over a queue.
 
 Runs in its own process (started by ``supervisor``), at a lower scheduling
-priority, so a saturated CPU, a hung camera read or a crashed interpreter
-never delays the buttons in the agent process. It sends:
+priority (``vision.nice`` steps nicer than the agent), so a saturated CPU, a
+hung camera read or a crashed interpreter never delays the buttons in the
+agent process. It sends:
 
 * ``("message", {"kind", "body"})`` for each rule event,
-* ``("heartbeat", stats)`` at least once a second while it makes progress,
-* ``("fault", component, text)`` once when a part fails, ``("recovered", component, text)`` when it is back,
+* ``("heartbeat", stats)`` once the model is loaded, then at least once a second while it makes progress;
+  the stats carry ``nice`` (and ``nice_error`` when the priority could not be lowered),
+* ``("fault", component, text)`` once when a part fails, ``("recovered", component, text)`` when it is back
+  (component ``priority`` when the process could not lower its own priority),
 * ``("fatal", text)`` when it cannot run at all (bad model), then exits.
 """
 
@@ -21,24 +24,48 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def run_vision(vision_json: str, model_dir: str, evidence_dir: str, out: Any, stop: Any) -> None:
-    """Entry point of the vision process."""
+def run_vision(
+    vision_json: str, model_dir: str, evidence_dir: str, out: Any, stop: Any, camera_password: str | None = None
+) -> None:
+    """Entry point of the vision process; ``camera_password`` is the camera login's, read by the agent."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[vision]: %(message)s")
     from ..config_vision import VisionConfig
     from ..errors import ModelError
 
     config = VisionConfig.model_validate_json(vision_json)
-    try:
-        os.nice(config.vision.nice)
-    except OSError:
-        pass
+    # Before any thread exists: Linux keeps a niceness per thread, and new threads inherit it.
+    priority = lower_priority(config.vision.nice)
+    if "nice_error" in priority:
+        out.put(("fault", "priority", priority["nice_error"]))
     try:
         pipeline = _build_pipeline(config, Path(model_dir), Path(evidence_dir))
     except ModelError as exc:
         out.put(("fatal", "detector", str(exc)))
         return
-    out.put(("heartbeat", pipeline.stats()))
-    _run_camera_loop(config, pipeline, out, stop)
+    beats = _Heartbeat(out, pipeline, priority)
+    beats.send("starting")  # the first heartbeat: from here on the supervisor's stall timer runs
+    _run_camera_loop(config, pipeline, beats, camera_password, stop)
+
+
+def lower_priority(steps: int) -> dict[str, Any]:
+    """Make this process ``steps`` nicer than it was started; returns its niceness and, on failure, why not.
+
+    Under systemd this needs the ``setpriority`` system call, which the unit allows again after
+    ``SystemCallFilter=~@resources``; raising the priority back is never possible there.
+    """
+    start = os.getpriority(os.PRIO_PROCESS, 0)
+    wanted = min(19, start + steps)
+    if wanted == start:
+        return {"nice": start}
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, wanted)
+    except OSError as exc:
+        return {
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "nice_error": f"cannot lower the vision process's priority to nice {wanted}: {exc.strerror or exc}; "
+            f"it runs at the agent's priority (nice {start})",
+        }
+    return {"nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
@@ -60,13 +87,15 @@ def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
     return VisionPipeline(config, detector, evidence)
 
 
-def _run_camera_loop(config, pipeline, out, stop) -> None:
-    from hw.camera import CameraUnavailable, open_camera
+def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str | None, stop) -> None:
+    from hw.camera import CameraUnavailable, open_camera, redact_url
     from hw.frame_prefetch import FramePrefetcher
 
     from .pipeline import OverlappedRun
 
     settings = config.camera
+    shown = redact_url(settings.source)
+    out = beats.out
     camera = open_camera(
         settings.source,
         width=settings.width,
@@ -75,9 +104,10 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
         realtime=settings.realtime,
         loop=settings.loop,
         rtsp_transport=settings.rtsp_transport,
+        username=settings.username,
+        password=camera_password,
     )
     failing, backoff = False, 1.0
-    beats = _Heartbeat(out, pipeline)
     while not stop.is_set():
         beats.maybe_send(failing)
         reader = run = None
@@ -87,7 +117,7 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
             run = OverlappedRun(pipeline, reader.read)
             for messages in run:  # a read that hangs stops the heartbeats too
                 if failing:
-                    out.put(("recovered", "camera", f"camera {settings.source} delivers frames again"))
+                    out.put(("recovered", "camera", f"camera {shown} delivers frames again"))
                     failing, backoff = False, 1.0
                 for message in messages:
                     out.put(("message", message))
@@ -95,11 +125,11 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
                 if stop.is_set():
                     break
             else:
-                out.put(("ended", "camera", f"video {settings.source} ended"))
+                out.put(("ended", "camera", f"video {shown} ended"))
                 break
         except CameraUnavailable as exc:
             if not failing:
-                out.put(("fault", "camera", str(exc)))
+                out.put(("fault", "camera", redact_url(str(exc))))
                 failing = True
             stop.wait(backoff)
             backoff = min(backoff * 2, settings.reconnect_max_s)
@@ -107,21 +137,25 @@ def _run_camera_loop(config, pipeline, out, stop) -> None:
             for part in (run, reader, camera):
                 if part is not None:
                     part.close()
-    out.put(("heartbeat", pipeline.stats()))
+    beats.send("fault" if failing else "ok")
 
 
 class _Heartbeat:
     """At most one heartbeat a second, and the evidence clean-up once a minute."""
 
-    def __init__(self, out, pipeline):
-        self.out, self.pipeline = out, pipeline
+    def __init__(self, out, pipeline, priority: dict[str, Any]):
+        self.out, self.pipeline, self.priority = out, pipeline, priority
         self.last_beat = self.last_purge = 0.0
+
+    def send(self, camera_state: str) -> None:
+        stats = {**self.pipeline.stats(), **self.priority, "camera_state": camera_state}
+        self.out.put(("heartbeat", stats))
+        self.last_beat = time.monotonic()
 
     def maybe_send(self, failing: bool) -> None:
         now = time.monotonic()
         if now - self.last_beat >= 1.0:
-            self.out.put(("heartbeat", {**self.pipeline.stats(), "camera_state": "fault" if failing else "ok"}))
-            self.last_beat = now
+            self.send("fault" if failing else "ok")
         if self.pipeline.evidence is not None and now - self.last_purge >= 60:
             self.pipeline.evidence.purge()
             self.last_purge = now
