@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ReceiverConfig, resolve_secret
+from .config import ReceiverConfig, secret_file
 from .errors import SignatureInvalid
 from .guard import LoopGuard
 from .keyring import Keyring
@@ -180,7 +180,8 @@ class Receiver:
         self.config = config
         settings = config.receiver
         self.topics = TopicLayout(config.mqtt.topic_prefix)
-        self.signer = MessageSigner(load_private_key(resolve_secret(settings.signing_key_file, *config.secret_dirs)))
+        key_path = secret_file(settings.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+        self.signer = MessageSigner(load_private_key(key_path))
         self.keyring = Keyring(config.keyring_path)
         self.store = ReceiverStore(config.database_path)
         self.clock = clock  # the centre's clock: the time window and the ack's stored_at
