@@ -435,11 +435,7 @@ class Agent:
 
     def _loops(self) -> list[LoopGuard]:
         loops = [self.delivery.guard, self._housekeeping, self._held_retry]
-        if self.evidence_server is not None and hasattr(self.evidence_server, "guard"):
-            loops.append(self.evidence_server.guard)
-        if self.vision is not None and hasattr(self.vision, "guard"):
-            loops.append(self.vision.guard)
-        return loops
+        return loops if self.vision is None else [*loops, self.vision.guard]
 
     def health(self) -> dict[str, Any]:
         oldest = self.outbox.oldest_age_s()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import AgentConfig
+from ..guard import LoopGuard
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class VisionSupervisor:
         self._stop = self._context.Event()
         self._closing = threading.Event()
         self._open_faults: dict[str, str] = {}
-        self._thread = threading.Thread(target=self._supervise, name="vision-supervisor", daemon=True)
+        # Beats at least every restart_max_s: waiting out a restart backoff is not being stuck.
+        self.guard = LoopGuard("vision-supervisor", stall_s=self.settings.restart_max_s + 10.0)
 
     def __enter__(self) -> VisionSupervisor:
         self.start()
@@ -80,12 +82,12 @@ class VisionSupervisor:
         return None if process is None else process.pid
 
     def start(self) -> None:
-        self._thread.start()
+        self.guard.start(self._supervise)
 
     def close(self) -> None:
         self._closing.set()
         self._stop.set()
-        self._thread.join(timeout=10)
+        self.guard.join(timeout=10)
         self._end_process()
 
     def _spawn(self) -> None:
@@ -117,9 +119,12 @@ class VisionSupervisor:
     def _supervise(self) -> None:
         backoff = 1.0
         while not self._closing.is_set():
-            self._spawn()
-            self.state = "running"
-            outcome = self._watch()
+            self.guard.beat()
+            outcome = "supervisor error"
+            with self.guard.step("run vision process"):  # a surprise here restarts the process, never ends us
+                self._spawn()
+                self.state = "running"
+                outcome = self._watch()
             self._end_process()
             if outcome == "ended" or self._closing.is_set():
                 self.state = "ended" if outcome == "ended" else "stopped"
@@ -143,10 +148,13 @@ class VisionSupervisor:
             except (EOFError, OSError):
                 item = None
             now = time.monotonic()
+            self.guard.beat()
+            outcome = None
             if item is not None:
-                outcome = self._handle(item, now)
-                if outcome is not None:
-                    return outcome
+                with self.guard.step(f"report {item[0] if isinstance(item, tuple) and item else '?'}"):
+                    outcome = self._handle(item, now)
+            if outcome is not None:
+                return outcome
             outcome = self._overdue(now)
             if outcome is not None:
                 return outcome

@@ -106,3 +106,25 @@ def test_hung_camera_is_restarted_and_buttons_keep_working(site, receiver, mock_
         assert wait_until(lambda: agent.vision.restarts >= 2, 30)
     (fault,) = faults(receiver)
     assert fault["fault"] == "vision" and "stalled (no progress for 3 s)" in fault["message"]
+
+
+def test_camera_alerts_are_held_not_lost_while_the_outbox_cannot_store(site, receiver, mock_factory):
+    """A storage fault once killed the vision supervisor: camera alerts stopped while the watchdog kept pinging."""
+    import sqlite3
+
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    rules = '[[rules]]\nname = "crowd"\ntype = "grouping"\nmin_count = 5\nmin_duration_s = 1\n'
+    config = camera_box(site, VIDEO, MODEL_DIR, rules)
+    with Agent(config, pin_factory=mock_factory) as agent:
+        disk = sqlite3.connect(config.outbox_path)  # another writer breaks the card, as it were
+        disk.execute("CREATE TRIGGER full BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        disk.commit()
+        assert wait_until(lambda: agent.health()["held_in_memory"] > 0, 30)  # the crowd alert, held
+        assert agent.vision.guard.is_alive and agent.problems() == []
+        disk.execute("DROP TRIGGER full")
+        disk.commit()
+        assert wait_until(
+            lambda: [m for m in receiver.store.messages(kind="alert") if m.claims["body"].get("rule") == "crowd"], 20
+        )
+        assert agent.health()["held_in_memory"] == 0 and agent.vision.guard.errors == {}
+        disk.close()
