@@ -97,7 +97,12 @@ class MqttSection(Section):
         None, description="File holding the broker password (never inline); looked up like tls.ca_file."
     )
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
-    reconnect_max_s: float = Field(30.0, gt=0, le=600, description="Cap of the exponential reconnect delay.")
+    reconnect_max_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="Cap of the exponential reconnect delay: low, so the first resend after an outage is prompt.",
+    )
     tls: TlsSection = Field(default_factory=TlsSection)
 
     @model_validator(mode="after")
