@@ -203,3 +203,98 @@ def site_with_agent(tmp_path_factory):
         with Receiver(site.receiver_config) as receiver, Agent(config, pin_factory=MockFactory()) as agent:
             assert receiver.link.wait_subscribed(10) and agent.link.wait_subscribed(10)
             yield site, broker, receiver, agent
+
+
+# Evidence: requests at the camera box, replies at the centre.
+
+GENUINE_REQUEST = {
+    "v": 1,
+    "kind": "evidence-request",
+    "device": "cam-1",
+    "ref": "evidence/00000000-0000-4000-8000-000000000002.jpg",
+    "request_id": "00000000-0000-4000-8000-000000000003",
+    "sent": 1.7e9,
+}
+GENUINE_REPLY = {
+    "v": 1,
+    "kind": "evidence",
+    "device": "cam-1",
+    "ref": GENUINE_REQUEST["ref"],
+    "request_id": GENUINE_REQUEST["request_id"],
+    "sent": 1.7e9,
+    "sha256": "0" * 64,
+    "jpeg_jwe": "a.b.c.d.e",
+}
+
+
+@pytest.fixture(scope="module")
+def evidence_server(tmp_path_factory, centre_key):
+    from agent.evidence_transfer import EvidenceServer
+    from agent.sealing import CentreKeys, generate_encryption_key
+
+    where = tmp_path_factory.mktemp("fuzz-evidence")
+    link = MqttLink(MqttSection(host="127.0.0.1", port=1, tls={"enabled": False}), "fuzz-cam", ())
+    keys = CentreKeys(centre_key, generate_encryption_key(where / "enc.pem"), "fuzz")
+    signer = MessageSigner(generate_private_key(where / "cam.pem"))
+    server = EvidenceServer(
+        link,
+        TOPICS,
+        site="site-a",
+        device="cam-1",
+        signer=signer,
+        centre_keys=keys,
+        evidence_dir=where,
+        state_dir=where,
+    )
+    yield server
+    server.close()
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_camera_refuses_any_hostile_evidence_request_with_a_reason(evidence_server, centre_key, data):
+    from agent.evidence_transfer import RequestRefused
+
+    payload = data.draw(hostile_payloads(centre_key, GENUINE_REQUEST))
+    try:
+        evidence_server.answer(payload)
+    except RequestRefused as refused:
+        assert refused.reason in (
+            "malformed",
+            "bad_signature",
+            "algorithm_not_allowed",
+            "wrong_device",
+            "stale",
+            "replayed",
+        )
+
+
+@pytest.fixture(scope="module")
+def fetcher_side(tmp_path_factory):
+    """What the centre holds while fetching: the keyring with the camera enrolled, and its decryption key."""
+    from agent.sealing import generate_encryption_key
+
+    where = tmp_path_factory.mktemp("fuzz-reply")
+    camera_key = generate_private_key(where / "cam.pem")
+    keyring = Keyring(where / "keyring")
+    keyring.enroll(enrolment_record("cam-1", "site-a", "camera-box", camera_key))
+    return camera_key, keyring, generate_encryption_key(where / "enc.pem")
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_centre_ignores_or_refuses_any_hostile_evidence_reply(fetcher_side, data):
+    from agent.evidence_transfer import EvidenceError, open_reply
+
+    camera_key, keyring, decryption_key = fetcher_side
+    payload = data.draw(hostile_payloads(camera_key, GENUINE_REPLY))
+    with pytest.raises(EvidenceError):  # ReplyIgnored is one (not our reply); any other: the reply failed
+        open_reply(
+            payload,
+            keyring=keyring,
+            decryption_key=decryption_key,
+            device="cam-1",
+            ref=GENUINE_REQUEST["ref"],
+            request_id=GENUINE_REQUEST["request_id"],
+            expected_sha256="0" * 64,
+        )
