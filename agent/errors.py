@@ -5,6 +5,8 @@ know Python's own exceptions still catch them sensibly. Messages say what
 failed, with which value, and what to do about it.
 """
 
+from models.errors import ModelError as _ModelError
+
 
 class AgentError(Exception):
     """Base of every error raised by edge-agent."""
@@ -58,8 +60,8 @@ class MosquittoMissing(BrokerUnavailable):
     """The mosquitto binary is not installed."""
 
 
-class ModelError(AgentError, ValueError):
-    """A detection model or its label file is missing, corrupt, mismatched or of an unknown kind."""
+# The models package keeps its own error so that it does not import the agent (no package cycle).
+ModelError = _ModelError
 
 
 class CameraError(AgentError, OSError):

@@ -23,10 +23,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from gpiozero.pins.mock import MockFactory
 
-from agent.broker import LocalBroker
-from agent.localsite import LocalSite
-from agent.receiver import Receiver
-from agent.service import Agent
+from agent.centre.receiver import Receiver
+from agent.demo.broker import LocalBroker
+from agent.demo.site import LocalSite
+from agent.device.agent import Agent
 
 BUTTON_PIN = 17
 

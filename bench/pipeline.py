@@ -49,7 +49,7 @@ def load_frames(count: int):
 
 
 def vision_config(gated: bool):
-    from agent.config_vision import VisionConfig
+    from agent.config.vision import VisionConfig
 
     return VisionConfig.model_validate(
         {
@@ -142,10 +142,10 @@ def press_to_puback_under_load(presses: int) -> dict:
     """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
     from gpiozero.pins.mock import MockFactory
 
-    from agent.broker import LocalBroker
-    from agent.localsite import LocalSite
-    from agent.receiver import Receiver
-    from agent.service import Agent
+    from agent.centre.receiver import Receiver
+    from agent.demo.broker import LocalBroker
+    from agent.demo.site import LocalSite
+    from agent.device.agent import Agent
 
     body = (
         f'[[buttons]]\nname = "help"\npin = 17\n\n[camera]\nsource = "{VIDEO}"\nloop = true\n\n'

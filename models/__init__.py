@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ModelError
+from models.errors import ModelError
 
 MANIFEST = Path(__file__).with_name("manifest.toml")
 LABEL_DIR = Path(__file__).parent

@@ -15,9 +15,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from agent.errors import ModelError
-
-from . import ModelSpec, sha256_of
+from models import ModelSpec, sha256_of
+from models.errors import ModelError
 
 
 def _download(url: str, target: Path, progress: bool) -> None:

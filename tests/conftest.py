@@ -11,10 +11,10 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from agent.broker import LocalBroker
+from agent.centre.receiver import Receiver, Verdict
+from agent.demo.broker import LocalBroker
+from agent.demo.site import LocalSite
 from agent.errors import MosquittoMissing
-from agent.localsite import LocalSite
-from agent.receiver import Receiver, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
 #: The one setting that finds the shared test models and footage.

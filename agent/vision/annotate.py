@@ -5,9 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..config_vision import VisionConfig
-from .detector import Detection
-from .evidence import redact
+from agent.config.vision import VisionConfig
+from agent.vision.detector import Detection
+from agent.vision.evidence import redact
 
 ZONE_COLOUR = (255, 200, 0)
 BOX_COLOUR = (0, 255, 0)

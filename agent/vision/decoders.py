@@ -15,9 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.errors import ModelError
 from models import ModelSpec
-
-from ..errors import ModelError
 
 ReadOutput = Callable[[int], np.ndarray]  # tensor index → dequantised array
 

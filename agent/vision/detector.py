@@ -15,11 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agent.config.vision import DetectorSection
+from agent.errors import ModelError
+from agent.vision.decoders import DECODERS, Detection
 from models import ModelSpec, find_model, label_count, load_labels, verify_model_file
-
-from ..config_vision import DetectorSection
-from ..errors import ModelError
-from .decoders import DECODERS, Detection
 
 __all__ = ["Detection", "Detector", "load_interpreter"]  # Detection lives with the decoders
 

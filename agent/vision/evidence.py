@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .decoders import Detection
-from .tracking import Track
+from agent.vision.decoders import Detection
+from agent.vision.tracking import Track
 
 
 def redact(

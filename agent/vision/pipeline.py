@@ -12,16 +12,15 @@ from typing import Any
 
 import cv2
 
+from agent.config.vision import VisionConfig
+from agent.vision.camera_tamper import CameraTamperDetector
+from agent.vision.detector import Detection, Detector
+from agent.vision.evidence import EvidenceStore
+from agent.vision.motion import MotionDetector, plan_regions
+from agent.vision.rules import RuleEngine, RuleEvent, passes
+from agent.vision.tracking import ObjectTracker, Track
 from hw.camera import Frame
 from hw.frame_prefetch import put_unless_stopped
-
-from ..config_vision import VisionConfig
-from .camera_tamper import CameraTamperDetector
-from .detector import Detection, Detector
-from .evidence import EvidenceStore
-from .motion import MotionDetector, plan_regions
-from .rules import RuleEngine, RuleEvent, passes
-from .tracking import ObjectTracker, Track
 
 TAMPER_CHECK_EVERY_S = 0.25
 

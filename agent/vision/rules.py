@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config_vision import FilterSection, RuleSection, ZoneSection
-from .tracking import Track
+from agent.config.vision import FilterSection, RuleSection, ZoneSection
+from agent.vision.tracking import Track
 
 
 def point_in_polygon(point: tuple[float, float], polygon: list[tuple[float, float]]) -> bool:

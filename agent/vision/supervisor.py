@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import AgentConfig
-from ..guard import LoopGuard
+from agent.config.device import AgentConfig
+from agent.runtime.guard import LoopGuard
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class VisionSupervisor:
         self._end_process()
 
     def _spawn(self) -> None:
-        from .worker import run_vision  # the module is light; the heavy imports happen in the child
+        from agent.vision.worker import run_vision
 
         self._queue = self._context.Queue()
         self._stop = self._context.Event()

@@ -17,7 +17,7 @@ from norfair import Detection as NorfairDetection
 from norfair import Tracker
 from norfair.distances import VectorizedDistance
 
-from .detector import Detection
+from agent.vision.detector import Detection
 
 
 @dataclass

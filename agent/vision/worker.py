@@ -29,8 +29,8 @@ def run_vision(
 ) -> None:
     """Entry point of the vision process; ``camera_password`` is the camera login's, read by the agent."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[vision]: %(message)s")
-    from ..config_vision import VisionConfig
-    from ..errors import ModelError
+    from agent.config.vision import VisionConfig
+    from agent.errors import ModelError
 
     config = VisionConfig.model_validate_json(vision_json)
     # Before any thread exists: Linux keeps a niceness per thread, and new threads inherit it.
@@ -70,9 +70,9 @@ def lower_priority(steps: int) -> dict[str, Any]:
 
 def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
 
-    from .detector import Detector
-    from .evidence import EvidenceStore
-    from .pipeline import VisionPipeline
+    from agent.vision.detector import Detector
+    from agent.vision.evidence import EvidenceStore
+    from agent.vision.pipeline import VisionPipeline
 
     detector = Detector.from_settings(config.detector, model_dir)
     evidence = None
@@ -88,10 +88,9 @@ def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
 
 
 def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str | None, stop) -> None:
+    from agent.vision.pipeline import OverlappedRun
     from hw.camera import CameraUnavailable, open_camera, redact_url
     from hw.frame_prefetch import FramePrefetcher
-
-    from .pipeline import OverlappedRun
 
     settings = config.camera
     shown = redact_url(settings.source)

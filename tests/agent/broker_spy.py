@@ -8,8 +8,8 @@ import re
 import threading
 from collections.abc import Iterator
 
-from agent.localsite import LocalSite
-from agent.uplink import MqttLink
+from agent.demo.site import LocalSite
+from agent.mqtt.link import MqttLink
 
 
 class BrokerSpy:

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from agent.control import request
+from agent.centre.receiver import Receiver
+from agent.device.agent import Agent
+from agent.device.control import request
 from agent.errors import ControlError
-from agent.receiver import Receiver
-from agent.service import Agent
-from agent.signing import MessageSigner, generate_private_key
+from agent.protocol.signing import MessageSigner, generate_private_key
 from hw.gpio import IndicatorState
 from tests.conftest import wait_until
 from tests.led import wait_steady_on
@@ -104,7 +104,7 @@ def test_kill_9_right_after_presses_loses_nothing_and_raises_nothing_twice(site,
         sys.path.insert(0, {os.getcwd()!r})
         from gpiozero.pins.mock import MockFactory
         from agent.config import load_agent_config
-        from agent.service import Agent
+        from agent.device.agent import Agent
         factory = MockFactory()
         agent = Agent(load_agent_config({str(site.device_config_path("cp-1"))!r}), pin_factory=factory)
         agent.start()

@@ -4,11 +4,11 @@ import time
 
 import pytest
 
-from agent.broker import LocalBroker
+from agent.centre.receiver import Receiver
+from agent.demo.broker import LocalBroker
+from agent.demo.site import LocalSite
+from agent.device.agent import Agent
 from agent.errors import MosquittoMissing
-from agent.localsite import LocalSite
-from agent.receiver import Receiver
-from agent.service import Agent
 from tests.conftest import wait_until
 
 

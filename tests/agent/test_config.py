@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import load_agent_config, load_receiver_config, resolve_secret
+from agent.config.centre import load_receiver_config
+from agent.config.device import load_agent_config
+from agent.config.secrets import resolve_secret
 from agent.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

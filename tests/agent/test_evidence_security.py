@@ -20,20 +20,18 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig, resolve_secret
+from agent.centre.evidence_fetch import fetch, open_reply
+from agent.centre.keyring import Keyring
+from agent.config.device import AgentConfig
+from agent.config.secrets import resolve_secret
+from agent.device.agent import Agent
+from agent.device.evidence_server import USED_IDS_FILE, EvidenceServer, UsedRequests
 from agent.errors import ConfigError, KeyFileError
-from agent.evidence_transfer import (
-    USED_IDS_FILE,
-    EvidenceError,
-    EvidenceServer,
-    ReplyIgnored,
-    UsedRequests,
-    fetch,
-    open_reply,
-)
-from agent.keyring import Keyring, enrolment_record
-from agent.messages import EvidenceReply, EvidenceRequest, TopicLayout
-from agent.sealing import (
+from agent.mqtt.link import MqttLink
+from agent.protocol.enrolment import enrolment_record
+from agent.protocol.evidence import EvidenceError, ReplyIgnored
+from agent.protocol.messages import EvidenceReply, EvidenceRequest, TopicLayout
+from agent.protocol.sealing import (
     CentreKeys,
     centre_key_set,
     generate_encryption_key,
@@ -42,9 +40,7 @@ from agent.sealing import (
     parse_centre_keys,
     seal,
 )
-from agent.service import Agent
-from agent.signing import MessageSigner, generate_private_key, load_private_key, public_jwk
-from agent.uplink import MqttLink
+from agent.protocol.signing import MessageSigner, generate_private_key, load_private_key, public_jwk
 from tests.agent.broker_spy import BrokerSpy, readings
 from tests.conftest import wait_until
 

@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from agent.broker import LocalBroker
-from agent.config import MqttSection, TlsSection
+from agent.config.mqtt import MqttSection, TlsSection
+from agent.demo.broker import LocalBroker
 from agent.errors import ConfigError, MosquittoMissing
-from agent.uplink import MqttLink
+from agent.mqtt.link import MqttLink
 
 
 def test_button_only_device_imports_no_numpy_opencv_or_interpreter():
     code = (
-        "import sys, agent.cli, agent.service, agent.receiver, agent.demo;"
+        "import sys, agent.cli, agent.device.agent, agent.centre.receiver, agent.demo.run;"
         "print(sorted({'numpy', 'cv2', 'ai_edge_litert', 'tflite_runtime'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

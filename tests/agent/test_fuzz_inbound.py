@@ -14,16 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc import jws
 
-from agent.config import MqttSection
-from agent.delivery import Delivery
-from agent.keyring import Keyring, enrolment_record
-from agent.messages import TopicLayout, new_claims
-from agent.outbox import Outbox
-from agent.receiver import MessageChecker
-from agent.receiver_store import ReceiverStore
-from agent.service import Agent
-from agent.signing import ALGORITHM, MessageSigner, generate_private_key, key_id
-from agent.uplink import MqttLink
+from agent.centre.keyring import Keyring
+from agent.centre.receiver import MessageChecker
+from agent.centre.store import ReceiverStore
+from agent.config.mqtt import MqttSection
+from agent.device.agent import Agent
+from agent.device.delivery import Delivery
+from agent.device.outbox import Outbox
+from agent.mqtt.link import MqttLink
+from agent.protocol.enrolment import enrolment_record
+from agent.protocol.messages import TopicLayout, new_claims
+from agent.protocol.signing import ALGORITHM, MessageSigner, generate_private_key, key_id
 from tests.conftest import wait_until
 
 TOPICS = TopicLayout("edge")
@@ -192,9 +193,9 @@ def test_a_live_site_shrugs_off_a_hostile_burst(site_with_agent, data):
 def site_with_agent(tmp_path_factory):
     from gpiozero.pins.mock import MockFactory
 
-    from agent.broker import LocalBroker
-    from agent.localsite import LocalSite
-    from agent.receiver import Receiver
+    from agent.centre.receiver import Receiver
+    from agent.demo.broker import LocalBroker
+    from agent.demo.site import LocalSite
 
     where = tmp_path_factory.mktemp("fuzz-site")
     with LocalBroker(workdir=where / "mosquitto") as broker:
@@ -229,8 +230,8 @@ GENUINE_REPLY = {
 
 @pytest.fixture(scope="module")
 def evidence_server(tmp_path_factory, centre_key):
-    from agent.evidence_transfer import EvidenceServer
-    from agent.sealing import CentreKeys, generate_encryption_key
+    from agent.device.evidence_server import EvidenceServer
+    from agent.protocol.sealing import CentreKeys, generate_encryption_key
 
     where = tmp_path_factory.mktemp("fuzz-evidence")
     link = MqttLink(MqttSection(host="127.0.0.1", port=1, tls={"enabled": False}), "fuzz-cam", ())
@@ -253,7 +254,7 @@ def evidence_server(tmp_path_factory, centre_key):
 @FUZZ
 @given(data=st.data())
 def test_the_camera_refuses_any_hostile_evidence_request_with_a_reason(evidence_server, centre_key, data):
-    from agent.evidence_transfer import RequestRefused
+    from agent.protocol.evidence import RequestRefused
 
     payload = data.draw(hostile_payloads(centre_key, GENUINE_REQUEST))
     try:
@@ -272,7 +273,7 @@ def test_the_camera_refuses_any_hostile_evidence_request_with_a_reason(evidence_
 @pytest.fixture(scope="module")
 def fetcher_side(tmp_path_factory):
     """What the centre holds while fetching: the keyring with the camera enrolled, and its decryption key."""
-    from agent.sealing import generate_encryption_key
+    from agent.protocol.sealing import generate_encryption_key
 
     where = tmp_path_factory.mktemp("fuzz-reply")
     camera_key = generate_private_key(where / "cam.pem")
@@ -284,7 +285,8 @@ def fetcher_side(tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_the_centre_ignores_or_refuses_any_hostile_evidence_reply(fetcher_side, data):
-    from agent.evidence_transfer import EvidenceError, open_reply
+    from agent.centre.evidence_fetch import open_reply
+    from agent.protocol.evidence import EvidenceError
 
     camera_key, keyring, decryption_key = fetcher_side
     payload = data.draw(hostile_payloads(camera_key, GENUINE_REPLY))

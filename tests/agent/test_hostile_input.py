@@ -16,12 +16,13 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import OKPKey
 
-from agent.keyring import Keyring, enrolment_record
-from agent.messages import TopicLayout, new_claims
-from agent.receiver import MessageChecker
-from agent.receiver_store import ReceiverStore
-from agent.service import Agent
-from agent.signing import ALGORITHM, generate_private_key, key_id
+from agent.centre.keyring import Keyring
+from agent.centre.receiver import MessageChecker
+from agent.centre.store import ReceiverStore
+from agent.device.agent import Agent
+from agent.protocol.enrolment import enrolment_record
+from agent.protocol.messages import TopicLayout, new_claims
+from agent.protocol.signing import ALGORITHM, generate_private_key, key_id
 from hw.gpio import IndicatorState
 from tests.conftest import wait_until
 

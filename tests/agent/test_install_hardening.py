@@ -21,14 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import LocalBroker
+from agent.centre.store import ReceiverStore
 from agent.cli import main
-from agent.config import credential_files, load_agent_config, load_receiver_config
+from agent.config.centre import load_receiver_config
+from agent.config.device import load_agent_config
+from agent.config.secrets import credential_files
+from agent.demo.broker import LocalBroker
+from agent.device.outbox import Outbox
 from agent.errors import MosquittoMissing
-from agent.messages import new_claims
-from agent.outbox import Outbox
-from agent.receiver_store import ReceiverStore
-from agent.signing import generate_private_key, public_jwk
+from agent.protocol.messages import new_claims
+from agent.protocol.signing import generate_private_key, public_jwk
 from tests.agent.test_tls import _issue
 from tests.conftest import REPO, wait_until
 

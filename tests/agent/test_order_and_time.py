@@ -7,11 +7,11 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
+from agent.centre.receiver import Receiver
 from agent.cli import main
-from agent.messages import new_claims
-from agent.receiver import Receiver
-from agent.service import Agent
-from agent.signing import MessageSigner, load_private_key
+from agent.device.agent import Agent
+from agent.protocol.messages import new_claims
+from agent.protocol.signing import MessageSigner, load_private_key
 from tests.conftest import wait_until
 
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import textwrap
 
-from agent.messages import new_claims
-from agent.outbox import Outbox
+from agent.device.outbox import Outbox
+from agent.protocol.messages import new_claims
 
 
 def add(outbox: Outbox, kind: str = "alert"):
@@ -71,8 +71,8 @@ def test_committed_rows_survive_kill_9(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {os.getcwd()!r})
-        from agent.outbox import Outbox
-        from agent.messages import new_claims
+        from agent.device.outbox import Outbox
+        from agent.protocol.messages import new_claims
         outbox = Outbox({str(tmp_path / "o.sqlite")!r})
         for i in range(200):
             outbox.add("alert", True, lambda seq: new_claims(device="d", site="s", seq=seq, kind="alert", body={{"i": i}}))

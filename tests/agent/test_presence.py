@@ -7,8 +7,8 @@ import time
 
 import paho.mqtt.client as paho
 
-from agent.config import load_receiver_config
-from agent.receiver import Receiver
+from agent.centre.receiver import Receiver
+from agent.config.centre import load_receiver_config
 from tests.conftest import wait_until
 
 SUPERVISION_S = 12

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from agent.centre.receiver import Receiver
 from agent.cli import main
-from agent.config import load_agent_config
-from agent.receiver import Receiver
-from agent.service import Agent
+from agent.config.device import load_agent_config
+from agent.device.agent import Agent
 from tests.conftest import SHARED_DIR, wait_until
 
 
@@ -97,7 +97,7 @@ def test_provision_enroll_selftest_run(site, receiver, broker, tmp_path, centre_
 def test_selftest_interactive_press(site, receiver, broker, tmp_path, centre_jwk, capsys, monkeypatch):
     from gpiozero.pins.mock import MockFactory
 
-    from agent.selftest import SelfTest
+    from agent.install.selftest import SelfTest
 
     root = tmp_path / "root"
     assert provision(broker, root, centre_jwk, capsys, kind="building-button", device="bb-1")[0] == 0

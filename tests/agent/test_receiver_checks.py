@@ -8,11 +8,12 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import OctKey
 
-from agent.keyring import Keyring, enrolment_record
-from agent.messages import TopicLayout, new_claims
-from agent.receiver import MessageChecker
-from agent.receiver_store import ReceiverStore
-from agent.signing import MessageSigner, generate_private_key, key_id
+from agent.centre.keyring import Keyring
+from agent.centre.receiver import MessageChecker
+from agent.centre.store import ReceiverStore
+from agent.protocol.enrolment import enrolment_record
+from agent.protocol.messages import TopicLayout, new_claims
+from agent.protocol.signing import MessageSigner, generate_private_key, key_id
 
 TOPICS = TopicLayout("edge")
 ALERT_TOPIC = "edge/site-a/cp-1/alert"

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import time
 
+from agent.centre.keyring import Keyring
+from agent.centre.store import ReceiverStore
 from agent.cli import main
-from agent.keyring import Keyring
-from agent.messages import new_claims
-from agent.receiver_store import ReceiverStore
-from agent.signing import MessageSigner, generate_private_key
-from agent.uplink import MqttLink
+from agent.mqtt.link import MqttLink
+from agent.protocol.messages import new_claims
+from agent.protocol.signing import MessageSigner, generate_private_key
 from tests.conftest import wait_until
 
 
@@ -131,8 +131,8 @@ def test_agent_and_receiver_commands_run_and_stop_on_sigterm(site, tmp_path):
 
 
 def test_centre_keeps_records_only_for_its_retention(site, tmp_path):
-    from agent.config import load_receiver_config
-    from agent.receiver import Receiver
+    from agent.centre.receiver import Receiver
+    from agent.config.centre import load_receiver_config
 
     path = site.receiver_toml_path()
     path.write_text(

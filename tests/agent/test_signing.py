@@ -9,7 +9,7 @@ from joserfc.jwk import OctKey, OKPKey
 
 from agent.cli import main
 from agent.errors import KeyFileError, SignatureInvalid
-from agent.signing import (
+from agent.protocol.signing import (
     MessageSigner,
     generate_private_key,
     key_id,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.centre.receiver import Receiver
 from agent.cli import main
-from agent.config import load_receiver_config
-from agent.receiver import Receiver
-from agent.service import Agent
+from agent.config.centre import load_receiver_config
+from agent.device.agent import Agent
 from tests.conftest import REPO, wait_until
 
 

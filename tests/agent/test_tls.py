@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.broker import LocalBroker
-from agent.config import MqttSection, TlsSection
+from agent.config.mqtt import MqttSection, TlsSection
+from agent.demo.broker import LocalBroker
 from agent.errors import MosquittoMissing
-from agent.uplink import MqttLink
+from agent.mqtt.link import MqttLink
 from tests.conftest import wait_until
 
 

@@ -9,11 +9,12 @@ import cv2
 import pytest
 
 from agent.cli import main
-from agent.evidence_transfer import RequestRefused, UsedRequests, answer_request
-from agent.messages import EvidenceRequest
-from agent.sealing import centre_key_set, generate_encryption_key, parse_centre_keys, unseal
-from agent.service import Agent
-from agent.signing import MessageSigner, generate_private_key, verify
+from agent.device.agent import Agent
+from agent.device.evidence_server import UsedRequests, answer_request
+from agent.protocol.evidence import RequestRefused
+from agent.protocol.messages import EvidenceRequest
+from agent.protocol.sealing import centre_key_set, generate_encryption_key, parse_centre_keys, unseal
+from agent.protocol.signing import MessageSigner, generate_private_key, verify
 from tests.agent.broker_spy import BrokerSpy
 from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
 from tests.conftest import wait_until

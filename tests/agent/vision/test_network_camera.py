@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from agent.service import Agent
+from agent.device.agent import Agent
 from hw.camera import CameraUnavailable
 from hw.camera_opencv import OpenCVCamera
 from tests.agent.vision.mjpeg_server import MjpegCamera

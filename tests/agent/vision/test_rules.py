@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from agent.config_vision import RuleSection, ZoneSection
+from agent.config.vision import RuleSection, ZoneSection
 from agent.vision.rules import RuleEngine, Situation, point_in_polygon
 from agent.vision.tracking import Track
 

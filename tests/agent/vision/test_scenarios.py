@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.config_vision import VisionConfig
+from agent.config.vision import VisionConfig
 from agent.vision.pipeline import VisionPipeline
 from agent.vision.tracking import ObjectTracker
 from tests.agent.vision.scenes import covered, paste, smeared, suitcase_sprite, vtest_frames

@@ -22,7 +22,7 @@ import cv2
 import pytest
 
 from agent.cli import main
-from agent.service import Agent
+from agent.device.agent import Agent
 from agent.vision.supervisor import VisionSupervisor
 from agent.vision.worker import run_vision
 from hw.camera import redact_url, url_with_login
@@ -226,7 +226,7 @@ def test_login_is_encoded_into_the_url_and_redacted_out_of_any_text():
     ],
 )
 def test_camera_login_settings_are_checked(tmp_path, camera, problem):
-    from agent.config import load_agent_config
+    from agent.config.device import load_agent_config
     from agent.errors import ConfigError
 
     path = tmp_path / "agent.toml"

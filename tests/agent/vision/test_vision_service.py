@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.service import Agent
+from agent.device.agent import Agent
 from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
 from tests.conftest import wait_until
 

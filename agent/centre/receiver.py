@@ -1,0 +1,368 @@
+"""The centre's reference receiver: verify, de-duplicate, store, acknowledge.
+
+Every message is checked in this order, and the first failure is its reason:
+``oversized`` → ``malformed`` → ``algorithm_not_allowed`` (only Ed25519; never
+``none`` or HMAC) → ``unknown_device`` (key id not enrolled) →
+``bad_signature`` → ``malformed`` claims → ``device_mismatch`` (claims name
+another device or site than the enrolled key) → ``topic_mismatch`` →
+``stale`` (send time outside −40 s/+20 s, as SIA DC-09) → ``replayed`` (a
+sequence number already used for a different event).
+
+A message already stored under the same (device, sequence, event id) is a
+redelivery: it is acknowledged again but never stored or raised twice. The
+acknowledgement is signed with the centre's key and sent only after the
+message is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.centre.keyring import Keyring
+from agent.centre.registry import DeviceEvent
+from agent.centre.store import ReceiverStore
+from agent.config.centre import ReceiverConfig
+from agent.config.secrets import secret_file
+from agent.errors import SignatureInvalid
+from agent.mqtt.link import Inbound, MqttLink
+from agent.protocol.messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
+from agent.protocol.signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify_claims
+from agent.runtime.guard import LoopGuard
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the receiver decided about one message.
+
+    ``alive`` says whether the message proves that the device is alive now: only a fresh,
+    first-seen message does. A redelivery, a replay, an old retained status or the last
+    will never does.
+    """
+
+    outcome: Literal["accepted", "duplicate", "rejected", "ignored"]
+    reason: str | None = None
+    detail: str = ""
+    claims: MessageClaims | None = None
+    alive: bool = False
+    skew_s: float = 0.0  # arrival minus the device's send time: how far off the device's clock looks
+
+
+class MessageChecker:
+    """Verification and de-duplication, with no MQTT in sight (so it is easy to test)."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        store: ReceiverStore,
+        topics: TopicLayout,
+        window_past_s: float = 40.0,
+        window_future_s: float = 20.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.keyring = keyring
+        self.store = store
+        self.topics = topics
+        self.window_past_s = window_past_s
+        self.window_future_s = window_future_s
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.guard = LoopGuard("checker")  # records unexpected errors once per kind; runs on the caller's thread
+
+    def check(self, topic: str, payload: bytes, arrived_at: float | None = None) -> Verdict:
+        """Judge one message; never raises. ``arrived_at`` is when the broker handed it over."""
+        arrived_at = self.clock() if arrived_at is None else arrived_at
+        try:
+            verdict = self._check(topic, payload, arrived_at)
+        except SignatureInvalid as exc:
+            verdict = Verdict("rejected", exc.reason, str(exc))
+        except (sqlite3.Error, OSError) as exc:
+            verdict = Verdict("rejected", "store_failed", f"could not store: {exc}")
+        except Exception as exc:  # noqa: BLE001 - hostile input must never stop the receiver
+            self.guard.failed("check", exc)
+            verdict = Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
+        self.counters[verdict.outcome if verdict.reason is None else verdict.reason] += 1
+        if verdict.outcome == "rejected":
+            log.warning("rejected message on %.200s: %s (%.300s)", topic, verdict.reason, verdict.detail)
+        return verdict
+
+    def _check(self, topic: str, payload: bytes, arrived_at: float) -> Verdict:
+        claims = self._authenticate(topic, payload)
+        skew = arrived_at - claims.sent
+        if claims.kind == "status" and claims.body.get("state") == "offline":
+            return self._store_once(claims, arrived_at, alive=False, skew=skew)  # the last will, of any age
+        if -self.window_future_s <= skew <= self.window_past_s:
+            return self._store_once(claims, arrived_at, alive=True, skew=skew)
+        outside = f"sent {skew:+.1f} s before arrival, outside -{self.window_future_s:g}/+{self.window_past_s:g} s"
+        if claims.kind == "status":  # a retained "online" from long ago: no news, no alarm
+            return Verdict("ignored", "old_status", outside, claims, skew_s=skew)
+        # Refused, but answered with a signed NAK carrying the centre's time: the device corrects its
+        # clock and sends again at once, so a wrong clock delays an alert by one round trip, never more.
+        return Verdict("rejected", "stale", outside, claims, skew_s=skew)
+
+    def _authenticate(self, topic: str, payload: bytes) -> MessageClaims:
+        """Size, algorithm, enrolled key, signature, strict claims, device and topic: or a reason why not."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise SignatureInvalid("oversized", f"{len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+        header = unverified_header(payload)
+        if header.get("alg") != ALGORITHM:
+            raise SignatureInvalid(
+                "algorithm_not_allowed", f"algorithm {header.get('alg')!r}; only Ed25519 is accepted"
+            )
+        device = self.keyring.lookup(str(header.get("kid")))
+        if device is None:
+            raise SignatureInvalid("unknown_device", f"key id {header.get('kid')!r} is not enrolled")
+        claims = verify_claims(MessageClaims, payload, device.key)
+        if claims.device != device.device_id or claims.site != device.site:
+            raise SignatureInvalid(
+                "device_mismatch",
+                f"claims say {claims.site}/{claims.device} but key {device.kid} is enrolled for "
+                f"{device.site}/{device.device_id}",
+            )
+        if self.topics.parse(topic) != (claims.site, claims.device, CHANNEL_OF_KIND[claims.kind]):
+            raise SignatureInvalid(
+                "topic_mismatch", f"{claims.kind} from {claims.site}/{claims.device} on topic {topic:.200}"
+            )
+        return claims
+
+    def _store_once(self, claims: MessageClaims, arrived_at: float, alive: bool, skew: float) -> Verdict:
+        """Store a first copy; a second copy of the same event is a duplicate, another event on its sequence a replay.
+
+        Whatever happens, the verdict is "accepted" or "duplicate" only once the stored row is read
+        back and is this very event: an acknowledgement promises exactly that.
+        """
+        event_id = str(claims.event_id)
+        stored = self.store.find(claims.device, claims.seq)
+        inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), arrived_at)
+        stored = self.store.find(claims.device, claims.seq)
+        if stored is None:
+            raise SignatureInvalid("store_failed", f"{claims.device} seq {claims.seq} is not in the store after insert")
+        if stored.event_id != event_id:
+            raise SignatureInvalid(
+                "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
+            )
+        if inserted:
+            return Verdict("accepted", claims=claims, alive=alive, skew_s=skew)
+        return Verdict("duplicate", claims=claims, skew_s=skew)
+
+
+def describe(body: dict) -> str:
+    """One short line for the log: what happened and where, without boxes or other detail."""
+    if body.get("source") == "camera":
+        return (
+            f"{body.get('rule')} ({body.get('rule_type')}) in {body.get('zone') or 'view'}, count {body.get('count')}"
+        )
+    if "button" in body:
+        return f"{body.get('alert_kind')} from button {body.get('button')!r} at {body.get('location') or '-'}"
+    return ", ".join(f"{k}={v}" for k, v in sorted(body.items()))
+
+
+class Receiver:
+    """Subscribes (shared), checks every message, and acknowledges what it stored."""
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        on_verdict: Callable[[Verdict], None] | None = None,
+        on_device_event: Callable[[DeviceEvent], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        settings = config.receiver
+        self.topics = TopicLayout(config.mqtt.topic_prefix)
+        key_path = secret_file(settings.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+        self.signer = MessageSigner(load_private_key(key_path))
+        self.keyring = Keyring(config.keyring_path)
+        self.store = ReceiverStore(config.database_path)
+        self.clock = clock  # the centre's clock: the time window and the ack's stored_at
+        self.checker = MessageChecker(
+            self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s, clock
+        )
+        self.on_verdict = on_verdict
+        self.on_device_event = on_device_event
+        self.registry = self.store.registry(settings.supervision_s)
+        self.link = MqttLink(
+            config.mqtt,
+            client_id=config.mqtt.client_id or f"receiver-{settings.id}",
+            secret_dirs=config.secret_dirs,
+            session_expiry_s=settings.session_expiry_s,
+            manual_ack=True,  # the broker keeps each message until it is stored here
+            receive_maximum=settings.max_inflight,
+        )
+        prefix, group = self.topics.prefix, settings.share_group
+        for channel in ("alert", "event", "telemetry"):
+            self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
+        self.link.subscribe(f"{prefix}/+/+/status")
+        # Bounded by the broker: at most max_inflight messages are ever unacknowledged in our hands.
+        self.link.on_inbound = lambda inbound: self._inbox.put((inbound, self.clock()))
+        self._inbox: queue.SimpleQueue[tuple[Inbound, float] | None] = queue.SimpleQueue()
+        self._last_nak: dict[str, float] = {}
+        self.guard = LoopGuard("receiver", stall_s=5.0)
+
+    def __enter__(self) -> Receiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def counters(self) -> Counter[str]:
+        return self.checker.counters
+
+    def start(self) -> None:
+        self.guard.start(self._work)
+        self.link.start()
+        log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
+
+    def close(self) -> None:
+        self.link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
+        self._inbox.put(None)
+        self.guard.join(timeout=5)
+        self.store.close()
+
+    def problems(self) -> list[str]:
+        """For the watchdog: empty while the worker runs and paho's network thread is alive."""
+        found = [p for p in (self.guard.problem(),) if p]
+        return found if self.link.network_thread_alive else [*found, "MQTT network thread not running"]
+
+    def _work(self) -> None:
+        next_check = time.monotonic() + 1.0
+        next_prune = time.monotonic()
+        while True:
+            try:
+                item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            self.guard.beat()
+            if item is None:
+                return
+            if item:
+                with self.guard.step("message"):
+                    self._handle(*item)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                with self.guard.step("supervision"):
+                    self._supervise_fleet()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + 3600
+                with self.guard.step("retention"):
+                    self._prune()
+
+    def _supervise_fleet(self) -> None:
+        enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
+        for event in self.registry.check(enrolled, self.clock()):
+            self._report(event)
+
+    def _prune(self) -> None:
+        days = self.config.receiver.retention_days
+        removed = self.store.prune(self.clock() - days * 86400)
+        if removed:
+            log.info("retention: deleted %d record(s) older than %g days", removed, days)
+
+    def _report(self, event: DeviceEvent) -> None:
+        if event.event == "missing":
+            log.warning("DEVICE MISSING %s/%s: %s", event.site, event.device, event.detail)
+        else:
+            log.info("device %s/%s is back: %s", event.site, event.device, event.detail)
+        if self.on_device_event is not None:
+            self.on_device_event(event)
+
+    def _handle(self, inbound: Inbound, arrived_at: float) -> None:
+        try:
+            self._judge(inbound.topic, inbound.payload, arrived_at)
+        finally:
+            self.link.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
+
+    def _judge(self, topic: str, payload: bytes, arrived_at: float) -> None:
+        verdict = self.checker.check(topic, payload, arrived_at)
+        claims = verdict.claims
+        if verdict.alive and claims is not None:
+            back = self.registry.heard(claims, arrived_at)
+            if back is not None:
+                self._report(back)
+        elif verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
+            self.registry.announced_offline(claims, arrived_at)
+            log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
+        judged_by_time = verdict.outcome == "accepted" or verdict.reason == "stale"
+        if claims is not None and judged_by_time and claims.kind != "status":  # a last will is old by nature
+            self.registry.note_clock(claims.device, device_clock_error(claims, verdict.skew_s))
+        if claims is not None and claims.kind in ACKNOWLEDGED_KINDS and verdict.outcome in ("accepted", "duplicate"):
+            self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
+        if verdict.outcome == "accepted" and claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
+            self._follow_chain(claims, arrived_at)
+        elif verdict.reason == "stale" and claims is not None:
+            self._refuse_stale(claims, verdict.skew_s)
+        if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
+            log.warning(
+                "%s%s from %s/%s seq %d: %s%s",
+                "TEST " if claims.test else "",
+                claims.kind.upper(),
+                claims.site,
+                claims.device,
+                claims.seq,
+                describe(claims.body),
+                clock_note(claims),
+            )
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+
+    def _follow_chain(self, claims: MessageClaims, arrived_at: float) -> None:
+        """Each alert names the one before it: say so when that one has not arrived, and when it does."""
+        missing, filled = self.store.follow_chain(claims.device, claims.seq, claims.prev, arrived_at)
+        if missing is not None:
+            log.warning(
+                "OUTSTANDING from %s/%s: seq %d was sent before seq %d and has not arrived",
+                claims.site,
+                claims.device,
+                missing,
+                claims.seq,
+            )
+        if filled:
+            log.info("%s/%s seq %d arrived: no longer outstanding", claims.site, claims.device, claims.seq)
+
+    def _acknowledge(self, claims: MessageClaims, duplicate: bool) -> None:
+        self._answer(claims, AckClaims(**self._answer_fields(claims), duplicate=duplicate))
+
+    def _refuse_stale(self, claims: MessageClaims, skew_s: float) -> None:
+        """A signed, centre-timed NAK (as SIA DC-09 carries the receiver's time): the device corrects its clock.
+
+        At most one a second per device for kinds the centre does not acknowledge, so a flood of stale
+        telemetry cannot make the receiver a NAK amplifier.
+        """
+        now = self.clock()
+        if claims.kind not in ACKNOWLEDGED_KINDS and now - self._last_nak.get(claims.device, 0.0) < 1.0:
+            return
+        self._last_nak[claims.device] = now
+        log.warning("%s/%s clock looks off by %+.0f s; told it the centre's time", claims.site, claims.device, skew_s)
+        self._answer(claims, AckClaims(**self._answer_fields(claims), kind="nak", reason="stale"))
+
+    def _answer_fields(self, claims: MessageClaims) -> dict:
+        now = self.clock()
+        fields = {"device": claims.device, "seq": claims.seq, "event_id": claims.event_id, "reply_to_sent": claims.sent}
+        return {**fields, "receiver": self.config.receiver.id, "stored_at": now, "sent": now}
+
+    def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:
+        topic = self.topics.topic(claims.site, claims.device, "ack")
+        self.link.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
+
+
+def device_clock_error(claims: MessageClaims, skew_s: float) -> float:
+    """How far the device's own clock is off: what it reports having corrected, or what its send time shows."""
+    return claims.clock_error_s if claims.clock_error_s else -skew_s
+
+
+def clock_note(claims: MessageClaims) -> str:
+    """ " (device clock off by N s)" for an alert signed with a corrected clock, else nothing."""
+    return f" (device clock off by {claims.clock_error_s:+.0f} s, corrected)" if claims.clock_error_s else ""

@@ -1,0 +1,451 @@
+"""The ``edge-agent`` command line.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad arguments or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.cli.centre import (
+    cmd_receiver_devices,
+    cmd_receiver_enroll,
+    cmd_receiver_fetch_evidence,
+    cmd_receiver_init,
+    cmd_receiver_run,
+)
+from agent.cli.output import print_json, stop_on_signals
+from agent.errors import AgentError, ConfigError, ModelError
+
+log = logging.getLogger("edge-agent")
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (journald's pipe, or a caller's redirection), not at setup."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = StderrHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from agent.config.centre import load_receiver_config
+    from agent.config.device import load_agent_config
+
+    loader = load_receiver_config if args.receiver else load_agent_config
+    try:
+        config = loader(args.file)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    what = "receiver" if args.receiver else f"{config.device.kind} {config.device.site}/{config.device.id}"
+    print(f"{args.file}: valid ({what})")
+    return 0
+
+
+def cmd_config_credentials(args: argparse.Namespace) -> int:
+    from agent.config.centre import load_receiver_config
+    from agent.config.device import load_agent_config
+    from agent.install.provisioning import reload_systemd, write_credentials_dropin
+
+    config = load_receiver_config(args.file) if args.receiver else load_agent_config(args.file)
+    unit = "edge-agent-receiver.service" if args.receiver else "edge-agent.service"
+    path, listed, left_out = write_credentials_dropin(config, unit, args.unit_dir)
+    print(f"wrote {path}: LoadCredential= for {', '.join(listed) or 'nothing'}")
+    for line in left_out:
+        print(f"not passed in: {line}", file=sys.stderr)
+    problem = reload_systemd(args.unit_dir)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from agent.config.device import load_agent_config
+    from agent.config.secrets import resolve_secret
+    from agent.protocol.enrolment import enrolment_record
+    from agent.protocol.signing import generate_private_key
+
+    config = load_agent_config(args.config)
+    path = resolve_secret(config.identity.private_key_file, *config.secret_dirs)
+    key = generate_private_key(path, force=args.force)
+    print(f"created device key {path} (mode 0600)", file=sys.stderr)
+    print_json(enrolment_record(config.device.id, config.device.site, config.device.kind, key))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config.device import load_agent_config
+    from agent.device.agent import Agent
+
+    config = load_agent_config(args.config)
+    pin_factory = None
+    if args.mock_pins:
+        from gpiozero.pins.mock import MockFactory
+
+        pin_factory = MockFactory()
+    agent = Agent(config, pin_factory=pin_factory)
+    stop_on_signals(agent.close)
+    agent.start()
+    agent.wait()
+    return 0
+
+
+def _socket_of(args: argparse.Namespace) -> Path:
+    from agent.config.device import load_agent_config
+
+    return load_agent_config(args.config).control_socket
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.device.control import request
+
+    reply = request(_socket_of(args), "status")
+    reply.pop("ok", None)
+    print_json(reply)
+    return 0
+
+
+def cmd_test_alert(args: argparse.Namespace) -> int:
+    from agent.device.control import request
+
+    arguments = {"button": args.button} if args.button else {}
+    reply = request(_socket_of(args), "test-alert", **arguments)
+    print(
+        f"test alert seq {reply['seq']} from button {reply['button']!r} accepted; "
+        f"watch the LED for the centre's acknowledgement"
+    )
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from agent.install.detect import run_detect
+
+    if args.every < 1 or args.max_frames < 1:
+        raise ConfigError("--every and --max-frames must be at least 1")
+    return run_detect(
+        args.file, args.config, args.model, args.model_dir, args.threshold, args.annotate, args.max_frames, args.every
+    )
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.install.provisioning import ProvisionRequest, provision, qr_text
+
+    request = ProvisionRequest(
+        device_id=args.device_id,
+        site=args.site,
+        kind=args.kind,
+        broker=args.broker,
+        root=args.root,
+        location=args.location,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        username=args.username,
+        password_file=args.password_file,
+        centre_key=args.centre_key,
+        camera=args.camera,
+        force=args.force,
+    )
+    record, config_path = provision(request)
+    print(
+        f"wrote {config_path} and the service's credentials drop-in; device key created (mode 0600). "
+        "Enrol this device at the centre:",
+        file=sys.stderr,
+    )
+    print_json(record)
+    if not args.no_qr:
+        print(qr_text(record), file=sys.stderr)
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from agent.install.selftest import SelfTest
+
+    pin_factory = None
+    if args.mock_pins:
+        from gpiozero.pins.mock import MockFactory
+
+        pin_factory = MockFactory()
+    test = SelfTest(
+        args.config,
+        pin_factory=pin_factory,
+        interactive=args.interactive,
+        timeout_s=args.timeout,
+        say=lambda text: print(text, file=sys.stderr),
+    )
+    checks = test.run()
+    if args.json:
+        print_json([c.as_dict() for c in checks])
+    else:
+        for check in checks:
+            print(check.line())
+    failed = [c for c in checks if not c.ok]
+    if not args.json:
+        print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from agent.install.detect import run_snapshot
+
+    return run_snapshot(args.config, args.out, detect=not args.no_detect)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model_dir is not None:
+        return args.model_dir
+    if args.config is not None:
+        from agent.config.device import load_agent_config
+
+        return load_agent_config(args.config).model_dir
+    return Path("/var/lib/edge-agent/models")
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from models import load_manifest
+    from models.fetch import verify_all
+
+    specs = list(load_manifest().values())
+    rows = [
+        [
+            s.name,
+            s.family,
+            f"{s.input_size[0]}x{s.input_size[1]}",
+            s.licence + (" (test only)" if s.test_only else ""),
+            state,
+            s.description,
+        ]
+        for s, state in verify_all(specs, _model_dir(args))
+    ]
+    print(tabulate(rows, headers=["name", "family", "input", "licence", f"in {_model_dir(args)}", "about"]))
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from models import find_model
+    from models.fetch import fetch_model
+
+    path = fetch_model(find_model(args.name), _model_dir(args), url=args.source, progress=sys.stderr.isatty())
+    print(f"{args.name}: installed {path} (sha256 verified)")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from models import load_manifest
+    from models.fetch import verify_all
+
+    results = verify_all(list(load_manifest().values()), _model_dir(args))
+    for spec, state in results:
+        print(f"{'✓' if state == 'ok' else '✗'} {spec.name}: {state}")
+    wanted = [r for r in results if not r[0].test_only or r[1] != "missing"]
+    return 0 if all(state == "ok" for _, state in wanted) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo.run import run_demo
+
+    if not args.log_level_given:  # the demo prints its own story; keep the logs to what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("agent.centre.receiver").setLevel(logging.ERROR)
+    if args.seconds < 0:
+        raise ConfigError("--seconds must not be negative")
+    return run_demo(seconds=args.seconds, video=args.video, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="check a configuration file").add_subparsers(dest="sub", required=True)
+    check = config.add_parser("check", help="validate a config file; exit 2 with every problem listed")
+    check.add_argument("file", type=Path)
+    check.add_argument("--receiver", action="store_true", help="the file is a receiver config")
+    check.set_defaults(func=cmd_config_check)
+    credentials = config.add_parser(
+        "credentials", help="write the unit's LoadCredential= drop-in: the credentials FILE names that exist"
+    )
+    credentials.add_argument("file", type=Path)
+    credentials.add_argument("--receiver", action="store_true", help="the file is a receiver config")
+    credentials.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="systemd unit dir")
+    credentials.set_defaults(func=cmd_config_credentials)
+
+    keys = commands.add_parser("keys", help="device identity").add_subparsers(dest="sub", required=True)
+    init = keys.add_parser("init", help="create the device key and print its enrolment record")
+    init.add_argument("--config", type=Path, required=True)
+    init.add_argument("--force", action="store_true", help="replace an existing key (the centre must re-enrol)")
+    init.set_defaults(func=cmd_keys_init)
+
+    run = commands.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, required=True)
+    run.add_argument("--mock-pins", action="store_true", help="use gpiozero's mock pins (no hardware)")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="ask the running agent for its state")
+    status.add_argument("--config", type=Path, required=True)
+    status.set_defaults(func=cmd_status)
+
+    test = commands.add_parser("test-alert", help="send a test alert through the real alert path")
+    test.add_argument("--config", type=Path, required=True)
+    test.add_argument("--button", help="button name (default: the first)")
+    test.set_defaults(func=cmd_test_alert)
+
+    receiver = commands.add_parser("receiver", help="the centre's reference receiver (default: run it)")
+    receiver.add_argument("--config", type=Path, help="receiver config file (also accepted after SUBCOMMAND)")
+    receiver.set_defaults(func=cmd_receiver_run)
+    sub = receiver.add_subparsers(dest="sub", metavar="SUBCOMMAND")
+    # --config may come before or after the subcommand; SUPPRESS keeps a value given before.
+    config_after = argparse.ArgumentParser(add_help=False)
+    config_after.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sub.add_parser("run", parents=[config_after], help="verify, store and acknowledge device messages").set_defaults(
+        func=cmd_receiver_run
+    )
+    rinit = sub.add_parser(
+        "init", parents=[config_after], help="create the centre's signing and encryption keys, print their public set"
+    )
+    rinit.add_argument("--force", action="store_true")
+    rinit.set_defaults(func=cmd_receiver_init)
+    devices = sub.add_parser("devices", parents=[config_after], help="the fleet: state, last seen, health")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(func=cmd_receiver_devices)
+    evidence = sub.add_parser(
+        "fetch-evidence", parents=[config_after], help="ask a device for the evidence image of one of its alerts"
+    )
+    evidence.add_argument("--device", required=True)
+    evidence.add_argument("ref", help="the alert's evidence ref (evidence/….jpg) or its situation id")
+    evidence.add_argument("--out", type=Path, required=True)
+    evidence.add_argument("--timeout", type=float, default=15.0)
+    evidence.set_defaults(func=cmd_receiver_fetch_evidence)
+    enroll = sub.add_parser(
+        "enroll", parents=[config_after], help="enrol a device from its enrolment record (JSON file or -)"
+    )
+    enroll.add_argument("record")
+    enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
+    enroll.add_argument("--site", help="with a bare JWK: the device's site")
+    enroll.set_defaults(func=cmd_receiver_enroll)
+
+    prov = commands.add_parser("provision", help="create the device key and config; print the enrolment record")
+    prov.add_argument("--device-id", required=True)
+    prov.add_argument("--site", required=True)
+    prov.add_argument("--kind", required=True, choices=["call-point", "building-button", "camera-box"])
+    prov.add_argument("--broker", required=True, help="mqtts://host[:port] (TLS) or mqtt://host[:port]")
+    prov.add_argument("--location", default="", help="where the device is mounted, shown at the centre")
+    prov.add_argument("--ca-file", type=Path, help="CA certificate of the broker")
+    prov.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
+    prov.add_argument("--key-file", type=Path, help="client certificate key for mutual TLS")
+    prov.add_argument("--username")
+    prov.add_argument("--password-file", type=Path, help="file holding the broker password")
+    prov.add_argument("--centre-key", type=Path, help="the centre's public key set (from 'edge-agent receiver init')")
+    prov.add_argument("--camera", default="picamera2", help="camera-box: camera source")
+    prov.add_argument("--root", type=Path, default=Path("/"), help="install under this root (default /)")
+    prov.add_argument("--force", action="store_true", help="replace an existing device key")
+    prov.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
+    prov.set_defaults(func=cmd_provision)
+
+    selftest = commands.add_parser("selftest", help="check every part of this box; exit 1 if any fails")
+    selftest.add_argument("--config", type=Path, required=True)
+    selftest.add_argument("--json", action="store_true", help="machine-readable results")
+    selftest.add_argument("--interactive", action="store_true", help="ask the installer to press each button")
+    selftest.add_argument("--mock-pins", action="store_true", help="gpiozero mock pins (no hardware)")
+    selftest.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for broker and centre")
+    selftest.set_defaults(func=cmd_selftest)
+
+    snapshot = commands.add_parser("snapshot", help="a frame from the camera with zones, masks and detections")
+    snapshot.add_argument("--config", type=Path, required=True)
+    snapshot.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    snapshot.add_argument("--no-detect", action="store_true", help="only the picture, zones and masks")
+    snapshot.set_defaults(func=cmd_snapshot)
+
+    models = commands.add_parser("models", help="detection models: list, fetch, verify")
+    models_sub = models.add_subparsers(dest="sub", required=True)
+    model_place = argparse.ArgumentParser(add_help=False)
+    model_place.add_argument("--config", type=Path, help="use this device config's detector.model_dir")
+    model_place.add_argument("--model-dir", type=Path, help="directory holding the model files")
+    models_sub.add_parser(
+        "list", parents=[model_place], help="models in the manifest and whether they are here"
+    ).set_defaults(func=cmd_models_list)
+    fetch = models_sub.add_parser("fetch", parents=[model_place], help="download, verify and install a model")
+    fetch.add_argument("name")
+    fetch.add_argument("--from", dest="source", help="download from this URL (a mirror, or file://)")
+    fetch.set_defaults(func=cmd_models_fetch)
+    models_sub.add_parser("verify", parents=[model_place], help="check every installed model's sha256").set_defaults(
+        func=cmd_models_verify
+    )
+
+    detect = commands.add_parser("detect", help="run the detector on an image or video; JSON lines out")
+    detect.add_argument("file", type=Path)
+    detect.add_argument("--config", type=Path, help="take model, threshold and zones from this device config")
+    detect.add_argument("--model", help="model name from the manifest (default: the config's, else SSD MobileNet)")
+    detect.add_argument("--model-dir", type=Path, help="directory holding the model file")
+    detect.add_argument("--threshold", type=float, help="minimum score")
+    detect.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the last frame with boxes and zones")
+    detect.add_argument("--max-frames", type=int, default=1_000_000)
+    detect.add_argument("--every", type=int, default=1, help="process every Nth frame")
+    detect.set_defaults(func=cmd_detect)
+
+    demo = commands.add_parser("demo", help="broker, centre, a call point and a camera box on this machine")
+    demo.add_argument("--seconds", type=float, default=20, help="how long the camera box runs (default 20)")
+    demo.add_argument("--video", type=Path, help="video for the camera box (default: vtest.avi)")
+    demo.add_argument("--out", type=Path, default=Path("edge-demo.png"), help="annotated picture to write")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.log_level_given = args.log_level is not None
+    args.log_level = args.log_level or "info"
+    if args.command == "receiver" and args.config is None:
+        parser.error("receiver: --config FILE is required")
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except (AgentError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

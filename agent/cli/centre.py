@@ -1,0 +1,217 @@
+"""The centre's side of the ``edge-agent`` command line: ``edge-agent receiver …``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.cli.output import print_json, stop_on_signals
+from agent.errors import ConfigError
+
+
+def cmd_receiver_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from agent.centre.receiver import Receiver
+    from agent.config.centre import load_receiver_config
+    from agent.runtime.sdnotify import HealthWatchdog, SystemdNotifier
+
+    receiver = Receiver(load_receiver_config(args.config))
+    done = threading.Event()
+    stop_on_signals(done.set)
+    receiver.start()
+    notifier = SystemdNotifier()
+    notifier.notify("READY=1", "STATUS=receiving")
+    watchdog = HealthWatchdog(receiver.problems, notifier, "receiving")
+    watchdog.start()
+    done.wait()
+    watchdog.stop()
+    notifier.notify("STOPPING=1")
+    receiver.close()
+    return 0
+
+
+def cmd_receiver_devices(args: argparse.Namespace) -> int:
+    import time
+
+    from tabulate import tabulate
+
+    from agent.centre.keyring import Keyring
+    from agent.centre.store import ReceiverStore
+    from agent.config.centre import load_receiver_config
+
+    config = load_receiver_config(args.config)
+    enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
+    with ReceiverStore(config.database_path) as store:
+        states = {s.device: s for s in store.registry(config.receiver.supervision_s).states()}
+        outstanding: dict[str, list[int]] = {}
+        for device, seq, _ in store.outstanding():
+            outstanding.setdefault(device, []).append(seq)
+    now = time.time()
+    rows = []
+    for device_id in sorted(set(enrolled) | set(states)):
+        state = states.get(device_id)
+        info = enrolled.get(device_id)
+        telemetry = (state.last_telemetry if state else None) or {}
+        if state is None or state.last_seen is None:
+            shown, seen = ("missing" if state and state.missing else "never seen"), "-"
+        else:
+            shown = "missing" if state.missing else state.status
+            seen = f"{now - state.last_seen:.0f} s ago"
+        rows.append(
+            [
+                info.site if info else state.site,
+                device_id,
+                info.kind if info else "?",
+                shown,
+                seen,
+                telemetry.get("version", "-"),
+                telemetry.get("outbox_depth", "-"),
+                telemetry.get("cpu_temperature_c", "-"),
+                clock_shown(state),
+                ",".join(map(str, outstanding.get(device_id, []))) or "-",
+                "yes" if info else "NOT ENROLLED",
+            ]
+        )
+    if args.json:
+        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c"]
+        keys += ["clock_off_s", "outstanding", "enrolled"]
+        print_json([dict(zip(keys, row, strict=True)) for row in rows])
+    else:
+        print(
+            tabulate(
+                rows,
+                headers=[
+                    "site",
+                    "device",
+                    "kind",
+                    "state",
+                    "last seen",
+                    "version",
+                    "outbox",
+                    "temp °C",
+                    "clock off",
+                    "outstanding seq",
+                    "enrolled",
+                ],
+            )
+        )
+    return 0
+
+
+def clock_shown(state) -> str:
+    """The device's clock error when it is worth a look (more than the tolerance a device corrects itself within)."""
+    if state is None or state.clock_skew_s is None or abs(state.clock_skew_s) < 2:
+        return "-"
+    return f"{state.clock_skew_s:+.0f} s"
+
+
+def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.centre.evidence_fetch import fetch
+    from agent.centre.keyring import Keyring
+    from agent.centre.store import ReceiverStore
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import resolve_secret
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.evidence import EvidenceError
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.sealing import load_encryption_key
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    config = load_receiver_config(args.config)
+    with ReceiverStore(config.database_path) as store:
+        alerts = [
+            m
+            for m in store.messages(kind="alert", device=args.device)
+            if (m.claims["body"].get("evidence") or {}).get("ref") == args.ref
+            or m.claims["body"].get("situation_id") == args.ref
+        ]
+    if not alerts:
+        raise EvidenceError(f"no stored alert from {args.device} names evidence {args.ref!r}")
+    alert = alerts[0]
+    evidence = alert.claims["body"]["evidence"]
+    signer = MessageSigner(load_private_key(resolve_secret(config.receiver.signing_key_file, *config.secret_dirs)))
+    decryption_key = load_encryption_key(resolve_secret(config.receiver.encryption_key_file, *config.secret_dirs))
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-evidence",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise EvidenceError(problem)
+    try:
+        data = fetch(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            signer,
+            Keyring(config.keyring_path),
+            decryption_key,
+            site=alert.site,
+            device=alert.device,
+            ref=evidence["ref"],
+            expected_sha256=evidence["sha256"],
+            timeout_s=args.timeout,
+        )
+    finally:
+        link.close()
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    print(f"{args.out}: {len(data)} bytes from {alert.site}/{alert.device}, decrypted; sha256 matches the signed alert")
+    return 0
+
+
+def cmd_receiver_init(args: argparse.Namespace) -> int:
+    """Create the centre's keys that are missing (``--force``: replace both) and publish the public set."""
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import resolve_secret
+    from agent.protocol.sealing import centre_key_set, generate_encryption_key, load_encryption_key
+    from agent.protocol.signing import generate_private_key, load_private_key
+
+    config = load_receiver_config(args.config)
+    keys = []
+    for what, name, generate, load in (
+        ("signing", config.receiver.signing_key_file, generate_private_key, load_private_key),
+        ("encryption", config.receiver.encryption_key_file, generate_encryption_key, load_encryption_key),
+    ):
+        path = resolve_secret(name, *config.secret_dirs)
+        if path.exists() and not args.force:
+            keys.append(load(path))
+            print(f"kept the centre's {what} key {path}", file=sys.stderr)
+        else:
+            keys.append(generate(path, force=args.force))
+            print(f"created the centre's {what} key {path} (mode 0600)", file=sys.stderr)
+    public = centre_key_set(*keys)
+    out = config.receiver.state_dir / "centre.jwk"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(public, indent=2) + "\n")
+    print(f"give devices this key set as centre.jwk (also written to {out}):", file=sys.stderr)
+    print_json(public)
+    return 0
+
+
+def cmd_receiver_enroll(args: argparse.Namespace) -> int:
+    from agent.centre.keyring import Keyring
+    from agent.config.centre import load_receiver_config
+
+    config = load_receiver_config(args.config)
+    source = sys.stdin if args.record == "-" else None
+    where = "standard input" if source else args.record
+    try:
+        text = source.read() if source else Path(args.record).read_text()
+        record = json.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read enrolment record {where}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not JSON: {exc}") from None
+    if args.device_id and isinstance(record, dict) and "kty" in record:
+        record = {"device_id": args.device_id, "site": args.site, "jwk": record}
+    device = Keyring(config.keyring_path).enroll(record, where)
+    print(f"enrolled {device.site}/{device.device_id} with key {device.kid}")
+    return 0

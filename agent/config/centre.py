@@ -1,0 +1,68 @@
+"""The centre's receiver configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from agent.config.base import Name, Section
+from agent.config.fields import ConfigRelativePath
+from agent.config.loading import load_model
+from agent.config.mqtt import MqttSection
+
+
+class ReceiverSection(Section):
+    id: Name = Field("centre", description="Receiver id, put in acknowledgements.")
+    state_dir: ConfigRelativePath = Field(
+        Path("/var/lib/edge-agent-receiver"), description="Database, keyring and keys."
+    )
+    credentials_dir: ConfigRelativePath = Field(
+        Path("/etc/edge-agent/credentials"), description="Where the centre's key and passwords live."
+    )
+    keyring_dir: str = Field("keyring", description="Directory of enrolled device keys, relative to state_dir.")
+    database: str = Field("receiver.sqlite", description="Accepted messages, relative to state_dir.")
+    signing_key_file: str = Field("centre-key.pem", description="The centre's Ed25519 key for acknowledgements.")
+    encryption_key_file: str = Field(
+        "centre-enc-key.pem", description="The centre's X25519 key; devices encrypt evidence images for it."
+    )
+    share_group: Name = Field("centre", description="MQTT 5 shared-subscription group; receivers share the load.")
+    window_past_s: float = Field(40.0, gt=0, le=3600, description="Oldest accepted send time (SIA DC-09: 40 s).")
+    window_future_s: float = Field(20.0, gt=0, le=3600, description="Furthest accepted future send time (20 s).")
+    supervision_s: float = Field(
+        90.0, ge=10, le=3600, description="A device silent this long is reported missing (EN 50136: 20-90 s)."
+    )
+    retention_days: float = Field(
+        90.0, ge=1, le=3650, description="Stored messages and device events older than this are deleted."
+    )
+    session_expiry_s: int = Field(
+        10,
+        ge=0,
+        le=86400,
+        description="How long the broker keeps a crashed receiver's session (and its share of the group) waiting.",
+    )
+    max_inflight: int = Field(
+        200, ge=1, le=65535, description="Messages taken from the broker but not yet stored (MQTT Receive Maximum)."
+    )
+
+
+class ReceiverConfig(Section):
+    receiver: ReceiverSection = Field(default_factory=ReceiverSection)
+    mqtt: MqttSection
+
+    @property
+    def secret_dirs(self) -> tuple[Path, ...]:
+        return (self.receiver.credentials_dir, self.receiver.state_dir)
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.receiver.state_dir / self.receiver.keyring_dir
+
+    @property
+    def database_path(self) -> Path:
+        return self.receiver.state_dir / self.receiver.database
+
+
+def load_receiver_config(path: Path | str) -> ReceiverConfig:
+    """Read and validate a receiver configuration; raises ConfigError listing every problem."""
+    return load_model(path, ReceiverConfig)[0]

@@ -1,0 +1,217 @@
+"""Configuration of a camera box's vision pipeline: camera, detector, motion, zones, filters, rules, evidence.
+
+Plain pydantic: reading it imports no numpy, OpenCV or interpreter.
+Coordinates are normalised to the image (0..1, origin top-left); objects are
+placed in zones by the bottom-centre of their box (where they stand).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from agent.config.base import Name, Section
+
+Point = tuple[float, float]
+_SCHEDULE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _check_polygon(points: list[Point]) -> list[Point]:
+    if len(points) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    for x, y in points:
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"point ({x}, {y}) is outside the image; coordinates are normalised to 0..1")
+    return points
+
+
+_URL_SOURCE = re.compile(r"^(rtsps?|https?)://[^/?#]+", re.IGNORECASE)
+
+
+class CameraSection(Section):
+    source: str = Field(
+        description="'picamera2', a V4L2 index or /dev/videoN, an rtsp:// or http:// URL, or a file. "
+        "Put a camera login in username/password_file, not in the URL (an inline password is hidden in logs)."
+    )
+    username: str | None = Field(None, min_length=1, description="Login of an RTSP/HTTP camera.")
+    password_file: str | None = Field(
+        None,
+        description="File holding the camera's password; looked up like other secrets ($CREDENTIALS_DIRECTORY, "
+        "credentials_dir, state_dir) and put into the URL only when the stream is opened.",
+    )
+    name: Name = Field("camera", description="Camera name used in events.")
+    width: int = Field(640, ge=64, le=4096, description="Detection stream width (picamera2 lores / capture).")
+    height: int = Field(480, ge=48, le=4096)
+    fps: float = Field(10.0, gt=0, le=60, description="Requested frame rate.")
+    realtime: bool = Field(False, description="Pace a video file at its own frame rate (replay as live).")
+    rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP cameras: RTP over TCP or UDP.")
+    loop: bool = Field(False, description="Restart a video file at its end.")
+    reconnect_max_s: float = Field(30.0, ge=1, le=600, description="Cap of the reconnect backoff.")
+
+    # Field validators, not a model validator: an error then shows its own value, never a source with a password.
+    @field_validator("username")
+    @classmethod
+    def _login_fits_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if value is None or source is None:
+            return value
+        url = _URL_SOURCE.match(source)
+        if url is None:
+            raise ValueError("username and password_file are for rtsp:// and http(s):// camera sources only")
+        if "@" in url.group(0):
+            raise ValueError("the source URL carries a login already: give it in username/password_file only")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_needs_user(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "username" in info.data and info.data["username"] is None:  # absent: failed
+            raise ValueError("password_file must be given with username")
+        return value
+
+
+class DetectorSection(Section):
+    model: str = Field("ssd-mobilenet-v1-coco-quant", description="Model name from models/manifest.toml.")
+    model_dir: str = Field("models", description="Directory holding model files, relative to state_dir.")
+    runtime: Literal["auto", "litert", "tflite-runtime"] = "auto"
+    num_threads: int = Field(2, ge=1, le=16)
+    edgetpu: bool = Field(False, description="Use the Coral Edge TPU delegate (needs an _edgetpu model).")
+    min_score: float = Field(0.4, ge=0.05, le=1.0, description="Detections below this are discarded.")
+    track_labels: list[str] = Field(
+        ["person", "backpack", "handbag", "suitcase"], description="Classes that are tracked and given to rules."
+    )
+
+
+class MotionSection(Section):
+    enabled: bool = Field(True, description="Run inference only where there is motion or a tracked object.")
+    threshold: int = Field(25, ge=1, le=255, description="Pixel difference counted as motion.")
+    min_area: float = Field(0.0005, ge=0, le=1, description="Smallest motion blob, as a fraction of the frame.")
+    full_frame_every_s: float = Field(5.0, ge=0.5, le=600, description="Periodic full-frame pass.")
+    max_regions: int = Field(6, ge=1, le=16, description="More regions than this: one full-frame pass instead.")
+
+
+class FilterSection(Section):
+    min_score: float = Field(0.4, ge=0, le=1, description="Per-detection minimum score.")
+    median_score: float = Field(0.5, ge=0, le=1, description="Minimum median score over the track's history.")
+    min_area: float = Field(0.0, ge=0, le=1, description="Minimum box area, fraction of the frame.")
+    max_area: float = Field(1.0, gt=0, le=1, description="Maximum box area, fraction of the frame.")
+
+
+class ZoneSection(Section):
+    name: Name
+    polygon: list[Point]
+    inertia: int = Field(3, ge=1, le=100, description="Consecutive frames inside before an object counts as in.")
+    filters: dict[str, FilterSection] = Field(
+        default_factory=dict, description="Per-class filters that apply in this zone, on top of the camera's."
+    )
+
+    _polygon = field_validator("polygon")(lambda cls, v: _check_polygon(v))
+
+
+class MaskSection(Section):
+    polygon: list[Point]
+
+    _polygon = field_validator("polygon")(lambda cls, v: _check_polygon(v))
+
+
+class RuleSection(Section):
+    name: Name
+    type: Literal["intrusion", "grouping", "loitering", "unattended", "camera_tamper"]
+    zone: Name | None = Field(None, description="Zone the rule watches; the whole image when unset.")
+    classes: list[str] | None = Field(
+        None, description="Object classes the rule is about (person; unattended: backpack, handbag, suitcase)."
+    )
+    schedule: list[str] = Field([], description="Intrusion: active only within these 'HH:MM-HH:MM' local times.")
+    min_count: int = Field(3, ge=2, le=100, description="Grouping: persons needed.")
+    max_distance: float | None = Field(
+        None, gt=0, le=20, description="Grouping: persons within this many person-heights of each other."
+    )
+    min_duration_s: float = Field(0.0, ge=0, le=3600, description="Condition must hold this long to start.")
+    hysteresis_s: float = Field(3.0, ge=0, le=600, description="Condition must be gone this long to end.")
+    cooldown_s: float = Field(30.0, ge=0, le=86400, description="No new start this long after an end.")
+    update_every_s: float = Field(10.0, ge=1, le=3600, description="Least time between 'update' events.")
+    person_distance: float = Field(3.0, gt=0, le=50, description="Unattended: no person within this many object sizes.")
+    evidence: bool = Field(False, description="Attach a redacted JPEG reference to the start alert.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_format(cls, value: list[str]) -> list[str]:
+        for window in value:
+            if not _SCHEDULE.match(window):
+                raise ValueError(f"schedule window {window!r} must look like '22:00-06:00'")
+        return value
+
+    @property
+    def watched_classes(self) -> list[str]:
+        if self.classes is not None:
+            return self.classes
+        return ["backpack", "handbag", "suitcase"] if self.type == "unattended" else ["person"]
+
+    @model_validator(mode="after")
+    def _needs_duration(self) -> RuleSection:
+        if self.type in ("loitering", "unattended") and self.min_duration_s == 0:
+            raise ValueError(f"a {self.type} rule needs min_duration_s (how long counts as {self.type})")
+        return self
+
+
+class EvidenceSection(Section):
+    dir: str = Field("evidence", description="Where redacted JPEGs are kept, relative to state_dir.")
+    retention_s: float = Field(86400.0, ge=60, le=30 * 86400, description="Deleted after this long.")
+    jpeg_quality: int = Field(80, ge=30, le=95)
+    head_fraction: float = Field(0.35, ge=0.1, le=1.0, description="Upper part of each person box that is blurred.")
+
+
+class VisionSection(Section):
+    startup_timeout_s: float = Field(
+        60.0,
+        ge=1,
+        le=900,
+        description="The vision process must report its first heartbeat (imports, model load and check done) "
+        "within this long after it is started, or it is restarted.",
+    )
+    stall_s: float = Field(
+        5.0, ge=1, le=120, description="After its first heartbeat, a pipeline silent this long is restarted."
+    )
+    restart_max_s: float = Field(60.0, ge=1, le=3600, description="Cap of the restart backoff.")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much nicer (lower priority) than the agent the vision process runs; a failure to lower "
+        "it is reported as a 'priority' fault and in the vision telemetry.",
+    )
+
+
+class VisionSettings(Section):
+    """The vision sections a device config may carry (all but the camera have defaults)."""
+
+    detector: DetectorSection = Field(default_factory=DetectorSection)
+    motion: MotionSection = Field(default_factory=MotionSection)
+    filters: dict[str, FilterSection] = Field(default_factory=dict)
+    zones: list[ZoneSection] = Field(default_factory=list)
+    privacy_masks: list[MaskSection] = Field(default_factory=list)
+    rules: list[RuleSection] = Field(default_factory=list)
+    evidence: EvidenceSection = Field(default_factory=EvidenceSection)
+    vision: VisionSection = Field(default_factory=VisionSection)
+
+
+class VisionConfig(VisionSettings):
+    """Everything the vision process needs; passed to it as JSON."""
+
+    camera: CameraSection
+
+    @model_validator(mode="after")
+    def _references(self) -> VisionConfig:
+        zones = {z.name for z in self.zones}
+        for rule in self.rules:
+            if rule.zone is not None and rule.zone not in zones:
+                raise ValueError(
+                    f"rule {rule.name!r} refers to zone {rule.zone!r}, which is not defined; "
+                    f"zones: {', '.join(sorted(zones)) or 'none'}"
+                )
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return self

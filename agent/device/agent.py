@@ -1,0 +1,495 @@
+"""The device agent: wires buttons, tamper switch, indicator, outbox, delivery and uplink together.
+
+The alert path is: button activation → claims committed to the outbox (fsync)
+→ LED shows *pending* → delivery signs and publishes (QoS 1) → PUBACK →
+the centre's signed ack is verified → LED shows *acknowledged*. Nothing on this
+path waits for the network: a press is accepted as soon as it is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent import __version__
+from agent.config.device import AgentConfig
+from agent.config.secrets import secret_file
+from agent.device.clock import CentreClock
+from agent.device.control import ControlServer
+from agent.device.delivery import Delivery, DeliveryHooks
+from agent.device.evidence_server import EvidenceServer, require_sealing_key
+from agent.device.health import system_health
+from agent.device.outbox import Outbox, OutboxEntry
+from agent.errors import ConfigError, OutboxError
+from agent.mqtt.link import MqttLink, Will
+from agent.protocol.messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
+from agent.protocol.sealing import load_centre_keys
+from agent.protocol.signing import MessageSigner, load_private_key
+from agent.runtime.guard import LoopGuard
+from agent.runtime.sdnotify import HealthWatchdog, SystemdNotifier
+from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
+
+log = logging.getLogger(__name__)
+
+#: How often the LED is refreshed and the heartbeat timer looked at.
+HOUSEKEEPING_TICK_S = 0.25
+#: How often messages held in memory (storage failing) are tried again.
+HELD_RETRY_S = 0.25
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """A press or event accepted but not (yet) on disk."""
+
+    kind: str
+    body: dict[str, Any]
+    test: bool
+    created: float
+    button: str | None = None
+
+    def describe(self) -> str:
+        return f"alert from button {self.button!r}" if self.button else f"{self.kind} event"
+
+
+class Agent:
+    """One device: call point, building button or camera box."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        pin_factory=None,
+        on_published: Callable[[OutboxEntry, float], None] | None = None,
+        on_acknowledged: Callable[[OutboxEntry, float], None] | None = None,
+    ):
+        self.config = config
+        self.device = config.device.id
+        self.site = config.device.site
+        self.started_at = time.monotonic()
+        self._external_published = on_published
+        self._external_acknowledged = on_acknowledged
+        self._lock = threading.Lock()
+        self._pending_visible: set[int] = set()
+        self._ack_shown_until = 0.0
+        self._last_test_alert: dict[str, Any] | None = None
+        self._unstored: list[HeldMessage] = []  # accepted, not yet on disk: retried in order
+        self._held_changed = threading.Event()
+        self._stopping = threading.Event()
+        self._closers: list[Callable[[], None]] = []
+        self.clock = CentreClock()  # local time, corrected by the centre's signed answers
+
+        self.signer = MessageSigner(
+            load_private_key(
+                secret_file(config.identity.private_key_file, config.secret_dirs, "identity.private_key_file")
+            )
+        )
+        centre_keys = load_centre_keys(
+            secret_file(config.identity.centre_key_file, config.secret_dirs, "identity.centre_key_file")
+        )
+        require_sealing_key(config.rules, centre_keys)  # before anything is opened: a ConfigError at start
+        centre_key = centre_keys.signing
+        self.topics = TopicLayout(config.mqtt.topic_prefix)
+        self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
+        self._closers.append(self.outbox.close)
+        self.link = MqttLink(
+            config.mqtt,
+            client_id=config.mqtt.client_id or f"edge-{self.device}",
+            secret_dirs=config.secret_dirs,
+            will=Will(self.topics.topic(self.site, self.device, "status"), lambda: self._status_payload("offline")),
+        )
+        self.delivery = Delivery(
+            self.outbox,
+            self.link,
+            self.signer,
+            self.topics,
+            centre_key,
+            device=self.device,
+            ack_retry_s=config.outbox.ack_retry_s,
+            hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
+            clock=self.clock,
+        )
+        self.link.on_connected = self._on_connected
+        self.link.on_disconnected = self._on_disconnected
+        self.link.on_published = self.delivery.handle_published
+        self.link.on_message = self._on_message
+        self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
+        self.evidence_server = None
+        if config.camera is not None:  # evidence leaves the box only when the centre asks for it
+            self.evidence_server = EvidenceServer(
+                self.link,
+                self.topics,
+                site=self.site,
+                device=self.device,
+                signer=self.signer,
+                centre_keys=centre_keys,
+                evidence_dir=config.evidence_dir,
+                state_dir=config.state_dir,
+            )
+            self._closers.append(self.evidence_server.close)
+
+        self.indicator = StatusIndicator(config.indicator.led_pin, config.indicator.buzzer_pin, pin_factory=pin_factory)
+        self._closers.append(self.indicator.close)
+        self.buttons: dict[str, AlertButton] = {}
+        for settings in config.buttons:
+            button = AlertButton(
+                settings.pin,
+                name=settings.name,
+                activation=settings.activation,
+                hold_s=settings.hold_s,
+                presses=settings.presses,
+                window_s=settings.window_s,
+                bounce_s=settings.bounce_ms / 1000,
+                pull_up=settings.pull_up,
+                pin_factory=pin_factory,
+            )
+            button.when_activated = lambda b: self.raise_alert(b.name)
+            self.buttons[settings.name] = button
+            self._closers.append(button.close)
+        self.tamper: TamperSwitch | None = None
+        if config.tamper is not None:
+            self.tamper = TamperSwitch(
+                config.tamper.pin,
+                pull_up=config.tamper.pull_up,
+                closed_when_pressed=config.tamper.closed_when_pressed,
+                pin_factory=pin_factory,
+            )
+            self.tamper.when_opened = lambda: self.raise_event("tamper", {"enclosure": "opened"})
+            self.tamper.when_closed = lambda: self.raise_event("tamper", {"enclosure": "closed"})
+            self._closers.append(self.tamper.close)
+        for entry in self.outbox.entries():
+            if entry.kind == "alert" and not entry.claims["body"].get("silent"):
+                self._pending_visible.add(entry.seq)
+        self.vision = None
+        if config.camera is not None:
+            from agent.vision.supervisor import VisionSupervisor
+
+            self.vision = VisionSupervisor(config, on_message=self._on_vision_message, on_fault=self._on_fault)
+            self._closers.append(self.vision.close)
+        self.control = ControlServer(
+            config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
+        )
+        self._housekeeping = LoopGuard("housekeeping", stall_s=max(5.0, 2 * HOUSEKEEPING_TICK_S))
+        self._held_retry = LoopGuard("held-retry", stall_s=max(5.0, 2 * HELD_RETRY_S))
+        self._notifier = SystemdNotifier()
+        self._watchdog = HealthWatchdog(self.problems, self._notifier, "alert path up")
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.site}/{self.device} connected={self.link.is_connected} outbox={self.outbox.depth()}>"
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self._refresh_indicator()
+        self.delivery.start()
+        self.link.start()
+        self.control.start()
+        self._housekeeping.start(self._housekeep)
+        self._held_retry.start(self._retry_held)
+        if self.vision is not None:
+            self.vision.start()
+        self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
+        self._watchdog.start()
+        if self.tamper is not None and self.tamper.is_open:
+            self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
+        log.info(
+            "agent %s/%s started (%d button(s), outbox depth %d)",
+            self.site,
+            self.device,
+            len(self.buttons),
+            self.outbox.depth(),
+        )
+
+    def close(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._watchdog.stop()
+        self._held_changed.set()
+        for loop in (self._housekeeping, self._held_retry):
+            loop.join(timeout=5)  # they write to the outbox: let them finish before the outbox closes
+        self._notifier.notify("STOPPING=1")
+        self.control.close()
+        final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
+        self.link.close(final=final)
+        self.delivery.stop()
+        for closer in reversed(self._closers):
+            closer()
+        log.info("agent %s/%s stopped", self.site, self.device)
+
+    def wait(self) -> None:
+        """Block until ``close()`` is called (from a signal handler, say)."""
+        self._stopping.wait()
+
+    # Events in.
+
+    def raise_alert(self, button_name: str, *, test: bool = False) -> OutboxEntry | None:
+        """Commit an alert for a button durably; returns once it is on disk.
+
+        If the outbox cannot take it (disk full, storage failing), the press is not dropped: it is held
+        in memory, the LED shows a fault, and the held-retry loop keeps trying to store it, in order.
+        """
+        settings = self.config.button(button_name)  # an unknown name is the caller's error, not a storage fault
+        body = {
+            "button": settings.name,
+            "alert_kind": settings.alert_kind,
+            "location": settings.location,
+            "activation": settings.activation,
+            "silent": settings.silent,
+        }
+        return self._accept(HeldMessage("alert", body, test, self.clock.now(), button=settings.name))
+
+    def _accept(self, message: HeldMessage) -> OutboxEntry | None:
+        """Store a message, or hold it (in order, behind anything already held) when storage fails.
+
+        Telemetry is never held: a heartbeat that cannot be stored is dropped (it says little by then).
+        """
+        if message.kind == "telemetry":
+            try:
+                return self._commit(message.kind, message.body)
+            except OutboxError as exc:
+                log.warning("heartbeat dropped: %s", exc)
+                return None
+        with self._lock:
+            if self._unstored:  # earlier messages are still waiting: keep the order
+                self._unstored.append(message)
+                return None
+        try:
+            return self._store(message)
+        except OutboxError as exc:
+            with self._lock:
+                self._unstored.append(message)
+            self._held_changed.set()
+            log.critical("%s could not be stored (%s); holding it and retrying", message.describe(), exc)
+            self._refresh_indicator()
+            return None
+
+    def _store(self, message: HeldMessage) -> OutboxEntry:
+        entry = self._commit(message.kind, message.body, test=message.test, created=message.created)
+        if message.button is not None:
+            self._press_stored(entry, message)
+        else:
+            log.info("%s event seq %d: %s", message.kind, entry.seq, message.body)
+        return entry
+
+    def _press_stored(self, entry: OutboxEntry, message: HeldMessage) -> None:
+        if not message.body["silent"]:
+            with self._lock:
+                self._pending_visible.add(entry.seq)
+            self._refresh_indicator()
+        prefix = "test " if message.test else ""
+        log.info("%salert seq %d accepted from button %r", prefix, entry.seq, message.button)
+
+    def raise_event(self, kind: str, body: dict[str, Any]) -> OutboxEntry | None:
+        """Commit a tamper, fault or camera event; held and retried like a press if storage fails."""
+        return self._accept(HeldMessage(kind, body, False, self.clock.now()))
+
+    def _commit(
+        self, kind: str, body: dict[str, Any], test: bool = False, created: float | None = None
+    ) -> OutboxEntry | None:
+        entry = self.outbox.add(
+            kind,
+            kind in ACKNOWLEDGED_KINDS,
+            lambda seq: new_claims(
+                device=self.device, site=self.site, seq=seq, kind=kind, body=body, test=test, created=created
+            ),
+        )
+        self.delivery.wake()
+        return entry
+
+    def _on_vision_message(self, kind: str, body: dict[str, Any]) -> None:
+        entry = self.raise_event(kind, body)  # never raises: a storage fault holds it, like a press
+        if entry is None:
+            return
+        log.info(
+            "camera %s %s/%s seq %d: %s",
+            body.get("camera"),
+            body.get("rule"),
+            body.get("phase"),
+            entry.seq,
+            {k: body.get(k) for k in ("zone", "count", "track_ids")},
+        )
+
+    def _on_fault(self, component: str, text: str, recovered: bool) -> None:
+        self.raise_event("event", {"fault": component, "state": "recovered" if recovered else "fault", "message": text})
+
+    # Delivery and link callbacks.
+
+    def _on_published(self, entry: OutboxEntry, at: float) -> None:
+        if self._external_published:
+            self._external_published(entry, at)
+
+    def _on_acknowledged(self, entry: OutboxEntry, at: float) -> None:
+        with self._lock:
+            was_visible = entry.seq in self._pending_visible
+            self._pending_visible.discard(entry.seq)
+            if was_visible:
+                self._ack_shown_until = time.monotonic() + self.config.indicator.ack_display_s
+        self._refresh_indicator()
+        log.info("%s seq %d acknowledged by the centre", entry.kind, entry.seq)
+        if self._last_test_alert and self._last_test_alert["seq"] == entry.seq:
+            self._last_test_alert["acknowledged"] = True
+        if self._external_acknowledged:
+            self._external_acknowledged(entry, at)
+
+    def _on_connected(self, session_present: bool) -> None:
+        self.link.publish(
+            self.topics.topic(self.site, self.device, "status"), self._status_payload("online"), retain=True
+        )
+        self.delivery.handle_connected(session_present)
+        self._refresh_indicator()
+
+    def _on_disconnected(self, reason: str) -> None:
+        self.delivery.handle_disconnected(reason)
+        self._refresh_indicator()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.topic(self.site, self.device, "ack"):
+            self.delivery.handle_ack(payload)
+        elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
+            self.evidence_server.submit(payload)
+
+    def _status_payload(self, state: str) -> bytes:
+        claims = new_claims(
+            device=self.device,
+            site=self.site,
+            seq=self.outbox.next_sequence(),
+            kind="status",
+            body={"state": state, "version": __version__},
+            created=self.clock.now(),
+        )
+        return self.signer.sign(claims).encode()
+
+    # Indicator, telemetry, control.
+
+    def indicator_state(self) -> IndicatorState:
+        with self._lock:
+            if self._unstored:
+                return IndicatorState.FAULT  # a press we could not store yet: never pretend it is on its way
+            if self._pending_visible:
+                return IndicatorState.PENDING
+            if time.monotonic() < self._ack_shown_until:
+                return IndicatorState.ACKNOWLEDGED
+        return IndicatorState.IDLE if self.link.is_connected else IndicatorState.FAULT
+
+    def _refresh_indicator(self) -> None:
+        self.indicator.show(self.indicator_state())
+
+    def _housekeep(self) -> None:
+        next_heartbeat = time.monotonic()
+        while not self._stopping.wait(HOUSEKEEPING_TICK_S):
+            self._housekeeping.beat()
+            with self._housekeeping.step("indicator"):
+                self._refresh_indicator()
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
+                with self._housekeeping.step("heartbeat"):
+                    self.raise_event("telemetry", self.health())
+
+    def _retry_held(self) -> None:
+        """Its own loop, so that nothing else going wrong can keep a held press from its retries."""
+        while not self._stopping.is_set():
+            self._held_changed.wait(HELD_RETRY_S)
+            self._held_changed.clear()
+            self._held_retry.beat()
+            with self._held_retry.step("store held messages"):
+                self._store_held()
+
+    def _store_held(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if not self._unstored:
+                    return
+                message = self._unstored[0]
+            try:
+                self._store(message)
+            except OutboxError:
+                return  # still failing; try again on the next round
+            with self._lock:
+                self._unstored.pop(0)
+            log.warning("held %s stored %.1f s after it happened", message.describe(), time.time() - message.created)
+            self._refresh_indicator()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the alert path itself (not the network): empty when healthy."""
+        found = [p for p in (loop.problem() for loop in self._loops()) if p]
+        if not self.link.network_thread_alive:
+            found.append("MQTT network thread not running")
+        if not self.outbox.is_responsive(timeout_s=1.0):
+            found.append("outbox not responding")
+        for name, button in self.buttons.items():
+            try:
+                _ = button.is_pressed  # reads the line: fails if the GPIO chip went away
+            except Exception as exc:
+                found.append(f"button {name!r} unreadable: {exc}")
+        return found
+
+    def _loops(self) -> list[LoopGuard]:
+        loops = [self.delivery.guard, self._housekeeping, self._held_retry]
+        return loops if self.vision is None else [*loops, self.vision.guard]
+
+    def health(self) -> dict[str, Any]:
+        oldest = self.outbox.oldest_age_s()
+        return {
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "version": __version__,
+            "config_sha256": self.config.source_sha256,
+            "host": platform.node(),
+            **system_health(self.config.state_dir),
+            "connected": self.link.is_connected,
+            "outbox_depth": self.outbox.depth(),
+            "oldest_unsent_s": None if oldest is None else round(oldest, 1),
+            "dropped_telemetry": self.outbox.dropped_telemetry,
+            "held_in_memory": len(self._unstored),
+            "clock_error_s": self.clock.error_s,
+            "threads": {loop.name: loop.report() for loop in self._loops()},
+            "bad_acks": dict(self.delivery.stats.bad_acks),
+            "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
+            "last_test_alert": self._last_test_alert,
+            "vision": None
+            if self.vision is None
+            else {"state": self.vision.state, "restarts": self.vision.restarts, **self.vision.stats},
+        }
+
+    def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        stats = self.delivery.stats
+        return {
+            "device": self.device,
+            "site": self.site,
+            "kind": self.config.device.kind,
+            "indicator": self.indicator_state().value,
+            "pending_alerts": sorted(self._pending_visible),
+            "buttons": {
+                name: {"pressed": b.is_pressed, "activation": b.activation} for name, b in self.buttons.items()
+            },
+            "delivery": {
+                "published": stats.published,
+                "acknowledged": stats.acknowledged,
+                "retransmitted": stats.retransmitted,
+                "refused_by_broker": stats.refused_by_broker,
+                "naks": stats.naks,
+            },
+            "evidence_requests": None if self.evidence_server is None else self.evidence_server.counters,
+            **self.health(),
+        }
+
+    def _cmd_test_alert(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("button")
+        if name is None:
+            if not self.buttons:
+                raise ConfigError("this device has no buttons to test")
+            name = next(iter(self.buttons))
+        entry = self.raise_alert(str(name), test=True)
+        if entry is None:
+            raise OutboxError("the test alert could not be stored; it is held in memory and retried (see the log)")
+        self._last_test_alert = {"button": name, "seq": entry.seq, "at": entry.created, "acknowledged": False}
+        return {"seq": entry.seq, "event_id": entry.event_id, "button": name}

@@ -1,0 +1,243 @@
+"""Moves outbox rows onto MQTT in order and retires them on PUBACK and on the centre's ack.
+
+One thread owns all delivery state; paho's callbacks and button presses only
+put events on its queue. Each copy is signed just before it is handed to MQTT
+(fresh ``sent`` time), so a retransmission after a long outage still passes
+the receiver's time window. Rows are handed over only while connected; after a
+reconnect everything the broker has not confirmed is handed over again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.device.clock import CentreClock
+from agent.device.outbox import Outbox, OutboxEntry
+from agent.errors import SignatureInvalid
+from agent.protocol.messages import AckClaims, TopicLayout
+from agent.protocol.signing import MessageSigner, verify_claims
+from agent.runtime.guard import LoopGuard
+
+log = logging.getLogger(__name__)
+
+#: How many recently sent (sequence, event id) pairs are remembered to match the centre's answers.
+RECENT_SENT = 1024
+
+
+class Transport(Protocol):
+    """What delivery needs from the MQTT link."""
+
+    is_connected: bool
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int: ...
+
+
+@dataclass
+class DeliveryHooks:
+    """Observers of delivery progress (indicator, telemetry, benchmarks). Called on the delivery thread."""
+
+    published: Callable[[OutboxEntry, float], None] = lambda entry, puback_at: None
+    acknowledged: Callable[[OutboxEntry, float], None] = lambda entry, ack_at: None
+
+
+@dataclass
+class DeliveryStats:
+    published: int = 0
+    acknowledged: int = 0
+    refused_by_broker: int = 0
+    retransmitted: int = 0
+    naks: int = 0
+    unmatched_acks: int = 0  # genuine acks for nothing in the outbox: a redelivery's second ack, say
+    bad_acks: dict[str, int] = field(default_factory=dict)
+
+
+class Delivery:
+    """The outbox's courier: one thread, fed by an event queue."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        signer: MessageSigner,
+        topics: TopicLayout,
+        centre_key: Any,
+        *,
+        device: str,
+        ack_retry_s: float,
+        window: int = 50,
+        hooks: DeliveryHooks | None = None,
+        clock: CentreClock | None = None,
+    ):
+        self.outbox = outbox
+        self.transport = transport
+        self.signer = signer
+        self.topics = topics
+        self.centre_key = centre_key
+        self.device = device
+        self.ack_retry_s = ack_retry_s
+        self.window = window
+        self.hooks = hooks or DeliveryHooks()
+        self.clock = clock or CentreClock()
+        # (seq, event id, send time) of copies sent and not yet answered: only an answer to one of
+        # these, naming its send time, may teach the clock, and only once (a replayed answer cannot).
+        self._unanswered: OrderedDict[tuple[int, str, float], None] = OrderedDict()
+        self.stats = DeliveryStats()
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._hold_until = 0.0
+        self._refusal_backoff_s = 1.0
+        self._stopping = False
+        self.guard = LoopGuard("delivery", stall_s=5.0)
+
+    # Called from any thread.
+
+    def wake(self) -> None:
+        self._events.put(("wake",))
+
+    def handle_connected(self, session_present: bool = True) -> None:
+        self._events.put(("connected", session_present))
+
+    def handle_disconnected(self, reason: str) -> None:
+        self._events.put(("disconnected",))
+
+    def handle_published(self, mid: int, ok: bool, reason: str) -> None:
+        self._events.put(("puback", mid, ok, reason, time.monotonic()))
+
+    def handle_ack(self, payload: bytes) -> None:
+        self._events.put(("ack", payload, time.monotonic()))
+
+    def start(self) -> None:
+        self.guard.start(self._run)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._events.put(("stop",))
+        self.guard.join(timeout=5)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.guard.is_alive
+
+    # The delivery thread.
+
+    def _run(self) -> None:
+        next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+        while not self._stopping:
+            timeout = max(0.0, next_retry_check - time.monotonic())
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                event = ("tick",)
+            self.guard.beat()
+            failed_before = sum(self.guard.errors.values())
+            with self.guard.step(event[0]):
+                self._handle(event)
+            with self.guard.step("retry check"):
+                if time.monotonic() >= next_retry_check:
+                    next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+                    self._requeue_unacknowledged()
+            with self.guard.step("publish"):
+                self._fill_window()
+            if sum(self.guard.errors.values()) != failed_before and not self._stopping:
+                time.sleep(0.5)  # storage or link trouble: do not spin
+
+    def _requeue_unacknowledged(self) -> None:
+        requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
+        if requeued:
+            self.stats.retransmitted += requeued
+            log.warning(
+                "%d message(s) not acknowledged by the centre in %.0f s; sending again", requeued, self.ack_retry_s
+            )
+
+    def _handle(self, event: tuple) -> None:
+        match event:
+            case ("puback", mid, ok, reason, at):
+                self._on_puback(mid, ok, reason, at)
+            case ("ack", payload, at):
+                self._on_ack(payload, at)
+            case ("disconnected",):
+                self._inflight.clear()
+            case ("connected", session_present):
+                self._hold_until = 0.0
+                if not session_present:  # acks queued for us while away are gone with the old session
+                    self._resend_unacknowledged("the broker lost our session")
+
+    def _fill_window(self) -> None:
+        if not self.transport.is_connected or time.monotonic() < self._hold_until:
+            return
+        room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        for entry in self.outbox.unpublished(room, exclude=set(self._inflight.values())):
+            claims = {**entry.claims, "sent": self.clock.now()}
+            if self.clock.error_s:
+                claims["clock_error_s"] = self.clock.error_s
+            token = self.signer.sign(claims).encode()
+            topic = self.topics.for_kind(claims["site"], claims["device"], entry.kind)
+            mid = self.transport.publish(topic, token, qos=1)
+            self._inflight[mid] = entry.seq
+            self._remember_sent(entry.seq, entry.event_id, claims["sent"])
+
+    def _on_puback(self, mid: int, ok: bool, reason: str, at: float) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return  # a copy paho resent from before a reconnect; its fresh twin is tracked instead
+        if not ok:
+            self.stats.refused_by_broker += 1
+            self._hold_until = time.monotonic() + self._refusal_backoff_s
+            log.error("broker refused message seq %d: %s; retrying in %.0f s", seq, reason, self._refusal_backoff_s)
+            self._refusal_backoff_s = min(self._refusal_backoff_s * 2, 60.0)
+            return
+        self._refusal_backoff_s = 1.0
+        entry = self.outbox.mark_published(seq)
+        if entry is not None:
+            self.stats.published += 1
+            self.hooks.published(entry, at)
+
+    def _remember_sent(self, seq: int, event_id: str, sent: float) -> None:
+        self._unanswered[(seq, event_id, sent)] = None
+        while len(self._unanswered) > RECENT_SENT:
+            self._unanswered.popitem(last=False)
+
+    def _resend_unacknowledged(self, why: str) -> None:
+        resent = self.outbox.requeue_unacknowledged(0.0)
+        if resent:
+            self.stats.retransmitted += resent
+            log.warning("%d message(s) not yet acknowledged: sending again now (%s)", resent, why)
+
+    def _on_ack(self, payload: bytes, at: float) -> None:
+        try:
+            ack = verify_claims(AckClaims, payload, self.centre_key)
+        except SignatureInvalid as exc:
+            self._bad_ack(exc.reason, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an ack is hostile input: nothing in it may stop delivery
+            self._bad_ack("malformed", f"{type(exc).__name__}: {exc}")
+            return
+        if ack.device != self.device:
+            self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
+            return
+        copy = (ack.seq, str(ack.event_id), ack.reply_to_sent)
+        if copy in self._unanswered:  # the first answer to a copy we sent: fresh, so its time can be trusted
+            del self._unanswered[copy]
+            self.clock.learn(ack.sent, time.time() - (time.monotonic() - at))
+        if ack.kind == "nak":
+            self.stats.naks += 1
+            self._resend_unacknowledged(f"the centre refused seq {ack.seq} as {ack.reason}")
+            return
+        entry = self.outbox.acknowledge(ack.seq, str(ack.event_id))
+        if entry is None:
+            self.stats.unmatched_acks += 1
+        else:
+            self.stats.acknowledged += 1
+            self.hooks.acknowledged(entry, at)
+
+    def _bad_ack(self, reason: str, message: str) -> None:
+        self.stats.bad_acks[reason] = self.stats.bad_acks.get(reason, 0) + 1
+        log.warning("ignored acknowledgement: %s", message)

@@ -1,0 +1,1 @@
+"""The installer's tools: provision, selftest, detect/snapshot. May use both sides."""

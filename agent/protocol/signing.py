@@ -1,0 +1,164 @@
+"""Device and centre identities: Ed25519 keys, JWKs and compact JWS messages.
+
+All JOSE encoding is joserfc's; this module only fixes the policy: one
+algorithm (``Ed25519``, RFC 9864), a key id that is the RFC 7638 thumbprint,
+private keys in 0600 files, and a verification that rejects any other
+algorithm *before* looking at the signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import OKPKey
+
+from agent.errors import KeyFileError, SignatureInvalid
+from agent.protocol.messages import Claims, decode_claims, parse_json_object
+
+ALGORITHM = "Ed25519"
+_REGISTRY = jws.JWSRegistry(algorithms=[ALGORITHM])
+
+
+class _EvidenceRegistry(jws.JWSRegistry):
+    """joserfc caps payloads at 128 kB, rightly, for messages; evidence images are bigger."""
+
+    max_payload_length = 8 * 1024 * 1024
+
+
+_LARGE_REGISTRY = _EvidenceRegistry(algorithms=[ALGORITHM])
+
+
+def generate_private_key(path: Path, *, force: bool = False) -> OKPKey:
+    """Create a new Ed25519 key in a 0600 PEM file; refuses to replace one unless ``force``."""
+    key = OKPKey.generate_key("Ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not force:
+        raise KeyFileError(f"{path} already exists; refusing to replace a device identity (use --force)")
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key.as_pem(private=True))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return key
+
+
+def load_private_key(path: Path) -> OKPKey:
+    """Load a PEM Ed25519 private key, refusing files others can read."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"private key {path} does not exist; create it with 'edge-agent keys init'") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"private key {path} has mode {stat.S_IMODE(mode):04o}; run 'chmod 600 {path}'")
+    try:
+        key = OKPKey.import_key(data)
+    except (JoseError, ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} does not hold an Ed25519 private key: {exc}") from None
+    if key.curve_name != "Ed25519" or not key.is_private:
+        raise KeyFileError(f"{path} holds a {key.curve_name} key; an Ed25519 private key is required")
+    return key
+
+
+def public_key_from_jwk(jwk: dict[str, Any], where: str) -> OKPKey:
+    """Import a public Ed25519 JWK, naming ``where`` it came from on failure."""
+    if not isinstance(jwk, dict) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise KeyFileError(f"{where}: not an Ed25519 public JWK (need kty 'OKP', crv 'Ed25519')")
+    if "d" in jwk:
+        raise KeyFileError(f"{where}: holds a private key; only the public JWK may be shared")
+    try:
+        return OKPKey.import_key({k: jwk[k] for k in ("kty", "crv", "x")})
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        raise KeyFileError(f"{where}: invalid public JWK: {exc}") from None
+
+
+def load_public_jwk(path: Path) -> OKPKey:
+    """Load a public JWK file (the centre's key on a device)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KeyFileError(f"public key {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read public JWK {path}: {exc}") from None
+    return public_key_from_jwk(data, str(path))
+
+
+def key_id(key: OKPKey) -> str:
+    """The RFC 7638 thumbprint: the same public key always has the same id."""
+    return key.thumbprint()
+
+
+def public_jwk(key: OKPKey) -> dict[str, str]:
+    """The shareable public half, with ``kid``, ``alg`` and ``use`` set."""
+    jwk = {k: v for k, v in key.as_dict(private=False).items() if k in ("kty", "crv", "x")}
+    return {**jwk, "kid": key_id(key), "alg": ALGORITHM, "use": "sig"}
+
+
+class MessageSigner:
+    """Signs claim sets as compact JWS with one private key."""
+
+    def __init__(self, private_key: OKPKey):
+        self._key = private_key
+        self.kid = key_id(private_key)
+
+    def sign(self, claims: dict[str, Any], large: bool = False) -> str:
+        """Compact JWS of the claims; ``large`` lifts the 128 kB payload cap (evidence images only)."""
+        payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+        header = {"alg": ALGORITHM, "kid": self.kid, "typ": "edge-agent+jws"}
+        return jws.serialize_compact(header, payload, self._key, registry=_LARGE_REGISTRY if large else _REGISTRY)
+
+
+def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]:
+    """Read the protected header to find the key, without trusting anything in it.
+
+    Any failure to parse, whatever joserfc raises for it, is ``malformed``: a
+    hostile header must never escape as an exception nobody expected.
+    """
+    registry = _LARGE_REGISTRY if large else _REGISTRY
+    try:
+        raw = token if isinstance(token, bytes) else token.encode()
+        header = dict(jws.extract_compact(raw, None, registry).headers())
+    except Exception as exc:  # noqa: BLE001 - joserfc raises TypeError/KeyError/... on crafted headers
+        raise SignatureInvalid("malformed", f"not a compact JWS: {type(exc).__name__}: {exc}") from None
+    if "crit" in header:
+        raise SignatureInvalid("malformed", f"critical header extension {header['crit']!r} is not understood")
+    if not isinstance(header.get("kid", ""), str):
+        raise SignatureInvalid("malformed", "key id is not a string")
+    return header
+
+
+def verify_payload(token: str | bytes, key: OKPKey, large: bool = False) -> bytes:
+    """Check the algorithm and the signature; return the signed payload bytes, unparsed."""
+    header = unverified_header(token, large)
+    if header.get("alg") != ALGORITHM:
+        raise SignatureInvalid(
+            "algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}"
+        )
+    try:
+        return jws.deserialize_compact(token, key, registry=_LARGE_REGISTRY if large else _REGISTRY).payload
+    except JoseError as exc:
+        raise SignatureInvalid(
+            "bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - anything else joserfc trips over is a malformed token
+        raise SignatureInvalid("malformed", f"not a verifiable JWS: {type(exc).__name__}: {exc}") from None
+
+
+def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, Any]:
+    """Check the algorithm and the signature; return the claims as a dict (shape checked, types not)."""
+    return parse_json_object(verify_payload(token, key, large))
+
+
+def verify_claims(model: type[Claims], token: str | bytes, key: OKPKey, large: bool = False) -> Claims:
+    """Verify a token and validate its claims strictly; every failure is a :class:`SignatureInvalid`."""
+    return decode_claims(model, verify_payload(token, key, large))

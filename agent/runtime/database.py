@@ -1,0 +1,52 @@
+"""SQLite opened the one way both ends of the alert path need: WAL and a full fsync per commit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+from agent.errors import OutboxError
+
+log = logging.getLogger(__name__)
+
+PRIVATE = 0o600
+#: SQLite's companions of a database in WAL mode; it creates them with the database's own mode.
+COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def open_durable(path: Path, schema: str, what: str) -> sqlite3.Connection:
+    """Open (creating if needed) a database whose committed rows survive kill -9 and power loss.
+
+    The file and its -wal/-shm companions are private (0600) whatever the umask: the database is
+    created here with that mode before SQLite opens it, and SQLite gives its companions the
+    database's mode. The connection is shared between threads; callers serialise access with their own lock.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+    except (sqlite3.Error, OSError) as exc:
+        raise OutboxError(f"cannot open {what} {path}: {exc}") from None
+    return db
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600, or take group and other access away from one an older version left."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE)
+    os.close(fd)
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            try:
+                os.chmod(file, mode & 0o700)
+            except PermissionError as exc:  # another user's database: report, and let SQLite decide
+                log.warning("cannot make %s private (mode %04o): %s", file, mode, exc.strerror)
