@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
@@ -22,3 +23,27 @@ def open_durable(path: Path, schema: str, what: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise OutboxError(f"cannot open {what} {path}: {exc}") from None
     return db
+
+
+#: SQLite's primary result code for "database or disk is full" (extended codes keep it in the low byte).
+SQLITE_FULL = 13
+#: ... and for an I/O error (a full disk sometimes shows as one, from fsync or the -shm file).
+SQLITE_IOERR = 10
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when SQLite, or the OS under it, ran out of space (SQLITE_FULL, ENOSPC, EDQUOT).
+
+    Follows ``__cause__``/``__context__``, so it also sees through an ``OutboxError``
+    raised while handling the sqlite3 error.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF == SQLITE_FULL:
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
