@@ -56,6 +56,13 @@ class OutboxSection(Section):
     ack_retry_s: float = Field(
         15.0, ge=1, le=3600, description="Resend an alert the centre has not acknowledged after this long."
     )
+    reserve_kb: int = Field(
+        4096,
+        ge=0,
+        le=1_048_576,
+        description="Disk space (KiB) set aside at start, with real blocks, so alerts can still be stored when "
+        "the disk is full; given back step by step on a full disk, set aside again when room returns. 0: none.",
+    )
 
 
 class ButtonSection(Section):

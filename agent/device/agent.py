@@ -25,7 +25,8 @@ from agent.device.delivery import Delivery, DeliveryHooks
 from agent.device.evidence_server import EvidenceServer, require_sealing_key
 from agent.device.health import system_health
 from agent.device.outbox import Outbox, OutboxEntry
-from agent.errors import ConfigError, OutboxError
+from agent.device.statelock import StateDirLock
+from agent.errors import ConfigError, OutboxError, UplinkError
 from agent.mqtt.link import MqttLink, Will
 from agent.protocol.messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
 from agent.protocol.sealing import load_centre_keys
@@ -42,18 +43,38 @@ HOUSEKEEPING_TICK_S = 0.25
 HELD_RETRY_S = 0.25
 
 
-@dataclass(frozen=True)
+@dataclass
 class HeldMessage:
-    """A press or event accepted but not (yet) on disk."""
+    """A press or event accepted but not (yet) on disk.
+
+    ``claims`` are fixed once a sequence number is recorded durably (``Outbox.next_sequence``):
+    from then on the message goes out directly, and is later stored, with that same sequence
+    number and event id, so the centre de-duplicates the two copies.
+    """
 
     kind: str
     body: dict[str, Any]
     test: bool
     created: float
     button: str | None = None
+    claims: dict[str, Any] | None = None
+    sent_directly_at: float | None = None  # monotonic
 
     def describe(self) -> str:
-        return f"alert from button {self.button!r}" if self.button else f"{self.kind} event"
+        if self.button:
+            return f"alert from button {self.button!r}"
+        return "device event" if self.kind == "event" else f"{self.kind} event"
+
+
+@dataclass
+class StorageTrouble:
+    """The current storage episode, for the LED, ``storage_fault`` in status/telemetry and the fault events."""
+
+    error: str = ""
+    holding_since: float | None = None  # wall clock of the first message held in this episode
+    held: int = 0  # messages held in this episode
+    sent_directly: int = 0  # copies of held messages handed to MQTT without the outbox (all time)
+    reserve_in_use: bool = False  # as last reported to the centre
 
 
 class Agent:
@@ -82,6 +103,9 @@ class Agent:
         self._stopping = threading.Event()
         self._closers: list[Callable[[], None]] = []
         self.clock = CentreClock()  # local time, corrected by the centre's signed answers
+        self._storage = StorageTrouble()
+        state_lock = StateDirLock(config.state_dir)  # first: a second agent must not touch the outbox or socket
+        self._closers.append(state_lock.release)
 
         self.signer = MessageSigner(
             load_private_key(
@@ -94,7 +118,7 @@ class Agent:
         require_sealing_key(config.rules, centre_keys)  # before anything is opened: a ConfigError at start
         centre_key = centre_keys.signing
         self.topics = TopicLayout(config.mqtt.topic_prefix)
-        self.outbox = Outbox(config.outbox_path, config.outbox.capacity)
+        self.outbox = Outbox(config.outbox_path, config.outbox.capacity, reserve_bytes=config.outbox.reserve_kb * 1024)
         self._closers.append(self.outbox.close)
         self.link = MqttLink(
             config.mqtt,
@@ -251,30 +275,46 @@ class Agent:
     def _accept(self, message: HeldMessage) -> OutboxEntry | None:
         """Store a message, or hold it (in order, behind anything already held) when storage fails.
 
-        Telemetry is never held: a heartbeat that cannot be stored is dropped (it says little by then).
+        The outbox has already drawn on its disk-full reserve before it gives up. A held message
+        is sent directly by the held-retry loop (see ``_send_held``) and stored when it can be.
+        Telemetry is never held: a heartbeat that cannot be stored is sent directly or dropped.
         """
         if message.kind == "telemetry":
             try:
                 return self._commit(message.kind, message.body)
             except OutboxError as exc:
-                log.warning("heartbeat dropped: %s", exc)
+                self._send_unstored_heartbeat(message, exc)
                 return None
         with self._lock:
             if self._unstored:  # earlier messages are still waiting: keep the order
-                self._unstored.append(message)
+                self._hold(message)
                 return None
         try:
             return self._store(message)
         except OutboxError as exc:
             with self._lock:
-                self._unstored.append(message)
-            self._held_changed.set()
-            log.critical("%s could not be stored (%s); holding it and retrying", message.describe(), exc)
+                self._storage.error = str(exc)
+                self._hold(message)
+            log.critical(
+                "%s could not be stored (%s); holding it, sending it directly, retrying", message.describe(), exc
+            )
             self._refresh_indicator()
             return None
 
+    def _hold(self, message: HeldMessage) -> None:
+        """Called with ``self._lock`` held."""
+        self._unstored.append(message)
+        self._storage.held += 1
+        if self._storage.holding_since is None:
+            self._storage.holding_since = time.time()
+        self._held_changed.set()  # the held-retry loop numbers it and sends it at once
+
     def _store(self, message: HeldMessage) -> OutboxEntry:
-        entry = self._commit(message.kind, message.body, test=message.test, created=message.created)
+        if message.claims is not None:  # numbered (and maybe sent) while held: store that very message
+            entry = self.outbox.store(message.kind, message.kind in ACKNOWLEDGED_KINDS, message.claims)
+            self.delivery.wake()
+        else:
+            entry = self._commit(message.kind, message.body, test=message.test, created=message.created)
         if message.button is not None:
             self._press_stored(entry, message)
         else:
@@ -401,23 +441,127 @@ class Agent:
             self._held_changed.wait(HELD_RETRY_S)
             self._held_changed.clear()
             self._held_retry.beat()
+            with self._held_retry.step("send held messages"):
+                self._send_held()
             with self._held_retry.step("store held messages"):
                 self._store_held()
+            with self._held_retry.step("disk reserve"):
+                self.outbox.maintain_reserve()
+                self._report_reserve()
+
+    def _send_held(self) -> None:
+        """Number held messages durably, in order, and hand them to MQTT without the outbox.
+
+        The number comes from ``Outbox.next_sequence`` (the database, or the sequence floor file
+        that needs no space), so no later message can reuse it, even after ``kill -9``. The centre
+        stores and acknowledges the direct copy as usual; the stored copy sent later carries the
+        same sequence number and event id, and the centre de-duplicates it. A copy is sent again
+        after ``ack_retry_s`` while the message is still held (paho's queue dies with the process).
+        """
+        with self._lock:
+            held = list(self._unstored)
+        for message in held:
+            if message.claims is not None:
+                continue
+            try:
+                seq = self.outbox.next_sequence()
+            except OutboxError as exc:
+                log.error("no sequence number for a held %s: %s", message.describe(), exc)
+                break  # numbers are given in order: a later message never gets an earlier one
+            message.claims = new_claims(
+                device=self.device,
+                site=self.site,
+                seq=seq,
+                kind=message.kind,
+                body=message.body,
+                test=message.test,
+                created=message.created,
+            )
+        if not self.link.is_connected:
+            return
+        now = time.monotonic()
+        for message in held:
+            due = message.sent_directly_at is None or now - message.sent_directly_at >= self.config.outbox.ack_retry_s
+            if message.claims is not None and due:
+                try:
+                    self._send_directly(message.kind, message.claims)
+                except UplinkError as exc:
+                    log.warning("held %s not sent directly: %s", message.describe(), exc)
+                    return
+                message.sent_directly_at = now
+                self._storage.sent_directly += 1
+                log.warning("held %s sent directly as seq %d", message.describe(), message.claims["seq"])
+
+    def _send_directly(self, kind: str, claims: dict[str, Any]) -> None:
+        signed = {**claims, "sent": self.clock.now()}
+        if self.clock.error_s:
+            signed["clock_error_s"] = self.clock.error_s
+        token = self.signer.sign(signed).encode()
+        self.link.publish(self.topics.for_kind(self.site, self.device, kind), token, qos=1)
+
+    def _send_unstored_heartbeat(self, message: HeldMessage, why: OutboxError) -> None:
+        """A heartbeat the outbox cannot take goes out directly, so the centre sees the device and its fault."""
+        if not self.link.is_connected:
+            log.debug("heartbeat dropped: %s", why)
+            return
+        try:
+            seq = self.outbox.next_sequence()
+            claims = new_claims(device=self.device, site=self.site, seq=seq, kind="telemetry", body=message.body)
+            self._send_directly("telemetry", claims)
+        except (OutboxError, UplinkError) as exc:
+            log.warning("heartbeat dropped: %s (not stored: %s)", exc, why)
 
     def _store_held(self) -> None:
         while not self._stopping.is_set():
             with self._lock:
                 if not self._unstored:
-                    return
+                    break
                 message = self._unstored[0]
             try:
                 self._store(message)
-            except OutboxError:
+            except OutboxError as exc:
+                self._storage.error = str(exc)
                 return  # still failing; try again on the next round
             with self._lock:
                 self._unstored.pop(0)
             log.warning("held %s stored %.1f s after it happened", message.describe(), time.time() - message.created)
             self._refresh_indicator()
+        self._report_recovery()
+
+    def _report_recovery(self) -> None:
+        """Storage works again: tell the centre, in a signed event, what was held and for how long."""
+        with self._lock:
+            since, held = self._storage.holding_since, self._storage.held
+            if since is None or self._unstored:
+                return
+            self._storage.holding_since, self._storage.held, self._storage.error = None, 0, ""
+        text = f"storage failed for {time.time() - since:.0f} s; {held} message(s) held in memory are now stored"
+        log.warning("%s", text)
+        self.raise_event("event", {"fault": "storage", "state": "recovered", "message": text, "since": since})
+
+    def _report_reserve(self) -> None:
+        """One event when alerts start using the disk-full reserve, one when it is set aside again."""
+        in_use = self.outbox.reserve.in_use
+        if in_use == self._storage.reserve_in_use:
+            return
+        self._storage.reserve_in_use = in_use
+        left = self.outbox.reserve.held // 1024
+        text = (
+            f"disk full: messages are written into the space set aside for them ({left} KiB left)"
+            if in_use
+            else "disk space for alerts is set aside again"
+        )
+        self.raise_event("event", {"fault": "disk_full", "state": "fault" if in_use else "recovered", "message": text})
+
+    def _storage_fault(self) -> str | None:
+        """For status and telemetry: None while storage is healthy."""
+        with self._lock:
+            if self._unstored:
+                return f"{len(self._unstored)} message(s) held in memory (sent directly): {self._storage.error}"
+        reserve = self.outbox.reserve
+        if reserve.in_use:
+            return f"disk full: using the space set aside for alerts ({reserve.held // 1024} of {reserve.size // 1024} KiB left)"
+        return None
 
     def problems(self) -> list[str]:
         """What is wrong with the alert path itself (not the network): empty when healthy."""
@@ -438,7 +582,10 @@ class Agent:
         return loops if self.vision is None else [*loops, self.vision.guard]
 
     def health(self) -> dict[str, Any]:
-        oldest = self.outbox.oldest_age_s()
+        try:
+            depth, oldest = self.outbox.depth(), self.outbox.oldest_age_s()
+        except OutboxError:  # storage failing: status must still answer, and say so
+            depth, oldest = None, None
         return {
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "version": __version__,
@@ -446,11 +593,14 @@ class Agent:
             "host": platform.node(),
             **system_health(self.config.state_dir),
             "connected": self.link.is_connected,
-            "outbox_depth": self.outbox.depth(),
+            "outbox_depth": depth,
             "oldest_unsent_s": None if oldest is None else round(oldest, 1),
             "dropped_telemetry": self.outbox.dropped_telemetry,
             "held_in_memory": len(self._unstored),
             "clock_error_s": self.clock.error_s,
+            "storage_fault": self._storage_fault(),
+            "storage_reserve": self.outbox.reserve.report(),
+            "held_sent_directly": self._storage.sent_directly,
             "threads": {loop.name: loop.report() for loop in self._loops()},
             "bad_acks": dict(self.delivery.stats.bad_acks),
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
@@ -490,6 +640,8 @@ class Agent:
             name = next(iter(self.buttons))
         entry = self.raise_alert(str(name), test=True)
         if entry is None:
-            raise OutboxError("the test alert could not be stored; it is held in memory and retried (see the log)")
+            raise OutboxError(
+                "the test alert could not be stored; it is held in memory, sent directly and retried (see the log)"
+            )
         self._last_test_alert = {"button": name, "seq": entry.seq, "at": entry.created, "acknowledged": False}
         return {"seq": entry.seq, "event_id": entry.event_id, "button": name}

@@ -39,9 +39,16 @@ class ControlServer:
 
         class _Request(socketserver.StreamRequestHandler):
             def handle(self) -> None:
-                line = self.rfile.readline(MAX_REQUEST_BYTES)
-                reply = server.dispatch(line)
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                try:
+                    line = self.rfile.readline(MAX_REQUEST_BYTES)
+                except OSError as exc:
+                    log.info("control client went away before its request was read: %s", exc)
+                    return
+                reply = server.dispatch(line)  # runs to the end even if the client has gone: a test alert is stored
+                try:
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+                except OSError as exc:  # BrokenPipe, ConnectionReset: the client did not wait for the reply
+                    log.info("control client went away before the reply to %s: %s", _command_of(line), exc)
 
         old_umask = os.umask(0o117)
         try:
@@ -86,6 +93,15 @@ class ControlServer:
         except Exception as exc:  # a bug must not kill the control thread
             log.exception("control command %r failed", command)
             return {"ok": False, "error": f"command {command!r} failed: {exc}"}
+
+
+def _command_of(line: bytes) -> str:
+    """The command named in a request line, for a log message (the line is hostile input)."""
+    try:
+        command = json.loads(line).get("command")
+    except (ValueError, AttributeError):
+        return "an unreadable request"
+    return repr(command[:40]) if isinstance(command, str) else "an unreadable request"
 
 
 def request(path: Path, command: str, timeout: float = 10.0, **arguments: Any) -> dict[str, Any]:

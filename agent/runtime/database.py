@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -50,3 +51,27 @@ def _create_private(path: Path) -> None:
                 os.chmod(file, mode & 0o700)
             except PermissionError as exc:  # another user's database: report, and let SQLite decide
                 log.warning("cannot make %s private (mode %04o): %s", file, mode, exc.strerror)
+
+
+#: SQLite's primary result code for "database or disk is full" (extended codes keep it in the low byte).
+SQLITE_FULL = 13
+#: ... and for an I/O error (a full disk sometimes shows as one, from fsync or the -shm file).
+SQLITE_IOERR = 10
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when SQLite, or the OS under it, ran out of space (SQLITE_FULL, ENOSPC, EDQUOT).
+
+    Follows ``__cause__``/``__context__``, so it also sees through an ``OutboxError``
+    raised while handling the sqlite3 error.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF == SQLITE_FULL:
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
