@@ -103,7 +103,7 @@ def test_kill_9_right_after_presses_loses_nothing_and_raises_nothing_twice(site,
         import os, signal, sys, time
         sys.path.insert(0, {os.getcwd()!r})
         from gpiozero.pins.mock import MockFactory
-        from agent.config import load_agent_config
+        from agent.config.device import load_agent_config
         from agent.device.agent import Agent
         factory = MockFactory()
         agent = Agent(load_agent_config({str(site.device_config_path("cp-1"))!r}), pin_factory=factory)
