@@ -149,7 +149,7 @@ class Outbox:
                 self.reserve.size // 1024,
                 self.reserve.path,
             )
-        elif was_in_use and not self.reserve.in_use:
+        elif was_in_use and not self.reserve.in_use and not force:  # not the first setting aside, at start
             log.info("disk space for alerts set aside again (%d KiB)", self.reserve.size // 1024)
 
     # Writes.

@@ -295,7 +295,7 @@ def test_databases_and_evidence_are_private_whatever_the_umask(umask, tmp_path):
     for database in ("outbox.sqlite", "receiver.sqlite"):
         for suffix in ("", "-wal", "-shm"):
             assert modes.pop(database + suffix) == "0o600", database + suffix
-    assert modes == {"e1.jpg": "0o600"}
+    assert modes == {"e1.jpg": "0o600", "outbox.sqlite.seq": "0o600"}  # the sequence floor, too
     assert oct(stat.S_IMODE((tmp_path / "evidence").stat().st_mode)) == "0o700"
 
 
