@@ -298,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_config_commands(commands)
+    _add_device_commands(commands)
+    _add_receiver_commands(commands)
+    _add_install_commands(commands)
+    _add_model_commands(commands)
+    _add_demo_command(commands)
+    return parser
+
+
+def _add_config_commands(commands: argparse._SubParsersAction) -> None:
+    """The ``config`` command: check a file, write the credentials drop-in."""
     config = commands.add_parser("config", help="check a configuration file").add_subparsers(dest="sub", required=True)
     check = config.add_parser("check", help="validate a config file; exit 2 with every problem listed")
     check.add_argument("file", type=Path)
@@ -311,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="systemd unit dir")
     credentials.set_defaults(func=cmd_config_credentials)
 
+
+def _add_device_commands(commands: argparse._SubParsersAction) -> None:
+    """What runs on a device: its key, the agent, status and test alerts."""
     keys = commands.add_parser("keys", help="device identity").add_subparsers(dest="sub", required=True)
     init = keys.add_parser("init", help="create the device key and print its enrolment record")
     init.add_argument("--config", type=Path, required=True)
@@ -331,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--button", help="button name (default: the first)")
     test.set_defaults(func=cmd_test_alert)
 
+
+def _add_receiver_commands(commands: argparse._SubParsersAction) -> None:
+    """The centre's receiver and its subcommands."""
     receiver = commands.add_parser("receiver", help="the centre's reference receiver (default: run it)")
     receiver.add_argument("--config", type=Path, help="receiver config file (also accepted after SUBCOMMAND)")
     receiver.set_defaults(func=cmd_receiver_run)
@@ -365,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
     enroll.set_defaults(func=cmd_receiver_enroll)
 
+
+def _add_install_commands(commands: argparse._SubParsersAction) -> None:
+    """The installer's tools: provision, selftest, snapshot."""
     prov = commands.add_parser("provision", help="create the device key and config; print the enrolment record")
     prov.add_argument("--device-id", required=True)
     prov.add_argument("--site", required=True)
@@ -397,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--no-detect", action="store_true", help="only the picture, zones and masks")
     snapshot.set_defaults(func=cmd_snapshot)
 
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    """Models (list, fetch, verify) and detect."""
     models = commands.add_parser("models", help="detection models: list, fetch, verify")
     models_sub = models.add_subparsers(dest="sub", required=True)
     model_place = argparse.ArgumentParser(add_help=False)
@@ -424,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--every", type=int, default=1, help="process every Nth frame")
     detect.set_defaults(func=cmd_detect)
 
+
+def _add_demo_command(commands: argparse._SubParsersAction) -> None:
+    """The demo."""
     demo = commands.add_parser("demo", help="broker, centre, a call point and a camera box on this machine")
     demo.add_argument("--seconds", type=float, default=20, help="how long the camera box runs (default 20)")
     demo.add_argument("--video", type=Path, help="video for the camera box (default: vtest.avi)")
     demo.add_argument("--out", type=Path, default=Path("edge-demo.png"), help="annotated picture to write")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from agent.centre.registry import DeviceEvent
 from agent.demo.broker import LocalBroker
 from agent.demo.site import LocalSite
 from agent.device.agent import Agent
-from agent.errors import AgentError, BrokerUnavailable
+from agent.errors import AgentError, BrokerUnavailable, ModelError
 from hw.gpio import IndicatorState
 
 CALL_POINT = (
@@ -79,7 +79,7 @@ def find_demo_media(video: Path | None) -> tuple[Path | None, Path | None, str]:
 
         fetch_model(find_model("ssd-mobilenet-v1-coco-quant"), cache)
         return found, cache, ""
-    except (AgentError, ImportError) as exc:
+    except (AgentError, ModelError, ImportError) as exc:
         return found, None, f"no detection model ({exc})"
 
 

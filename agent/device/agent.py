@@ -29,7 +29,7 @@ from agent.device.statelock import StateDirLock
 from agent.errors import ConfigError, OutboxError, UplinkError
 from agent.mqtt.link import MqttLink, Will
 from agent.protocol.messages import ACKNOWLEDGED_KINDS, TopicLayout, new_claims
-from agent.protocol.sealing import load_centre_keys
+from agent.protocol.sealing import CentreKeys, load_centre_keys
 from agent.protocol.signing import MessageSigner, load_private_key
 from agent.runtime.guard import LoopGuard
 from agent.runtime.sdnotify import HealthWatchdog, SystemdNotifier
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_TICK_S = 0.25
 #: How often messages held in memory (storage failing) are tried again.
 HELD_RETRY_S = 0.25
+#: The outbox must answer a trivial query this fast, or the watchdog is withheld.
+OUTBOX_ANSWER_S = 1.0
 
 
 @dataclass
@@ -106,17 +108,7 @@ class Agent:
         self._storage = StorageTrouble()
         state_lock = StateDirLock(config.state_dir)  # first: a second agent must not touch the outbox or socket
         self._closers.append(state_lock.release)
-
-        self.signer = MessageSigner(
-            load_private_key(
-                secret_file(config.identity.private_key_file, config.secret_dirs, "identity.private_key_file")
-            )
-        )
-        centre_keys = load_centre_keys(
-            secret_file(config.identity.centre_key_file, config.secret_dirs, "identity.centre_key_file")
-        )
-        require_sealing_key(config.rules, centre_keys)  # before anything is opened: a ConfigError at start
-        centre_key = centre_keys.signing
+        centre_keys = self._load_keys()
         self.topics = TopicLayout(config.mqtt.topic_prefix)
         self.outbox = Outbox(config.outbox_path, config.outbox.capacity, reserve_bytes=config.outbox.reserve_kb * 1024)
         self._closers.append(self.outbox.close)
@@ -131,31 +123,64 @@ class Agent:
             self.link,
             self.signer,
             self.topics,
-            centre_key,
+            centre_keys.signing,
             device=self.device,
             ack_retry_s=config.outbox.ack_retry_s,
             hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
             clock=self.clock,
         )
+        self._wire_link()
+        self.evidence_server = self._serve_evidence(centre_keys)
+        self._open_pins(pin_factory)
+        for entry in self.outbox.entries():
+            if entry.kind == "alert" and not entry.claims["body"].get("silent"):
+                self._pending_visible.add(entry.seq)
+        self.vision = self._supervise_vision()
+        self.control = ControlServer(
+            config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
+        )
+        self._housekeeping = LoopGuard("housekeeping")
+        self._held_retry = LoopGuard("held-retry")
+        self._notifier = SystemdNotifier()
+        self._watchdog = HealthWatchdog(self.problems, self._notifier, "alert path up")
+
+    def _load_keys(self) -> CentreKeys:
+        """The device's signing key and the centre's public keys; a ConfigError naming the file, before anything opens."""
+        config = self.config
+        private = secret_file(config.identity.private_key_file, config.secret_dirs, "identity.private_key_file")
+        self.signer = MessageSigner(load_private_key(private))
+        centre = secret_file(config.identity.centre_key_file, config.secret_dirs, "identity.centre_key_file")
+        centre_keys = load_centre_keys(centre)
+        require_sealing_key(config.rules, centre_keys)
+        return centre_keys
+
+    def _wire_link(self) -> None:
         self.link.on_connected = self._on_connected
         self.link.on_disconnected = self._on_disconnected
         self.link.on_published = self.delivery.handle_published
         self.link.on_message = self._on_message
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
-        self.evidence_server = None
-        if config.camera is not None:  # evidence leaves the box only when the centre asks for it
-            self.evidence_server = EvidenceServer(
-                self.link,
-                self.topics,
-                site=self.site,
-                device=self.device,
-                signer=self.signer,
-                centre_keys=centre_keys,
-                evidence_dir=config.evidence_dir,
-                state_dir=config.state_dir,
-            )
-            self._closers.append(self.evidence_server.close)
 
+    def _serve_evidence(self, centre_keys: CentreKeys) -> EvidenceServer | None:
+        """On a camera box: evidence leaves the box only when the centre asks for it."""
+        if self.config.camera is None:
+            return None
+        server = EvidenceServer(
+            self.link,
+            self.topics,
+            site=self.site,
+            device=self.device,
+            signer=self.signer,
+            centre_keys=centre_keys,
+            evidence_dir=self.config.evidence_dir,
+            state_dir=self.config.state_dir,
+        )
+        self._closers.append(server.close)
+        return server
+
+    def _open_pins(self, pin_factory) -> None:
+        """Indicator, buttons and tamper switch on their GPIO lines (gpiozero)."""
+        config = self.config
         self.indicator = StatusIndicator(config.indicator.led_pin, config.indicator.buzzer_pin, pin_factory=pin_factory)
         self._closers.append(self.indicator.close)
         self.buttons: dict[str, AlertButton] = {}
@@ -185,22 +210,16 @@ class Agent:
             self.tamper.when_opened = lambda: self.raise_event("tamper", {"enclosure": "opened"})
             self.tamper.when_closed = lambda: self.raise_event("tamper", {"enclosure": "closed"})
             self._closers.append(self.tamper.close)
-        for entry in self.outbox.entries():
-            if entry.kind == "alert" and not entry.claims["body"].get("silent"):
-                self._pending_visible.add(entry.seq)
-        self.vision = None
-        if config.camera is not None:
-            from agent.vision.supervisor import VisionSupervisor
 
-            self.vision = VisionSupervisor(config, on_message=self._on_vision_message, on_fault=self._on_fault)
-            self._closers.append(self.vision.close)
-        self.control = ControlServer(
-            config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
-        )
-        self._housekeeping = LoopGuard("housekeeping", stall_s=max(5.0, 2 * HOUSEKEEPING_TICK_S))
-        self._held_retry = LoopGuard("held-retry", stall_s=max(5.0, 2 * HELD_RETRY_S))
-        self._notifier = SystemdNotifier()
-        self._watchdog = HealthWatchdog(self.problems, self._notifier, "alert path up")
+    def _supervise_vision(self):
+        """On a camera box: the vision process's supervisor (no numpy here: the pipeline runs in its own process)."""
+        if self.config.camera is None:
+            return None
+        from agent.vision.supervisor import VisionSupervisor
+
+        supervisor = VisionSupervisor(self.config, on_message=self._on_vision_message, on_fault=self._on_fault)
+        self._closers.append(supervisor.close)
+        return supervisor
 
     def __repr__(self) -> str:
         return f"<Agent {self.site}/{self.device} connected={self.link.is_connected} outbox={self.outbox.depth()}>"
@@ -568,7 +587,7 @@ class Agent:
         found = [p for p in (loop.problem() for loop in self._loops()) if p]
         if not self.link.network_thread_alive:
             found.append("MQTT network thread not running")
-        if not self.outbox.is_responsive(timeout_s=1.0):
+        if not self.outbox.is_responsive(timeout_s=OUTBOX_ANSWER_S):
             found.append("outbox not responding")
         for name, button in self.buttons.items():
             try:

@@ -22,10 +22,21 @@ from agent.device.outbox import Outbox, OutboxEntry
 from agent.errors import SignatureInvalid
 from agent.protocol.messages import AckClaims, TopicLayout
 from agent.protocol.signing import MessageSigner, verify_claims
+from agent.runtime.backoff import Backoff
 from agent.runtime.guard import LoopGuard
 
 log = logging.getLogger(__name__)
 
+#: Messages handed to paho and not yet confirmed by the broker: enough to fill a fast link, few enough
+#: that a reconnect re-hands little.
+PUBLISH_WINDOW = 50
+#: How often unacknowledged messages are looked at for a resend (at most this late after ack_retry_s).
+RETRY_CHECK_S = 1.0
+#: Pause after an unexpected error in the loop, so a failing disk or link is not spun on.
+ERROR_PAUSE_S = 0.5
+#: A broker that refuses a publish (ACL, quota) is asked again after 1 s, 2 s, … at most a minute apart.
+REFUSAL_RETRY_FIRST_S = 1.0
+REFUSAL_RETRY_MAX_S = 60.0
 #: How many recently sent (sequence, event id) pairs are remembered to match the centre's answers.
 RECENT_SENT = 1024
 
@@ -70,7 +81,7 @@ class Delivery:
         *,
         device: str,
         ack_retry_s: float,
-        window: int = 50,
+        window: int = PUBLISH_WINDOW,
         hooks: DeliveryHooks | None = None,
         clock: CentreClock | None = None,
     ):
@@ -91,9 +102,9 @@ class Delivery:
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._hold_until = 0.0
-        self._refusal_backoff_s = 1.0
+        self._refusal = Backoff(REFUSAL_RETRY_FIRST_S, REFUSAL_RETRY_MAX_S)
         self._stopping = False
-        self.guard = LoopGuard("delivery", stall_s=5.0)
+        self.guard = LoopGuard("delivery")
 
     # Called from any thread.
 
@@ -127,7 +138,7 @@ class Delivery:
     # The delivery thread.
 
     def _run(self) -> None:
-        next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+        next_retry_check = time.monotonic() + min(RETRY_CHECK_S, self.ack_retry_s)
         while not self._stopping:
             timeout = max(0.0, next_retry_check - time.monotonic())
             try:
@@ -140,12 +151,12 @@ class Delivery:
                 self._handle(event)
             with self.guard.step("retry check"):
                 if time.monotonic() >= next_retry_check:
-                    next_retry_check = time.monotonic() + min(1.0, self.ack_retry_s)
+                    next_retry_check = time.monotonic() + min(RETRY_CHECK_S, self.ack_retry_s)
                     self._requeue_unacknowledged()
             with self.guard.step("publish"):
                 self._fill_window()
             if sum(self.guard.errors.values()) != failed_before and not self._stopping:
-                time.sleep(0.5)  # storage or link trouble: do not spin
+                time.sleep(ERROR_PAUSE_S)
 
     def _requeue_unacknowledged(self) -> None:
         requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
@@ -190,11 +201,11 @@ class Delivery:
             return  # a copy paho resent from before a reconnect; its fresh twin is tracked instead
         if not ok:
             self.stats.refused_by_broker += 1
-            self._hold_until = time.monotonic() + self._refusal_backoff_s
-            log.error("broker refused message seq %d: %s; retrying in %.0f s", seq, reason, self._refusal_backoff_s)
-            self._refusal_backoff_s = min(self._refusal_backoff_s * 2, 60.0)
+            delay = self._refusal.next()
+            self._hold_until = time.monotonic() + delay
+            log.error("broker refused message seq %d: %s; retrying in %.0f s", seq, reason, delay)
             return
-        self._refusal_backoff_s = 1.0
+        self._refusal.reset()
         entry = self.outbox.mark_published(seq)
         if entry is not None:
             self.stats.published += 1

@@ -9,16 +9,16 @@ against the centre's, and disk space for the outbox.
 
 from __future__ import annotations
 
+import queue
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ModelError
 
 MIN_FREE_MB = 100
 
@@ -97,7 +97,7 @@ class SelfTest:
         try:
             self.key = load_private_key(path)
             self.add("device key", True, f"{path}, mode 0600, kid {key_id(self.key)}")
-        except AgentError as exc:
+        except (AgentError, ModelError) as exc:
             self.add("device key", False, str(exc), "create it with 'edge-agent provision' or 'edge-agent keys init'")
             return False
         centre = resolve_secret(config.identity.centre_key_file, *config.secret_dirs)
@@ -107,7 +107,7 @@ class SelfTest:
             self.centre_key = centre_keys.signing
             sealing = "signing and encryption keys" if centre_keys.encryption else "signing key only"
             self.add("centre key", True, f"{centre} ({sealing})")
-        except AgentError as exc:
+        except (AgentError, ModelError) as exc:
             self.add("centre key", False, str(exc), "copy the key set 'edge-agent receiver init' printed there")
             return False
         return True
@@ -235,7 +235,7 @@ class SelfTest:
         settings = self.config.detector
         try:
             detector = Detector.from_settings(settings, self.config.model_dir)
-        except AgentError as exc:
+        except (AgentError, ModelError) as exc:
             self.add("model", False, str(exc), f"edge-agent models fetch {settings.model}")
             return
         import numpy as np
@@ -252,93 +252,100 @@ class SelfTest:
     # Broker, centre and clock
 
     def _broker_round_trip(self) -> None:
-        from agent.device.outbox import Outbox
         from agent.errors import ConfigError
         from agent.mqtt.link import MqttLink
-        from agent.protocol.messages import AckClaims, TopicLayout, new_claims
-        from agent.protocol.signing import MessageSigner, verify_claims
 
         config = self.config
-        device, site = config.device.id, config.device.site
-        topics = TopicLayout(config.mqtt.topic_prefix)
         try:
             link = MqttLink(
-                config.mqtt, client_id=f"selftest-{device}", secret_dirs=config.secret_dirs, session_expiry_s=0
+                config.mqtt,
+                client_id=f"selftest-{config.device.id}",
+                secret_dirs=config.secret_dirs,
+                session_expiry_s=0,
             )
         except ConfigError as exc:  # a CA, certificate, key or password file that cannot be read or used
             self.add("broker", False, str(exc), "put the file in the credentials directory, readable, in PEM")
             return
         try:
-            problem = link.probe(self.timeout_s)
-            mode = "TLS verified" if config.mqtt.tls.enabled else "no TLS"
-            login = f", logged in as {config.mqtt.username}" if config.mqtt.username else ""
-            if problem:
-                self.add(
-                    "broker",
-                    False,
-                    problem,
-                    "check mqtt.host/port, the CA file, the user name and password, "
-                    "and that the firewall lets the port through",
-                )
-                return
-            self.add("broker", True, f"{config.mqtt.host}:{config.mqtt.port} ({mode}{login})")
-            acks: list[tuple[bytes, float]] = []
-            arrived = threading.Event()
-
-            def on_message(topic: str, payload: bytes) -> None:
-                acks.append((payload, time.time()))
-                arrived.set()
-
-            link.on_message = on_message
-            link.subscribe(topics.topic(site, device, "ack"))
-            time.sleep(0.3)
-            with Outbox(config.outbox_path, config.outbox.capacity) as outbox:
-                seq = outbox.next_sequence()
-            claims = new_claims(device=device, site=site, seq=seq, kind="test", body={"selftest": True}, test=True)
-            sent_at = time.time()
-            link.publish(topics.for_kind(site, device, "test"), MessageSigner(self.key).sign(claims).encode())
-            ack = None
-            deadline = time.monotonic() + self.timeout_s
-            while ack is None and time.monotonic() < deadline:
-                arrived.wait(0.1)
-                arrived.clear()
-                for payload, received_at in list(acks):
-                    try:
-                        candidate = verify_claims(AckClaims, payload, self.centre_key)
-                    except Exception:
-                        continue
-                    if candidate.seq == seq and str(candidate.event_id) == claims["event_id"]:
-                        ack = (candidate, received_at)
-            if ack is None:
-                self.add(
-                    "centre round trip",
-                    False,
-                    f"no acknowledgement within {self.timeout_s:g} s",
-                    "is this device enrolled at the centre (edge-agent receiver enroll) and the receiver "
-                    "running? A clock far off the centre's also makes it reject messages",
-                )
-                self._clock(None)
-                return
-            answer, received_at = ack
-            offset = answer.sent - (sent_at + received_at) / 2
-            if answer.kind == "nak":
-                self.add(
-                    "centre round trip",
-                    False,
-                    f"the centre refused the test message as {answer.reason}: this clock is {-offset:+.0f} s off",
-                    "enable NTP (the running agent corrects its signing time from the centre's answers, "
-                    "but the clock should be right)",
-                )
-            else:
-                took_ms = (received_at - sent_at) * 1000
-                self.add(
-                    "centre round trip",
-                    True,
-                    f"test message seq {seq} acknowledged by {answer.receiver} in {took_ms:.0f} ms",
-                )
-            self._clock(offset)
+            if self._broker_reached(link):
+                self._centre_answers(link)
         finally:
             link.close()
+
+    def _broker_reached(self, link) -> bool:
+        mqtt = self.config.mqtt
+        problem = link.probe(self.timeout_s)
+        if problem:
+            hint = "check mqtt.host/port, the CA file, the user name and password, and that the firewall lets the port through"
+            self.add("broker", False, problem, hint)
+            return False
+        mode = "TLS verified" if mqtt.tls.enabled else "no TLS"
+        login = f", logged in as {mqtt.username}" if mqtt.username else ""
+        self.add("broker", True, f"{mqtt.host}:{mqtt.port} ({mode}{login})")
+        return True
+
+    def _centre_answers(self, link) -> None:
+        """A signed test message to the centre; its signed answer tells the round trip and the clock offset."""
+        from agent.device.outbox import Outbox
+        from agent.protocol.messages import TopicLayout, new_claims
+        from agent.protocol.signing import MessageSigner
+
+        config = self.config
+        device, site = config.device.id, config.device.site
+        topics = TopicLayout(config.mqtt.topic_prefix)
+        answers: queue.Queue[tuple[bytes, float]] = queue.Queue()
+        link.on_message = lambda topic, payload: answers.put((payload, time.time()))
+        link.subscribe(topics.topic(site, device, "ack"))
+        link.wait_subscribed(self.timeout_s)
+        with Outbox(config.outbox_path, config.outbox.capacity) as outbox:
+            seq = outbox.next_sequence()
+        claims = new_claims(device=device, site=site, seq=seq, kind="test", body={"selftest": True}, test=True)
+        sent_at = time.time()
+        link.publish(topics.for_kind(site, device, "test"), MessageSigner(self.key).sign(claims).encode())
+        answer = self._answer_to(claims, answers)
+        if answer is None:
+            hint = (
+                "is this device enrolled at the centre (edge-agent receiver enroll) and the receiver running? "
+                "A clock far off the centre's also makes it reject messages"
+            )
+            self.add("centre round trip", False, f"no acknowledgement within {self.timeout_s:g} s", hint)
+            self._clock(None)
+            return
+        ack, received_at = answer
+        offset = ack.sent - (sent_at + received_at) / 2
+        if ack.kind == "nak":
+            hint = "enable NTP (the running agent corrects its signing time from the centre's answers, but the clock should be right)"
+            self.add(
+                "centre round trip",
+                False,
+                f"the centre refused the test message as {ack.reason}: this clock is {-offset:+.0f} s off",
+                hint,
+            )
+        else:
+            took_ms = (received_at - sent_at) * 1000
+            self.add(
+                "centre round trip", True, f"test message seq {seq} acknowledged by {ack.receiver} in {took_ms:.0f} ms"
+            )
+        self._clock(offset)
+
+    def _answer_to(self, claims: dict, answers: queue.Queue) -> tuple | None:
+        """The centre's verified answer to exactly this message, and when it arrived; None on time-out."""
+        from agent.errors import SignatureInvalid
+        from agent.protocol.messages import AckClaims
+        from agent.protocol.signing import verify_claims
+
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                payload, received_at = answers.get(timeout=left)
+                answer = verify_claims(AckClaims, payload, self.centre_key)
+            except queue.Empty:
+                return None
+            except SignatureInvalid:
+                continue  # not the centre's, or not an answer: anyone can publish on the ack topic
+            if answer.seq == claims["seq"] and str(answer.event_id) == claims["event_id"]:
+                return answer, received_at
+        return None
 
     def _clock(self, offset_s: float | None) -> None:
         synced = _ntp_synchronised()

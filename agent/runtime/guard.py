@@ -18,11 +18,14 @@ from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
+#: A loop that has not beaten for this long is stuck (its own ticks are much shorter).
+STALL_S = 5.0
+
 
 class LoopGuard:
     """The health of one long-lived loop: heartbeat, unexpected errors, liveness of its thread."""
 
-    def __init__(self, name: str, stall_s: float = 5.0):
+    def __init__(self, name: str, stall_s: float = STALL_S):
         self.name = name
         self.stall_s = stall_s
         self.errors: Counter[str] = Counter()

@@ -19,11 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config.device import AgentConfig
+from agent.runtime.backoff import Backoff
 from agent.runtime.guard import LoopGuard
 
 log = logging.getLogger(__name__)
 
 HEALTHY_AFTER_S = 10.0
+#: First wait before a failed vision process is started again; doubles up to ``vision.restart_max_s``.
+RESTART_FIRST_S = 1.0
 
 
 class VisionSupervisor:
@@ -117,7 +120,7 @@ class VisionSupervisor:
         self._process = None
 
     def _supervise(self) -> None:
-        backoff = 1.0
+        restart = Backoff(RESTART_FIRST_S, self.settings.restart_max_s)
         while not self._closing.is_set():
             self.guard.beat()
             outcome = "supervisor error"
@@ -131,12 +134,12 @@ class VisionSupervisor:
                 return
             self.restarts += 1
             if time.monotonic() - self._started_at > HEALTHY_AFTER_S * 3:
-                backoff = 1.0
-            self.state = f"restarting in {backoff:.0f} s"
-            log.warning("vision process: %s; restarting in %.0f s", outcome, backoff)
-            if self._closing.wait(backoff):
+                restart.reset()  # it ran well for a while: this is a new failure, not the same one again
+            delay = restart.next()
+            self.state = f"restarting in {delay:.0f} s"
+            log.warning("vision process: %s; restarting in %.0f s", outcome, delay)
+            if self._closing.wait(delay):
                 return
-            backoff = min(backoff * 2, self.settings.restart_max_s)
 
     def _watch(self) -> str:
         """Relay the process's reports until it ends, stalls or dies; returns why it stopped."""

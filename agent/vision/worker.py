@@ -21,7 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.runtime.backoff import Backoff
+
 log = logging.getLogger(__name__)
+
+#: First wait before a lost camera is opened again; doubles up to ``camera.reconnect_max_s``.
+CAMERA_RETRY_FIRST_S = 1.0
 
 
 def run_vision(
@@ -106,7 +111,7 @@ def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str |
         username=settings.username,
         password=camera_password,
     )
-    failing, backoff = False, 1.0
+    failing, retry = False, Backoff(CAMERA_RETRY_FIRST_S, settings.reconnect_max_s)
     while not stop.is_set():
         beats.maybe_send(failing)
         reader = run = None
@@ -117,7 +122,8 @@ def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str |
             for messages in run:  # a read that hangs stops the heartbeats too
                 if failing:
                     out.put(("recovered", "camera", f"camera {shown} delivers frames again"))
-                    failing, backoff = False, 1.0
+                    failing = False
+                    retry.reset()
                 for message in messages:
                     out.put(("message", message))
                 beats.maybe_send(failing)
@@ -130,8 +136,7 @@ def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str |
             if not failing:
                 out.put(("fault", "camera", redact_url(str(exc))))
                 failing = True
-            stop.wait(backoff)
-            backoff = min(backoff * 2, settings.reconnect_max_s)
+            stop.wait(retry.next())
         finally:
             for part in (run, reader, camera):
                 if part is not None:
