@@ -13,8 +13,6 @@ which is enough for everything but evidence.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
 from agent.errors import AgentError, ConfigError, KeyFileError
-from agent.protocol.signing import key_id, public_jwk, public_key_from_jwk
+from agent.protocol.signing import key_id, public_jwk, public_key_from_jwk, read_private_key, write_private_key
 
 KEY_ALGORITHM = "ECDH-ES"
 CONTENT_ENCRYPTION = "A256GCM"
@@ -65,41 +63,15 @@ class CentreKeys:
 
 def generate_encryption_key(path: Path, *, force: bool = False) -> OKPKey:
     """Create the centre's X25519 key in a 0600 PEM file; refuses to replace one unless ``force``."""
-    if path.exists() and not force:
-        raise KeyFileError(f"{path} already exists; refusing to replace the centre's encryption key (use --force)")
     key = OKPKey.generate_key("X25519")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.as_pem(private=True))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_private_key(path, key, force=force, what="the centre's encryption key")
     return key
 
 
 def load_encryption_key(path: Path) -> OKPKey:
     """Load the centre's X25519 private key, refusing files others can read."""
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"encryption key {path} does not exist; create it with 'edge-agent receiver init' "
-            "and give devices the key set it prints"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read encryption key {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"encryption key {path} has mode {stat.S_IMODE(mode):04o}; run 'chmod 600 {path}'")
-    try:
-        key = OKPKey.import_key(data)
-    except (JoseError, ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} does not hold an X25519 private key: {exc}") from None
-    if key.curve_name != "X25519" or not key.is_private:
-        raise KeyFileError(f"{path} holds a {key.curve_name} key; an X25519 private key is required")
-    return key
+    hint = "create it with 'edge-agent receiver init' and give devices the key set it prints"
+    return read_private_key(path, "X25519", what="encryption key", missing_hint=hint)
 
 
 def encryption_jwk(key: OKPKey) -> dict[str, str]:

@@ -34,12 +34,11 @@ class _EvidenceRegistry(jws.JWSRegistry):
 _LARGE_REGISTRY = _EvidenceRegistry(algorithms=[ALGORITHM])
 
 
-def generate_private_key(path: Path, *, force: bool = False) -> OKPKey:
-    """Create a new Ed25519 key in a 0600 PEM file; refuses to replace one unless ``force``."""
-    key = OKPKey.generate_key("Ed25519")
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_private_key(path: Path, key: OKPKey, *, force: bool, what: str) -> None:
+    """Write a private key as PEM in a 0600 file (never wider, whatever the umask), atomically and synced."""
     if path.exists() and not force:
-        raise KeyFileError(f"{path} already exists; refusing to replace a device identity (use --force)")
+        raise KeyFileError(f"{path} already exists; refusing to replace {what} (use --force)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -47,27 +46,38 @@ def generate_private_key(path: Path, *, force: bool = False) -> OKPKey:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def read_private_key(path: Path, curve: str, *, what: str, missing_hint: str) -> OKPKey:
+    """Load a PEM private key of one curve, refusing files others can read."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {path} does not exist; {missing_hint}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"{what} {path} has mode {stat.S_IMODE(mode):04o}; run 'chmod 600 {path}'")
+    try:
+        key = OKPKey.import_key(data)
+    except (JoseError, ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} does not hold an {curve} private key: {exc}") from None
+    if key.curve_name != curve or not key.is_private:
+        raise KeyFileError(f"{path} holds a {key.curve_name} key; an {curve} private key is required")
+    return key
+
+
+def generate_private_key(path: Path, *, force: bool = False) -> OKPKey:
+    """Create a new Ed25519 key in a 0600 PEM file; refuses to replace one unless ``force``."""
+    key = OKPKey.generate_key("Ed25519")
+    write_private_key(path, key, force=force, what="a device identity")
     return key
 
 
 def load_private_key(path: Path) -> OKPKey:
     """Load a PEM Ed25519 private key, refusing files others can read."""
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"private key {path} does not exist; create it with 'edge-agent keys init'") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"private key {path} has mode {stat.S_IMODE(mode):04o}; run 'chmod 600 {path}'")
-    try:
-        key = OKPKey.import_key(data)
-    except (JoseError, ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} does not hold an Ed25519 private key: {exc}") from None
-    if key.curve_name != "Ed25519" or not key.is_private:
-        raise KeyFileError(f"{path} holds a {key.curve_name} key; an Ed25519 private key is required")
-    return key
+    return read_private_key(path, "Ed25519", what="private key", missing_hint="create it with 'edge-agent keys init'")
 
 
 def public_key_from_jwk(jwk: dict[str, Any], where: str) -> OKPKey:

@@ -16,13 +16,9 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import OKPKey
 
-from agent.centre.keyring import Keyring
-from agent.centre.receiver import MessageChecker
-from agent.centre.store import ReceiverStore
 from agent.device.agent import Agent
-from agent.protocol.enrolment import enrolment_record
 from agent.protocol.messages import TopicLayout, new_claims
-from agent.protocol.signing import ALGORITHM, generate_private_key, key_id
+from agent.protocol.signing import ALGORITHM, key_id
 from hw.gpio import IndicatorState
 from tests.conftest import wait_until
 
@@ -48,19 +44,6 @@ def unsigned_token(header: dict, payload: bytes = b"{}") -> bytes:
 
 
 CRIT_TOKEN = unsigned_token({"alg": "Ed25519", "crit": 5})
-
-
-@pytest.fixture
-def device_key(tmp_path):
-    return generate_private_key(tmp_path / "device.pem")
-
-
-@pytest.fixture
-def checker(tmp_path, device_key):
-    keyring = Keyring(tmp_path / "keyring")
-    keyring.enroll(enrolment_record("cp-1", "site-a", "call-point", device_key))
-    with ReceiverStore(tmp_path / "r.sqlite") as store:
-        yield MessageChecker(keyring, store, TOPICS)
 
 
 def alert_claims(**changes) -> dict:

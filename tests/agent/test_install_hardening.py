@@ -26,9 +26,7 @@ from agent.cli import main
 from agent.config.centre import load_receiver_config
 from agent.config.device import load_agent_config
 from agent.config.secrets import credential_files
-from agent.demo.broker import LocalBroker
 from agent.device.outbox import Outbox
-from agent.errors import MosquittoMissing
 from agent.protocol.messages import new_claims
 from agent.protocol.signing import generate_private_key, public_jwk
 from tests.agent.test_tls import _issue
@@ -56,19 +54,6 @@ def pki(tmp_path):
     _issue(directory, "server", "127.0.0.1", ca_key, ca.subject, server=True)
     _issue(directory, "client", "cp-42", ca_key, ca.subject)
     return directory
-
-
-@pytest.fixture
-def tls_broker(tmp_path, pki):
-    config = (
-        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server-key.pem'}\n"
-        "require_certificate true\n"
-    )
-    try:
-        with LocalBroker(workdir=tmp_path / "mosquitto", listener_config=config) as running:
-            yield running
-    except MosquittoMissing as exc:
-        pytest.skip(str(exc))
 
 
 def provision(root: Path, pki: Path, port: int, capsys, *extra: str) -> Path:

@@ -8,28 +8,11 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import OctKey
 
-from agent.centre.keyring import Keyring
-from agent.centre.receiver import MessageChecker
-from agent.centre.store import ReceiverStore
-from agent.protocol.enrolment import enrolment_record
 from agent.protocol.messages import TopicLayout, new_claims
 from agent.protocol.signing import MessageSigner, generate_private_key, key_id
 
 TOPICS = TopicLayout("edge")
 ALERT_TOPIC = "edge/site-a/cp-1/alert"
-
-
-@pytest.fixture
-def device_key(tmp_path):
-    return generate_private_key(tmp_path / "device.pem")
-
-
-@pytest.fixture
-def checker(tmp_path, device_key):
-    keyring = Keyring(tmp_path / "keyring")
-    keyring.enroll(enrolment_record("cp-1", "site-a", "call-point", device_key))
-    with ReceiverStore(tmp_path / "r.sqlite") as store:
-        yield MessageChecker(keyring, store, TOPICS)
 
 
 def alert(seq=1, device="cp-1", site="site-a", **changes):

@@ -11,8 +11,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.config.mqtt import MqttSection, TlsSection
-from agent.demo.broker import LocalBroker
-from agent.errors import MosquittoMissing
 from agent.mqtt.link import MqttLink
 from tests.conftest import wait_until
 
@@ -58,19 +56,6 @@ def pki(tmp_path):
     _issue(directory, "client", "cp-1", ca_key, ca.subject)
     _issue(directory, "rogue-ca", "Rogue CA", ca=True)
     return directory
-
-
-@pytest.fixture
-def tls_broker(tmp_path, pki):
-    config = (
-        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server-key.pem'}\n"
-        "require_certificate true\n"
-    )
-    try:
-        with LocalBroker(workdir=tmp_path / "mosquitto", listener_config=config) as running:
-            yield running
-    except MosquittoMissing as exc:
-        pytest.skip(str(exc))
 
 
 def link_for(broker, tls: TlsSection, tmp_path) -> MqttLink:
