@@ -349,7 +349,7 @@ class Receiver:
         if claims.kind not in ACKNOWLEDGED_KINDS and now - self._last_nak.get(claims.device, 0.0) < NAK_INTERVAL_S:
             return
         self._last_nak[claims.device] = now
-        log.warning("%s/%s clock looks off by %+.0f s; told it the centre's time", claims.site, claims.device, skew_s)
+        log.warning("%s/%s clock looks off by %+.0f s; told it the centre's time", claims.site, claims.device, -skew_s)
         self._answer(claims, AckClaims(**self._answer_fields(claims), kind="nak", reason="stale"))
 
     def _answer_fields(self, claims: MessageClaims) -> dict:

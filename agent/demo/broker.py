@@ -99,6 +99,13 @@ class LocalBroker:
             self._process.stderr.close()
         self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no clean goodbye to any client, everything in memory gone (fault tests)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+        self.stop()
+
     def close(self) -> None:
         self.stop()
         if self._tmp is not None:

@@ -39,6 +39,13 @@ REFUSAL_RETRY_FIRST_S = 1.0
 REFUSAL_RETRY_MAX_S = 60.0
 #: How many recently sent (sequence, event id) pairs are remembered to match the centre's answers.
 RECENT_SENT = 1024
+#: The MQTT 5 PUBACK reason 0x10: the broker took the message but nobody subscribes to it, so no
+#: receiver will ever store or acknowledge this copy (the centre's broker restarted and the
+#: receivers have not subscribed again yet, or no receiver runs).
+NO_SUBSCRIBERS = "No matching subscribers"
+#: First pause before sending again what nobody subscribed to; it doubles, up to ack_retry_s, while
+#: nobody does.
+UNHEARD_RETRY_S = 0.25
 
 
 class Transport(Protocol):
@@ -63,6 +70,7 @@ class DeliveryStats:
     acknowledged: int = 0
     refused_by_broker: int = 0
     retransmitted: int = 0
+    unheard: int = 0  # PUBACKs saying nobody subscribes: sent again soon, not after ack_retry_s
     naks: int = 0
     unmatched_acks: int = 0  # genuine acks for nothing in the outbox: a redelivery's second ack, say
     bad_acks: dict[str, int] = field(default_factory=dict)
@@ -103,6 +111,9 @@ class Delivery:
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._hold_until = 0.0
         self._refusal = Backoff(REFUSAL_RETRY_FIRST_S, REFUSAL_RETRY_MAX_S)
+        self._unheard_retry = Backoff(UNHEARD_RETRY_S, max(UNHEARD_RETRY_S, ack_retry_s))
+        self._unheard_streak = False  # PUBACKs said "no matching subscribers" since the last normal one
+        self._resend_unheard_at = 0.0  # monotonic time of the planned resend after "no matching subscribers"
         self._stopping = False
         self.guard = LoopGuard("delivery")
 
@@ -140,7 +151,8 @@ class Delivery:
     def _run(self) -> None:
         next_retry_check = time.monotonic() + min(RETRY_CHECK_S, self.ack_retry_s)
         while not self._stopping:
-            timeout = max(0.0, next_retry_check - time.monotonic())
+            wake_at = min(next_retry_check, self._resend_unheard_at or next_retry_check)
+            timeout = max(0.0, wake_at - time.monotonic())
             try:
                 event = self._events.get(timeout=timeout)
             except queue.Empty:
@@ -150,6 +162,9 @@ class Delivery:
             with self.guard.step(event[0]):
                 self._handle(event)
             with self.guard.step("retry check"):
+                if self._resend_unheard_at and time.monotonic() >= self._resend_unheard_at:
+                    self._resend_unheard_at = 0.0
+                    self._resend_unacknowledged("nobody at the centre subscribed to them")
                 if time.monotonic() >= next_retry_check:
                     next_retry_check = time.monotonic() + min(RETRY_CHECK_S, self.ack_retry_s)
                     self._requeue_unacknowledged()
@@ -210,6 +225,24 @@ class Delivery:
         if entry is not None:
             self.stats.published += 1
             self.hooks.published(entry, at)
+        if reason == NO_SUBSCRIBERS:
+            self._unheard(seq)
+        elif self._unheard_streak:
+            self._unheard_streak = False
+            self._unheard_retry.reset()
+            log.info("the centre subscribes again")
+
+    def _unheard(self, seq: int) -> None:
+        """Nobody at the centre subscribed (its broker restarted and the receivers are not back yet, or none runs):
+        whatever it has not acknowledged may be gone with it. Send it all again after a short, growing pause
+        rather than after ``ack_retry_s``; the rest of the window's answers fall into the same pause."""
+        self.stats.unheard += 1
+        if self._resend_unheard_at:
+            return
+        if not self._unheard_streak:
+            log.warning("nobody at the centre subscribes to seq %d (%s); sending again shortly", seq, NO_SUBSCRIBERS)
+        self._unheard_streak = True
+        self._resend_unheard_at = time.monotonic() + self._unheard_retry.next()
 
     def _remember_sent(self, seq: int, event_id: str, sent: float) -> None:
         self._unanswered[(seq, event_id, sent)] = None
