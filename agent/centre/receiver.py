@@ -146,11 +146,15 @@ class MessageChecker:
         back and is this very event: an acknowledgement promises exactly that.
         """
         event_id = str(claims.event_id)
-        stored = self.store.find(claims.device, claims.seq)
-        inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), arrived_at)
-        stored = self.store.find(claims.device, claims.seq)
+        try:
+            stored = self.store.find(claims.device, claims.seq)
+            inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), arrived_at)
+            stored = self.store.find(claims.device, claims.seq)
+        except (sqlite3.Error, OSError) as exc:
+            return Verdict("rejected", "store_failed", f"could not store: {exc}", claims, skew_s=skew)
         if stored is None:
-            raise SignatureInvalid("store_failed", f"{claims.device} seq {claims.seq} is not in the store after insert")
+            detail = f"{claims.device} seq {claims.seq} is not in the store after insert"
+            return Verdict("rejected", "store_failed", detail, claims, skew_s=skew)
         if stored.event_id != event_id:
             raise SignatureInvalid(
                 "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
@@ -308,6 +312,9 @@ class Receiver:
             self._follow_chain(claims, arrived_at)
         elif verdict.reason == "stale" and claims is not None:
             self._refuse_stale(claims, verdict.skew_s)
+        elif verdict.reason == "store_failed" and claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
+            # No ack (nothing is stored), but a NAK: the device sends it again shortly, not in ack_retry_s.
+            self._answer(claims, AckClaims(**self._answer_fields(claims), kind="nak", reason="store_failed"))
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ("alert", "tamper"):
             log.warning(
                 "%s%s from %s/%s seq %d: %s%s",

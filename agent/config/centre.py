@@ -36,7 +36,7 @@ class ReceiverSection(Section):
         90.0, ge=1, le=3650, description="Stored messages and device events older than this are deleted."
     )
     session_expiry_s: int = Field(
-        10,
+        1,
         ge=0,
         le=86400,
         description="How long the broker keeps a crashed receiver's session (and its share of the group) waiting.",

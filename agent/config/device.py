@@ -54,7 +54,11 @@ class OutboxSection(Section):
     path: str = Field("outbox.sqlite", description="SQLite file, relative to state_dir.")
     capacity: int = Field(10_000, ge=100, le=1_000_000, description="Messages held; telemetry is dropped first.")
     ack_retry_s: float = Field(
-        15.0, ge=1, le=3600, description="Resend an alert the centre has not acknowledged after this long."
+        15.0,
+        ge=1,
+        le=3600,
+        description="The longest wait for the centre's acknowledgement before sending again; the wait itself is "
+        "learned from measured round trips (2 s at least) and doubles while nothing comes back.",
     )
     reserve_kb: int = Field(
         4096,

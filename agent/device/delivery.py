@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.device.ack_timer import AckTimer
 from agent.device.clock import CentreClock
 from agent.device.outbox import Outbox, OutboxEntry
 from agent.errors import SignatureInvalid
@@ -30,8 +31,11 @@ log = logging.getLogger(__name__)
 #: Messages handed to paho and not yet confirmed by the broker: enough to fill a fast link, few enough
 #: that a reconnect re-hands little.
 PUBLISH_WINDOW = 50
-#: How often unacknowledged messages are looked at for a resend (at most this late after ack_retry_s).
-RETRY_CHECK_S = 1.0
+#: How often unacknowledged messages are looked at for a resend (at most this late after their timeout).
+RETRY_CHECK_S = 0.25
+#: Messages the broker took but the centre has not acknowledged yet, at most: a device catching up
+#: after an outage feeds the centre at the pace it acknowledges, instead of queueing thousands there.
+ACK_WINDOW = 100
 #: Pause after an unexpected error in the loop, so a failing disk or link is not spun on.
 ERROR_PAUSE_S = 0.5
 #: A broker that refuses a publish (ACL, quota) is asked again after 1 s, 2 s, … at most a minute apart.
@@ -105,15 +109,17 @@ class Delivery:
         self.clock = clock or CentreClock()
         # (seq, event id, send time) of copies sent and not yet answered: only an answer to one of
         # these, naming its send time, may teach the clock, and only once (a replayed answer cannot).
-        self._unanswered: OrderedDict[tuple[int, str, float], None] = OrderedDict()
+        self._unanswered: OrderedDict[tuple[int, str, float], float] = OrderedDict()  # copy -> handed over at
         self.stats = DeliveryStats()
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._hold_until = 0.0
         self._refusal = Backoff(REFUSAL_RETRY_FIRST_S, REFUSAL_RETRY_MAX_S)
         self._unheard_retry = Backoff(UNHEARD_RETRY_S, max(UNHEARD_RETRY_S, ack_retry_s))
+        self.ack_timer = AckTimer(ceiling_s=ack_retry_s)
         self._unheard_streak = False  # PUBACKs said "no matching subscribers" since the last normal one
-        self._resend_unheard_at = 0.0  # monotonic time of the planned resend after "no matching subscribers"
+        self._resend_unheard_at = 0.0  # monotonic time of a planned early resend (nobody subscribed, store failed)
+        self._resend_reason = ""
         self._stopping = False
         self.guard = LoopGuard("delivery")
 
@@ -164,7 +170,7 @@ class Delivery:
             with self.guard.step("retry check"):
                 if self._resend_unheard_at and time.monotonic() >= self._resend_unheard_at:
                     self._resend_unheard_at = 0.0
-                    self._resend_unacknowledged("nobody at the centre subscribed to them")
+                    self._resend_unacknowledged(self._resend_reason)
                 if time.monotonic() >= next_retry_check:
                     next_retry_check = time.monotonic() + min(RETRY_CHECK_S, self.ack_retry_s)
                     self._requeue_unacknowledged()
@@ -174,12 +180,12 @@ class Delivery:
                 time.sleep(ERROR_PAUSE_S)
 
     def _requeue_unacknowledged(self) -> None:
-        requeued = self.outbox.requeue_unacknowledged(self.ack_retry_s)
+        timeout = self.ack_timer.timeout_s
+        requeued = self.outbox.requeue_unacknowledged(timeout)
         if requeued:
+            self.ack_timer.expired()
             self.stats.retransmitted += requeued
-            log.warning(
-                "%d message(s) not acknowledged by the centre in %.0f s; sending again", requeued, self.ack_retry_s
-            )
+            log.warning("%d message(s) not acknowledged by the centre in %.1f s; sending again", requeued, timeout)
 
     def _handle(self, event: tuple) -> None:
         match event:
@@ -197,7 +203,7 @@ class Delivery:
     def _fill_window(self) -> None:
         if not self.transport.is_connected or time.monotonic() < self._hold_until:
             return
-        room = self.window - len(self._inflight)
+        room = min(self.window - len(self._inflight), ACK_WINDOW - self.outbox.awaiting_ack())
         if room <= 0:
             return
         for entry in self.outbox.unpublished(room, exclude=set(self._inflight.values())):
@@ -237,15 +243,19 @@ class Delivery:
         whatever it has not acknowledged may be gone with it. Send it all again after a short, growing pause
         rather than after ``ack_retry_s``; the rest of the window's answers fall into the same pause."""
         self.stats.unheard += 1
-        if self._resend_unheard_at:
-            return
         if not self._unheard_streak:
             log.warning("nobody at the centre subscribes to seq %d (%s); sending again shortly", seq, NO_SUBSCRIBERS)
+        self._resend_soon("nobody at the centre subscribed to them")
+
+    def _resend_soon(self, why: str) -> None:
+        """Plan one resend of everything unacknowledged after a short pause that grows while the cause lasts."""
         self._unheard_streak = True
-        self._resend_unheard_at = time.monotonic() + self._unheard_retry.next()
+        if not self._resend_unheard_at:
+            self._resend_reason = why
+            self._resend_unheard_at = time.monotonic() + self._unheard_retry.next()
 
     def _remember_sent(self, seq: int, event_id: str, sent: float) -> None:
-        self._unanswered[(seq, event_id, sent)] = None
+        self._unanswered[(seq, event_id, sent)] = time.monotonic()
         while len(self._unanswered) > RECENT_SENT:
             self._unanswered.popitem(last=False)
 
@@ -268,12 +278,16 @@ class Delivery:
             self._bad_ack("wrong_device", f"acknowledgement is for device {ack.device!r}")
             return
         copy = (ack.seq, str(ack.event_id), ack.reply_to_sent)
-        if copy in self._unanswered:  # the first answer to a copy we sent: fresh, so its time can be trusted
-            del self._unanswered[copy]
+        handed_at = self._unanswered.pop(copy, None)
+        if handed_at is not None:  # the first answer to a copy we sent: fresh, so its time can be trusted
             self.clock.learn(ack.sent, time.time() - (time.monotonic() - at))
+            self.ack_timer.sample(at - handed_at)
         if ack.kind == "nak":
             self.stats.naks += 1
-            self._resend_unacknowledged(f"the centre refused seq {ack.seq} as {ack.reason}")
+            if ack.reason == "stale":  # signed again with the corrected clock, now
+                self._resend_unacknowledged(f"the centre refused seq {ack.seq} as {ack.reason}")
+            else:  # the centre could not store it: again shortly, not at once, not in a tight loop
+                self._resend_soon(f"the centre could not store seq {ack.seq}")
             return
         entry = self.outbox.acknowledge(ack.seq, str(ack.event_id))
         if entry is None:

@@ -337,6 +337,10 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read: {exc}") from exc
 
+    def awaiting_ack(self) -> int:
+        """Messages the broker took that the centre has not acknowledged yet."""
+        return self._read("SELECT COUNT(*) FROM outbox WHERE needs_ack = 1 AND published_at IS NOT NULL")[0][0]
+
     def unpublished(self, limit: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[OutboxEntry]:
         """Oldest rows not yet confirmed by the broker, in sequence order."""
         rows = self._read(

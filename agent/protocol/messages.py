@@ -89,7 +89,7 @@ class AckClaims(Strict):
 
     v: Literal[1] = SCHEMA_VERSION
     kind: Literal["ack", "nak"] = "ack"
-    reason: Literal["stale"] | None = None
+    reason: Literal["stale", "store_failed"] | None = None
     receiver: str = Field(min_length=1, max_length=128)
     device: str = Name
     seq: int = Sequence
