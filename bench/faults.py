@@ -76,6 +76,23 @@ def settings(args: argparse.Namespace) -> dict[str, str]:
     return chosen
 
 
+def settings_used(args) -> dict:
+    """The timers the sites ran with: what was given on the command line, else the product's defaults."""
+    from agent.config.centre import ReceiverSection
+    from agent.config.device import OutboxSection
+    from agent.config.mqtt import MqttSection
+
+    mqtt, outbox, receiver = MqttSection.model_fields, OutboxSection.model_fields, ReceiverSection.model_fields
+    reconnect_max = args.reconnect_max_s if args.reconnect_max_s is not None else mqtt["reconnect_max_s"].default
+    ack_retry = args.ack_retry_s if args.ack_retry_s is not None else outbox["ack_retry_s"].default
+    expiry = args.session_expiry_s if args.session_expiry_s is not None else receiver["session_expiry_s"].default
+    return {
+        "devices": f"reconnect {mqtt['reconnect_min_s'].default:g} s doubling to {reconnect_max:g} s (jittered x0.5-1), "
+        f"ack timeout learned, 2 s ... ack_retry_s {ack_retry:g} s",
+        "receiver": f"max_inflight {receiver['max_inflight'].default}, session_expiry_s {expiry}",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = args.only.split(",") if args.only else list(plans(args))
@@ -97,19 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             for report in outcome if isinstance(outcome, list) else [outcome]:
                 result["faults"][report.fault] = report.as_dict()
             print(f"{name}: done in {result['seconds'][name]} s", file=sys.stderr)
-    result["settings"] = {
-        "devices": "reconnect 0.5 s doubling to "
-        + (f"{args.reconnect_max_s:g} s" if args.reconnect_max_s is not None else "30 s (default)")
-        + " (jittered x0.5-1), ack_retry_s "
-        + (f"{args.ack_retry_s:g}" if args.ack_retry_s is not None else "15 (default)"),
-        "receiver": "max_inflight 200, session_expiry_s "
-        + (f"{args.session_expiry_s}" if args.session_expiry_s is not None else "10 (default)"),
-        "agent_and_receiver_restart_s": 2.0,
-        "broker_down_s": 1.0,
-        "alerts_per_fault": args.alerts,
-        "rate_per_s": args.rate,
-        "kills": args.kills,
-    }
+    result["settings"] = settings_used(args)
+    result["settings"].update(
+        {
+            "agent_and_receiver_restart_s": 2.0,
+            "broker_down_s": 1.0,
+            "alerts_per_fault": args.alerts,
+            "rate_per_s": args.rate,
+            "kills": args.kills,
+        }
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Every process of the site is this command line; JSON logs carry a timestamp on every line.
 CLI = [sys.executable, "-m", "agent.cli", "--log-format", "json"]
 #: What LocalSite sets to make tests fast; the lab removes it so that devices and receivers run on
-#: the product's defaults (reconnect 0.5 s doubling to 30 s, jittered; ack_retry_s 15 s).
+#: the product's defaults (reconnect 0.5 s doubling to 2 s, jittered; ack timeout learned, at most ack_retry_s 15 s).
 _TEST_SPEEDUPS = ("reconnect_min_s = 0.1\n", "reconnect_max_s = 1.0\n", "ack_retry_s = 5\n")
 #: The receiver's log line for a raised alert: counted to prove nothing is raised twice.
 _RAISED = re.compile(r"TEST ALERT from (?P<site>[^/\s]+)/(?P<device>\S+) seq (?P<seq>\d+):")
