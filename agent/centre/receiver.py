@@ -212,9 +212,11 @@ class Receiver:
         for channel in ("alert", "event", "telemetry"):
             self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
         self.link.subscribe(f"{prefix}/+/+/status")
-        # Bounded by the broker: at most max_inflight messages are ever unacknowledged in our hands.
+        # Bounded twice: the broker should hand over at most max_inflight unacknowledged messages (Receive
+        # Maximum), and when it does not (mosquitto 2.0 once acknowledgements flow), a full inbox blocks
+        # paho's network thread, so TCP pushes back on the broker instead of this queue growing.
         self.link.on_inbound = lambda inbound: self._inbox.put((inbound, self.clock()))
-        self._inbox: queue.SimpleQueue[tuple[Inbound, float] | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[tuple[Inbound, float] | None] = queue.Queue(maxsize=settings.max_inflight)
         self._last_nak: dict[str, float] = {}
         self.guard = LoopGuard("receiver")
 
@@ -236,7 +238,10 @@ class Receiver:
 
     def close(self) -> None:
         self.link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
-        self._inbox.put(None)
+        try:
+            self._inbox.put(None, timeout=5)
+        except queue.Full:
+            log.error("receiver worker did not drain its inbox; stopping without it")
         self.guard.join(timeout=5)
         self.store.close()
 

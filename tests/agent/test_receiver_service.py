@@ -148,3 +148,29 @@ def test_centre_keeps_records_only_for_its_retention(site, tmp_path):
         first.store.insert(recent, time.time() - 6 * 86400)
     with Receiver(config) as second:  # prunes at start, then hourly
         assert wait_until(lambda: [m.seq for m in second.store.messages(device="cp-old")] == [2], 5)
+
+
+def test_a_slow_receiver_holds_at_most_max_inflight_and_still_stores_everything(site, mock_factory):
+    """Backpressure, not growth: a full inbox stops paho reading, the broker keeps the rest, nothing is lost."""
+    from agent.centre.receiver import Receiver
+    from agent.config.centre import load_receiver_config
+    from agent.device.agent import Agent
+
+    path = site.receiver_toml_path()
+    path.write_text(
+        path.read_text().replace('credentials_dir = "credentials"', 'credentials_dir = "credentials"\nmax_inflight = 3')
+    )
+    deepest = []
+
+    def slow_store(verdict):  # called on the receiver's worker after each message
+        deepest.append(receiver._inbox.qsize())
+        time.sleep(0.02)
+
+    with Receiver(load_receiver_config(path), on_verdict=slow_store) as receiver:
+        assert receiver.link.wait_subscribed(10)
+        with Agent(site.add_device("cp-burst"), pin_factory=mock_factory) as agent:
+            entries = [agent.raise_alert("main") for _ in range(60)]
+            assert wait_until(lambda: agent.delivery.stats.acknowledged == 60, 60)
+        stored = {m.event_id for m in receiver.store.messages(kind="alert")}
+    assert stored == {e.event_id for e in entries}
+    assert max(deepest) <= 3
