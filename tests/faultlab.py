@@ -35,6 +35,7 @@ from agent.demo.broker import LocalBroker
 from agent.demo.site import LocalSite
 from agent.device.control import request
 from agent.errors import ControlError
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 #: Every process of the site is this command line; JSON logs carry a timestamp on every line.
@@ -214,7 +215,7 @@ class FaultLab:
         receiver = self.receivers.get(receiver_id) or self.add_receiver(receiver_id)
         connects = self._log_count(receiver, "connected to ")
         receiver.start()
-        if not _wait(lambda: self._log_count(receiver, "connected to ") > connects, timeout):
+        if not wait_until(lambda: self._log_count(receiver, "connected to ") > connects, timeout, interval=0.1):
             raise RuntimeError(f"receiver {receiver_id} did not connect within {timeout:g} s; see {receiver.log_path}")
         return receiver  # subscribed a moment later; what devices send before is "unheard" and sent again
 
@@ -260,7 +261,7 @@ class FaultLab:
     def start_agent(self, device: str, timeout: float = 20.0) -> None:
         """Start an agent and wait until its control socket answers and it is connected to the broker."""
         self.agents[device].start()
-        if not _wait(lambda: self.status(device).get("connected"), timeout, interval=0.05):
+        if not wait_until(lambda: self.status(device).get("connected"), timeout, interval=0.05):
             raise RuntimeError(f"agent {device} not up within {timeout:g} s; see {self.agents[device].log_path}")
 
     def start_all(self, receivers: tuple[str, ...] = ("centre-1",)) -> None:
@@ -407,15 +408,6 @@ def _without_speedups(text: str) -> str:
     for line in _TEST_SPEEDUPS:
         text = text.replace(line, "")
     return text
-
-
-def _wait(condition, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return bool(condition())
 
 
 def _round(value: float | None) -> float | None:
