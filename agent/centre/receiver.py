@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.centre.keyring import Keyring
+from agent.centre.metrics import receiver_metrics
 from agent.centre.registry import DeviceEvent
 from agent.centre.store import ReceiverStore
 from agent.config.centre import ReceiverConfig
@@ -200,6 +201,7 @@ class Receiver:
         self.on_verdict = on_verdict
         self.on_device_event = on_device_event
         self.registry = self.store.registry(settings.supervision_s)
+        self.metrics = receiver_metrics(settings.metrics_address, self.registry, self.keyring)
         self.link = MqttLink(
             config.mqtt,
             client_id=config.mqtt.client_id or f"receiver-{settings.id}",
@@ -232,11 +234,13 @@ class Receiver:
         return self.checker.counters
 
     def start(self) -> None:
+        self.metrics.start()
         self.guard.start(self._work)
         self.link.start()
         log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
 
     def close(self) -> None:
+        self.metrics.close()
         self.link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
         try:
             self._inbox.put(None, timeout=5)
@@ -289,6 +293,7 @@ class Receiver:
             log.warning("DEVICE MISSING %s/%s: %s", event.site, event.device, event.detail)
         else:
             log.info("device %s/%s is back: %s", event.site, event.device, event.detail)
+        self.metrics.device_event(event)
         if self.on_device_event is not None:
             self.on_device_event(event)
 
@@ -300,6 +305,7 @@ class Receiver:
 
     def _judge(self, topic: str, payload: bytes, arrived_at: float) -> None:
         verdict = self.checker.check(topic, payload, arrived_at)
+        self.metrics.judged(verdict, self.clock())
         claims = verdict.claims
         if verdict.alive and claims is not None:
             back = self.registry.heard(claims, arrived_at)
@@ -372,6 +378,7 @@ class Receiver:
     def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:
         topic = self.topics.topic(claims.site, claims.device, "ack")
         self.link.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
+        self.metrics.answered(answer)
 
 
 def device_clock_error(claims: MessageClaims, skew_s: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.config.base import Name, Section
 from agent.config.fields import ConfigRelativePath
@@ -44,6 +44,22 @@ class ReceiverSection(Section):
     max_inflight: int = Field(
         200, ge=1, le=65535, description="Messages taken from the broker but not yet stored (MQTT Receive Maximum)."
     )
+    metrics_listen: str | None = Field(
+        None,
+        description='Prometheus metrics on "host:port" (e.g. "127.0.0.1:9464"; port 0: any free port); off when unset.',
+    )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen_address(value)
+        return value
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) to serve metrics on, or None when metrics are off."""
+        return None if self.metrics_listen is None else split_listen_address(self.metrics_listen)
 
 
 class ReceiverConfig(Section):
@@ -61,6 +77,15 @@ class ReceiverConfig(Section):
     @property
     def database_path(self) -> Path:
         return self.receiver.state_dir / self.receiver.database
+
+
+def split_listen_address(value: str) -> tuple[str, int]:
+    """ "host:port" or "[v6 address]:port" → (host, port); ValueError saying what is wrong otherwise."""
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f'{value!r} is not host:port (for example "127.0.0.1:9464")')
+    return host, int(port)
 
 
 def load_receiver_config(path: Path | str) -> ReceiverConfig:
