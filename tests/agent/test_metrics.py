@@ -1,7 +1,10 @@
 """The receiver's Prometheus endpoint, scraped over HTTP while a real call point and a forger talk to it."""
 
+import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,6 +105,13 @@ def test_scrape_counts_outcomes_answers_latency_and_the_fleet(site, metered, ver
     assert sample(samples, "edge_agent_devices", state="online") == 2
     assert sample(samples, "edge_agent_devices", state="never_seen") == 1
     assert sample(samples, "edge_agent_devices", state="missing") == 0
+    assert dashboard_metric_names() <= {name for name, _ in samples}  # the sample dashboard's queries find data
+
+
+def dashboard_metric_names() -> set[str]:
+    dashboard = json.loads((Path(__file__).parents[2] / "docs" / "grafana-centre.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return set(re.findall(r"edge_agent_[a-z_]+", " ".join(queries)))
 
 
 def test_the_agents_last_will_shows_it_offline(site, metered, mock_factory):
