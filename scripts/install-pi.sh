@@ -30,6 +30,9 @@ case "$KIND" in
   camera-box) SPEC="$SOURCE[detect]" ;;
   *) echo "install-pi.sh: --kind must be call-point, building-button or camera-box, not '$KIND'" >&2; exit 2 ;;
 esac
+if [ "$RECEIVER" = 1 ]; then  # the centre's extras (metrics) on top of what the device kind needs
+  case "$SPEC" in *"[detect]") SPEC="$SOURCE[detect,centre]" ;; *) SPEC="$SOURCE[centre]" ;; esac
+fi
 R=${ROOT%/}
 
 run() {
