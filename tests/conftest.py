@@ -85,3 +85,15 @@ def receiver(site, verdicts):
     with Receiver(site.receiver_config, on_verdict=verdicts) as running:
         assert running.link.wait_subscribed(10), "receiver could not connect and subscribe to the test broker"
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL (Debian's) for the session, on a unix socket in a temp dir; skipped with the reason if absent."""
+    from tests.postgres import ThrowawayPostgres, server_binaries
+
+    binaries = server_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
+    with ThrowawayPostgres(binaries) as server:
+        yield server
