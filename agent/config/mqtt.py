@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, model_validator
 
 from agent.config.base import Section
@@ -26,6 +28,29 @@ class TlsSection(Section):
         return self
 
 
+class BrokerAddress(str):
+    """'host' or 'host:port' (IPv6 as '[addr]:port')."""
+
+    _PATTERN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(cls._check, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _check(cls, value: str) -> BrokerAddress:
+        match = cls._PATTERN.match(value)
+        if match is None or (match["port"] and not 1 <= int(match["port"]) <= 65535):
+            raise ValueError(f"{value!r} is not 'host' or 'host:port'")
+        return cls(value)
+
+    def split(self, default_port: int) -> tuple[str, int]:
+        match = self._PATTERN.match(self)
+        return (match["v6"] or match["host"], int(match["port"]) if match["port"] else default_port)
+
+
 class MqttSection(Section):
     host: str = Field(min_length=1, description="Broker host name or address.")
     port: int = Field(8883, ge=1, le=65535, description="Broker port (8883 for TLS, 1883 plain).")
@@ -46,6 +71,20 @@ class MqttSection(Section):
         description="Cap of the exponential reconnect delay: low, so the first resend after an outage is prompt.",
     )
     tls: TlsSection = Field(default_factory=TlsSection)
+    fallback: list[BrokerAddress] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Further brokers, in order, as 'host' or 'host:port' (the port defaults to port): a device fails "
+        "over when its broker is gone and returns to the first one when it is back; a receiver connects to all.",
+    )
+    primary_check_s: float = Field(
+        30.0, ge=1, le=3600, description="While on a fallback broker, how often the first one is tried again."
+    )
+
+    @property
+    def brokers(self) -> list[tuple[str, int]]:
+        """Every broker in order of preference, as (host, port)."""
+        return [(self.host, self.port), *(address.split(self.port) for address in self.fallback)]
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttSection:

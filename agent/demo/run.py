@@ -58,7 +58,9 @@ def _wait_for(condition, timeout: float) -> bool:
 
 def find_demo_media(video: Path | None) -> tuple[Path | None, Path | None, str]:
     """The video and model directory for the camera box, or why there are none."""
-    shared = Path(os.environ.get("EDGE_AGENT_SHARED", Path(__file__).resolve().parents[3] / "shared"))  # beside the checkout
+    shared = Path(
+        os.environ.get("EDGE_AGENT_SHARED", Path(__file__).resolve().parents[3] / "shared")
+    )  # beside the checkout
     candidates = (
         [video] if video else [shared / "data/vtest.avi", Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")]
     )

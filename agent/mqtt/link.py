@@ -33,6 +33,9 @@ from agent.errors import ConfigError, UplinkError
 
 log = logging.getLogger(__name__)
 
+#: Failed attempts in a row on one broker (a lost connection counts as one) before the next is tried.
+FAILOVER_AFTER = 2
+
 
 @dataclass(frozen=True)
 class Inbound:
@@ -101,6 +104,13 @@ class MqttLink:
         self._receive_maximum = receive_maximum
         self._manual_ack = manual_ack
         self._closing = False
+        self._brokers = settings.brokers
+        self._current = 0  # index in _brokers
+        self._failures = 0  # failed attempts in a row on the current broker
+        self._switch_lock = threading.Lock()
+        self._switching = False
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._last_refusal = ""
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
@@ -128,6 +138,7 @@ class MqttLink:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_socket_open = self._handle_socket_open
         self._client.on_pre_connect = lambda client, userdata: self._arm_will()
+        self._client.on_connect_fail = lambda client, userdata: self._failed_attempt()
 
     def _arm_will(self) -> None:
         if self._will is not None:
@@ -183,23 +194,72 @@ class MqttLink:
             return False
         return self._subscribed.wait(max(0.0, deadline - time.monotonic()))
 
+    @property
+    def broker(self) -> tuple[str, int]:
+        """The broker this link uses now (the first of ``[mqtt]`` brokers unless it failed over)."""
+        return self._brokers[self._current]
+
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting with capped exponential backoff."""
+        self._connect_async(*self.broker)
+
+    def _connect_async(self, host: str, port: int) -> None:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self._session_expiry_s
         if self._receive_maximum is not None:
             properties.ReceiveMaximum = self._receive_maximum
         try:
             self._client.connect_async(
-                self.settings.host,
-                self.settings.port,
+                host,
+                port,
                 keepalive=self.settings.keepalive_s,
                 clean_start=self._session_expiry_s == 0,
                 properties=properties,
             )
         except (OSError, ValueError) as exc:
-            raise UplinkError(f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}") from None
+            raise UplinkError(f"cannot connect to {host}:{port}: {exc}") from None
         self._client.loop_start()
+
+    # Several brokers: fail over in order, come back to the first.
+
+    def _failed_attempt(self) -> None:
+        """On paho's thread, after a failed or lost connection: after a few in a row, switch to the next broker."""
+        self._failures += 1
+        if self._failures < FAILOVER_AFTER or len(self._brokers) < 2 or self._closing or self._switching:
+            return
+        self._switching = True  # paho cannot be re-pointed from its own thread: a helper thread does it
+        following = (self._current + 1) % len(self._brokers)
+        threading.Thread(target=self._switch_to, args=(following,), name="mqtt-failover", daemon=True).start()
+
+    def _switch_to(self, index: int) -> None:
+        """Stop the connection (or its attempts) and connect to broker ``index`` instead (public paho calls only)."""
+        with self._switch_lock:
+            try:
+                if self._closing:
+                    return
+                host, port = self._brokers[index]
+                log.warning("switching to broker %s:%s (%d of %d)", host, port, index + 1, len(self._brokers))
+                self._client.disconnect()
+                self._client.loop_stop()
+                self._current, self._failures = index, 0
+                self._connect_async(host, port)
+            finally:
+                self._switching = False
+
+    def _watch_first_broker(self) -> None:
+        """While on a fallback broker: try the first one now and then, and go back to it when it answers."""
+        primary = self._brokers[0]
+        while not self._stop_watching.wait(self.settings.primary_check_s):
+            if self._current == 0 or self._closing:
+                return
+            try:
+                with socket.create_connection(primary, timeout=2.0):
+                    pass
+            except OSError:
+                continue
+            log.info("the first broker %s:%s answers again; going back to it", *primary)
+            self._switch_to(0)
+            return
 
     def probe(self, timeout: float = 10.0) -> str | None:
         """Connect once, now, and say why not: None when connected (then call ``close``), else the reason.
@@ -242,7 +302,9 @@ class MqttLink:
                 info.wait_for_publish(timeout=2.0)
             except (RuntimeError, ValueError):
                 pass
-        self._closing = True
+        with self._switch_lock:
+            self._closing = True
+        self._stop_watching.set()
         properties = None
         if end_session:
             properties = Properties(PacketTypes.DISCONNECT)
@@ -299,6 +361,10 @@ class MqttLink:
                 self._last_refusal = str(reason_code)
             return
         self._last_refusal = ""
+        self._failures = 0
+        if self._current != 0 and (self._watcher is None or not self._watcher.is_alive()):
+            self._watcher = threading.Thread(target=self._watch_first_broker, name="mqtt-first-broker", daemon=True)
+            self._watcher.start()
         with self._sub_lock:
             self._pending_subacks.clear()
             self._early_subacks.clear()
@@ -309,8 +375,7 @@ class MqttLink:
         session_present = bool(getattr(flags, "session_present", False))
         log.info(
             "connected to %s:%s as %s (%s session)",
-            self.settings.host,
-            self.settings.port,
+            *self.broker,
             self.client_id,
             "resumed" if session_present else "new",
         )
@@ -321,11 +386,13 @@ class MqttLink:
         self._connected.clear()
         self._subscribed.clear()
         if was_connected and self._closing:
-            log.info("disconnected from %s:%s", self.settings.host, self.settings.port)
+            log.info("disconnected from %s:%s", *self.broker)
             self.on_disconnected(str(reason_code))
         elif was_connected:
-            log.warning("lost connection to %s:%s: %s", self.settings.host, self.settings.port, reason_code)
+            log.warning("lost connection to %s:%s: %s", *self.broker, reason_code)
             self.on_disconnected(str(reason_code))
+        if not self._closing:
+            self._failed_attempt()
 
     def _handle_message(self, client, userdata, message) -> None:
         if self._manual_ack:
