@@ -12,6 +12,12 @@ A message already stored under the same (device, sequence, event id) is a
 redelivery: it is acknowledged again but never stored or raised twice. The
 acknowledgement is signed with the centre's key and sent only after the
 message is on disk.
+
+Messages already waiting are judged together (up to BATCH_MAX): each is
+verified, then all are stored with their registry rows in one transaction (one
+fsync), and only after that commit is each answered and released at the
+broker, in arrival order. Verdicts are exactly those of one message at a time;
+if the shared commit fails, each message is stored on its own.
 """
 
 from __future__ import annotations

@@ -129,23 +129,27 @@ class DeviceRegistry:
         """Devices silent longer than the supervision interval, each reported once."""
         with self._lock:
             rows = {r[0]: r for r in self._db.execute("SELECT device, site, last_seen, missing FROM devices")}
-        events = []
+        silent = []
+        for device, site in enrolled:
+            _, _, last_seen, missing = rows.get(device, (device, site, None, 0))
+            since = last_seen if last_seen is not None else self.started_at
+            if not missing and now - since > self.supervision_s:
+                detail = (
+                    f"silent for {now - since:.0f} s (supervision {self.supervision_s:g} s)"
+                    if last_seen is not None
+                    else f"not heard since the receiver started {now - since:.0f} s ago"
+                )
+                silent.append(DeviceEvent(device, site, "missing", detail))
+        if not silent:
+            return []
         with atomic(self._db, self._lock):  # a whole fleet gone silent at once is one commit, not one per device
-            for device, site in enrolled:
-                _, _, last_seen, missing = rows.get(device, (device, site, None, 0))
-                since = last_seen if last_seen is not None else self.started_at
-                if not missing and now - since > self.supervision_s:
-                    self._db.execute(
-                        "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
-                        " ON CONFLICT(device) DO UPDATE SET missing = 1",
-                        (device, site),
-                    )
-                    detail = (
-                        f"silent for {now - since:.0f} s (supervision {self.supervision_s:g} s)"
-                        if last_seen is not None
-                        else f"not heard since the receiver started {now - since:.0f} s ago"
-                    )
-                    events.append(self._record(DeviceEvent(device, site, "missing", detail), now))
+            for event in silent:
+                self._db.execute(
+                    "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
+                    " ON CONFLICT(device) DO UPDATE SET missing = 1",
+                    (event.device, event.site),
+                )
+            events = [self._record(event, now) for event in silent]
         return events
 
     def _record(self, event: DeviceEvent, now: float) -> DeviceEvent:
