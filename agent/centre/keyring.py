@@ -1,6 +1,11 @@
 """The centre's keyring: one JSON file per enrolled device, holding its public JWK.
 
-The directory is re-read when it changes, so enrolling needs no restart.
+Lookups hit an in-memory index, so their cost does not grow with the fleet. The
+index follows the directory without a restart: enrolling (os.replace) and
+revoking (deleting the file) change the directory's own mtime, which one stat
+per lookup notices; only then is the directory listed again, and only files
+whose stat changed are parsed again. A file edited in place changes no
+directory entry, so the directory is also listed every RESCAN_S regardless.
 """
 
 from __future__ import annotations
@@ -8,12 +13,19 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from agent.errors import KeyFileError
 from agent.protocol.enrolment import EnrolledDevice, parse_record
 from agent.protocol.signing import public_jwk
+
+#: A file rewritten in place (not replaced) is noticed at most this late.
+RESCAN_S = 30.0
+#: A directory's mtime ticks coarsely (ext4: the kernel's tick): after listing a directory changed this
+#: recently, a second change within the same tick would leave the mtime alone, so list it again this soon.
+SETTLE_S = 1.0
 
 
 class Keyring:
@@ -23,10 +35,14 @@ class Keyring:
         self.directory = Path(directory)
         self._lock = threading.Lock()
         self._by_kid: dict[str, EnrolledDevice] = {}
-        self._stamp: tuple | None = None
+        self._files: dict[str, tuple[tuple[int, int, int], EnrolledDevice | None]] = {}  # name -> (stat, device)
+        self._dir_stamp: tuple[int, int] | None = None
+        self._next_scan = 0.0  # time.monotonic() when the directory is listed even if its stamp is unchanged
+        #: How many times the directory has been listed: a lookup costs one stat, not a listing.
+        self.reloads = 0
 
     def __len__(self) -> int:
-        self._reload_if_changed()
+        self._refresh()
         return len(self._by_kid)
 
     def enroll(self, record: dict[str, Any], where: str = "enrolment record") -> EnrolledDevice:
@@ -47,31 +63,61 @@ class Keyring:
             )
             + "\n"
         )
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # changes the directory's mtime: every Keyring on it re-lists it
         return device
 
     def lookup(self, kid: str) -> EnrolledDevice | None:
-        self._reload_if_changed()
+        self._refresh()
         return self._by_kid.get(kid)
 
     def devices(self) -> list[EnrolledDevice]:
-        self._reload_if_changed()
+        self._refresh()
         return sorted(self._by_kid.values(), key=lambda d: (d.site, d.device_id))
 
-    def _reload_if_changed(self) -> None:
-        try:
-            files = sorted(self.directory.glob("*.json"))
-            stamp = tuple((f.name, f.stat().st_mtime_ns) for f in files)
-        except OSError:
-            files, stamp = [], ()
+    def _refresh(self) -> None:
+        """One stat of the directory; a listing only when it changed (or RESCAN_S/SETTLE_S have passed)."""
+        stamp = self._directory_stamp()
+        if stamp == self._dir_stamp and time.monotonic() < self._next_scan:
+            return
         with self._lock:
-            if stamp == self._stamp:
-                return
-            by_kid = {}
-            for file in files:
-                try:
-                    device = parse_record(json.loads(file.read_text()), str(file))
-                except (OSError, ValueError, KeyFileError):
-                    continue
-                by_kid[device.kid] = device
-            self._by_kid, self._stamp = by_kid, stamp
+            if stamp == self._dir_stamp and time.monotonic() < self._next_scan:
+                return  # another thread listed it meanwhile
+            self._scan()
+            self._dir_stamp = stamp
+            age_s = time.time() - stamp[1] / 1e9 if stamp else RESCAN_S
+            self._next_scan = time.monotonic() + (SETTLE_S if age_s < SETTLE_S + 1 else RESCAN_S)
+
+    def _directory_stamp(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.directory)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def _scan(self) -> None:
+        """List the directory and parse the files that are new or changed; invalid files are skipped."""
+        self.reloads += 1
+        try:
+            with os.scandir(self.directory) as entries:
+                found = sorted((e.name, e.path) for e in entries if e.name.endswith(".json"))
+        except OSError:
+            found = []
+        files: dict[str, tuple[tuple[int, int, int], EnrolledDevice | None]] = {}
+        for name, path in found:
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue  # deleted since the listing: revoked
+            stat = (info.st_ino, info.st_mtime_ns, info.st_size)
+            known = self._files.get(name)
+            files[name] = known if known is not None and known[0] == stat else (stat, _read(path))
+        self._files = files
+        self._by_kid = {device.kid: device for _, device in files.values() if device is not None}
+
+
+def _read(path: str) -> EnrolledDevice | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return parse_record(json.load(file), path)
+    except (OSError, ValueError, KeyFileError):
+        return None

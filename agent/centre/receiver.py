@@ -12,6 +12,12 @@ A message already stored under the same (device, sequence, event id) is a
 redelivery: it is acknowledged again but never stored or raised twice. The
 acknowledgement is signed with the centre's key and sent only after the
 message is on disk.
+
+Messages already waiting are judged together (up to BATCH_MAX): each is
+verified, then all are stored with their registry rows in one transaction (one
+fsync), and only after that commit is each answered and released at the
+broker, in arrival order. Verdicts are exactly those of one message at a time;
+if the shared commit fails, each message is stored on its own.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 SUPERVISION_CHECK_S = 1.0
 #: At most one NAK a second per device for messages the centre does not acknowledge (no amplifier).
 NAK_INTERVAL_S = 1.0
+#: At most this many queued messages are stored with one commit (one fsync) and then acknowledged.
+BATCH_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,24 @@ class Verdict:
     claims: MessageClaims | None = None
     alive: bool = False
     skew_s: float = 0.0  # arrival minus the device's send time: how far off the device's clock looks
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A message that passed every check needing no database: it still has to be stored, or found stored."""
+
+    claims: MessageClaims
+    arrived_at: float
+    alive: bool
+    skew_s: float
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What writing a verdict's registry and chain rows found, to act on once they are committed."""
+
+    back: DeviceEvent | None = None
+    chain: tuple[int | None, bool] = (None, False)
 
 
 class MessageChecker:
@@ -85,29 +111,60 @@ class MessageChecker:
         self.guard = LoopGuard("checker")  # records unexpected errors once per kind; runs on the caller's thread
 
     def check(self, topic: str, payload: bytes, arrived_at: float | None = None) -> Verdict:
-        """Judge one message; never raises. ``arrived_at`` is when the broker handed it over."""
+        """Judge one message and store it in its own transaction; never raises.
+
+        ``arrived_at`` is when the broker handed it over. The receiver judges batches instead
+        (``screen``, then ``settle`` inside one transaction, then ``count``); the verdicts are the same.
+        """
         arrived_at = self.clock() if arrived_at is None else arrived_at
+        screened = self.screen(topic, payload, arrived_at)
+        if isinstance(screened, Pending):
+            try:
+                with self.store.transaction():
+                    screened = self.settle(screened)
+            except (sqlite3.Error, OSError) as exc:
+                screened = store_failed(screened, exc)
+        return self.count(topic, screened)
+
+    def screen(self, topic: str, payload: bytes, arrived_at: float) -> Verdict | Pending:
+        """Every check that needs no database: a verdict, or a message still to be stored; never raises."""
         try:
-            verdict = self._check(topic, payload, arrived_at)
+            return self._screen(topic, payload, arrived_at)
         except SignatureInvalid as exc:
-            verdict = Verdict("rejected", exc.reason, str(exc))
-        except (sqlite3.Error, OSError) as exc:
-            verdict = Verdict("rejected", "store_failed", f"could not store: {exc}")
+            return Verdict("rejected", exc.reason, str(exc))
         except Exception as exc:  # noqa: BLE001 - hostile input must never stop the receiver
             self.guard.failed("check", exc)
-            verdict = Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
+            return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def settle(self, pending: Pending) -> Verdict:
+        """Store a screened message (or find it stored): call inside ``store.transaction()``.
+
+        Database errors propagate, so the caller can roll the whole transaction back.
+        """
+        try:
+            return self._store_once(pending)
+        except SignatureInvalid as exc:
+            return Verdict("rejected", exc.reason, str(exc))
+        except (sqlite3.Error, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - hostile input must never stop the receiver
+            self.guard.failed("check", exc)
+            return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def count(self, topic: str, verdict: Verdict) -> Verdict:
+        """Count (and log a rejection of) a final verdict: once per message, after its commit."""
         self.counters[verdict.outcome if verdict.reason is None else verdict.reason] += 1
         if verdict.outcome == "rejected":
             log.warning("rejected message on %.200s: %s (%.300s)", topic, verdict.reason, verdict.detail)
         return verdict
 
-    def _check(self, topic: str, payload: bytes, arrived_at: float) -> Verdict:
+    def _screen(self, topic: str, payload: bytes, arrived_at: float) -> Verdict | Pending:
         claims = self._authenticate(topic, payload)
         skew = arrived_at - claims.sent
         if claims.kind == "status" and claims.body.get("state") == "offline":
-            return self._store_once(claims, arrived_at, alive=False, skew=skew)  # the last will, of any age
+            return Pending(claims, arrived_at, alive=False, skew_s=skew)  # the last will, of any age
         if -self.window_future_s <= skew <= self.window_past_s:
-            return self._store_once(claims, arrived_at, alive=True, skew=skew)
+            return Pending(claims, arrived_at, alive=True, skew_s=skew)
         outside = f"sent {skew:+.1f} s before arrival, outside -{self.window_future_s:g}/+{self.window_past_s:g} s"
         if claims.kind == "status":  # a retained "online" from long ago: no news, no alarm
             return Verdict("ignored", "old_status", outside, claims, skew_s=skew)
@@ -140,19 +197,17 @@ class MessageChecker:
             )
         return claims
 
-    def _store_once(self, claims: MessageClaims, arrived_at: float, alive: bool, skew: float) -> Verdict:
+    def _store_once(self, pending: Pending) -> Verdict:
         """Store a first copy; a second copy of the same event is a duplicate, another event on its sequence a replay.
 
         Whatever happens, the verdict is "accepted" or "duplicate" only once the stored row is read
-        back and is this very event: an acknowledgement promises exactly that.
+        back and is this very event: an acknowledgement promises exactly that (after the commit).
         """
+        claims, skew = pending.claims, pending.skew_s
         event_id = str(claims.event_id)
-        try:
-            stored = self.store.find(claims.device, claims.seq)
-            inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), arrived_at)
-            stored = self.store.find(claims.device, claims.seq)
-        except (sqlite3.Error, OSError) as exc:
-            return Verdict("rejected", "store_failed", f"could not store: {exc}", claims, skew_s=skew)
+        stored = self.store.find(claims.device, claims.seq)
+        inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), pending.arrived_at)
+        stored = self.store.find(claims.device, claims.seq)
         if stored is None:
             detail = f"{claims.device} seq {claims.seq} is not in the store after insert"
             return Verdict("rejected", "store_failed", detail, claims, skew_s=skew)
@@ -161,8 +216,13 @@ class MessageChecker:
                 "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
             )
         if inserted:
-            return Verdict("accepted", claims=claims, alive=alive, skew_s=skew)
+            return Verdict("accepted", claims=claims, alive=pending.alive, skew_s=skew)
         return Verdict("duplicate", claims=claims, skew_s=skew)
+
+
+def store_failed(pending: Pending, exc: BaseException) -> Verdict:
+    """The verdict on a message whose transaction was rolled back: no ack, but a NAK (sent again soon)."""
+    return Verdict("rejected", "store_failed", f"could not store: {exc}", pending.claims, skew_s=pending.skew_s)
 
 
 def describe(body: dict) -> str:
@@ -257,7 +317,8 @@ class Receiver:
     def _work(self) -> None:
         next_check = time.monotonic() + SUPERVISION_CHECK_S
         next_prune = time.monotonic()
-        while True:
+        stopping = False
+        while not stopping:
             try:
                 item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
             except queue.Empty:
@@ -266,8 +327,8 @@ class Receiver:
             if item is None:
                 return
             if item:
-                with self.guard.step("message"):
-                    self._handle(*item)
+                batch, stopping = self._take_queued([item])
+                self._handle_batch(batch)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + SUPERVISION_CHECK_S
                 with self.guard.step("supervision"):
@@ -276,6 +337,18 @@ class Receiver:
                 next_prune = time.monotonic() + 3600
                 with self.guard.step("retention"):
                     self._prune()
+
+    def _take_queued(self, batch: list[tuple[Inbound, float]]) -> tuple[list[tuple[Inbound, float]], bool]:
+        """Whatever else is already waiting, up to BATCH_MAX in all; True if the stop sentinel came too."""
+        while len(batch) < BATCH_MAX:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
 
     def _supervise_fleet(self) -> None:
         enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
@@ -297,30 +370,75 @@ class Receiver:
         if self.on_device_event is not None:
             self.on_device_event(event)
 
-    def _handle(self, inbound: Inbound, arrived_at: float) -> None:
-        try:
-            self._judge(inbound.topic, inbound.payload, arrived_at)
-        finally:
-            self.link.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
+    def _handle_batch(self, batch: list[tuple[Inbound, float]]) -> None:
+        """Verify each message, store them all with one commit, then answer and release each, in order.
 
-    def _judge(self, topic: str, payload: bytes, arrived_at: float) -> None:
-        verdict = self.checker.check(topic, payload, arrived_at)
-        self.metrics.judged(verdict, self.clock())
+        The broker forgets a message (``link.ack``) only once it is stored or never will be. If the
+        shared commit fails, each message gets its own, so one bad message cannot block the rest.
+        """
+        screened = [self.checker.screen(inbound.topic, inbound.payload, at) for inbound, at in batch]
+        try:
+            with self.store.transaction():
+                judged = [self._settle_and_record(item, at) for item, (_, at) in zip(screened, batch, strict=True)]
+        except Exception as exc:  # noqa: BLE001 - whatever failed, each message gets its own chance
+            if len(batch) > 1:
+                log.warning("storing %d messages together failed (%s); storing them one by one", len(batch), exc)
+            judged = [self._store_alone(item, at) for item, (_, at) in zip(screened, batch, strict=True)]
+        for (inbound, _), (verdict, recorded) in zip(batch, judged, strict=True):
+            with self.guard.step("message"):
+                try:
+                    self._respond(self.checker.count(inbound.topic, verdict), recorded)
+                finally:
+                    self.link.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
+
+    def _store_alone(self, screened: Verdict | Pending, arrived_at: float) -> tuple[Verdict, Recorded]:
+        """One message in its own transaction: a failure is this message's store_failed, nobody else's."""
+        try:
+            with self.store.transaction():
+                return self._settle_and_record(screened, arrived_at)
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(screened, Pending):
+                return store_failed(screened, exc), Recorded()
+            return screened, Recorded()  # a verdict already, whose registry note could not be written
+        except Exception as exc:  # noqa: BLE001 - a bug here must cost this message, not the loop
+            self.guard.failed("message", exc)
+            return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}"), Recorded()
+
+    def _settle_and_record(self, screened: Verdict | Pending, arrived_at: float) -> tuple[Verdict, Recorded]:
+        verdict = self.checker.settle(screened) if isinstance(screened, Pending) else screened
+        return verdict, self._record(verdict, arrived_at)
+
+    def _record(self, verdict: Verdict, arrived_at: float) -> Recorded:
+        """The registry's and the chain's rows for a verdict: written in its transaction, acted on after."""
         claims = verdict.claims
-        if verdict.alive and claims is not None:
+        if claims is None:
+            return Recorded()
+        back = None
+        if verdict.alive:
             back = self.registry.heard(claims, arrived_at)
-            if back is not None:
-                self._report(back)
-        elif verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
+        elif verdict.outcome == "accepted" and claims.kind == "status":
             self.registry.announced_offline(claims, arrived_at)
-            log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
         judged_by_time = verdict.outcome == "accepted" or verdict.reason == "stale"
-        if claims is not None and judged_by_time and claims.kind != "status":  # a last will is old by nature
+        if judged_by_time and claims.kind != "status":  # a last will is old by nature
             self.registry.note_clock(claims.device, device_clock_error(claims, verdict.skew_s))
+        chain = (None, False)
+        if verdict.outcome == "accepted" and claims.kind in ACKNOWLEDGED_KINDS:
+            # Each alert names the one before it: note when that one has not arrived, and when this fills a gap.
+            chain = self.store.follow_chain(claims.device, claims.seq, claims.prev, arrived_at)
+        return Recorded(back, chain)
+
+    def _respond(self, verdict: Verdict, recorded: Recorded) -> None:
+        """Everything a committed verdict calls for: reports, acks or NAKs, log lines, the callback."""
+        claims = verdict.claims
+        self.metrics.judged(verdict, self.clock())
+        if recorded.back is not None:
+            self._report(recorded.back)
+        if verdict.outcome == "accepted" and claims is not None and claims.kind == "status":
+            log.info("device %s/%s is offline (its last will or a clean stop)", claims.site, claims.device)
         if claims is not None and claims.kind in ACKNOWLEDGED_KINDS and verdict.outcome in ("accepted", "duplicate"):
             self._acknowledge(claims, duplicate=verdict.outcome == "duplicate")
         if verdict.outcome == "accepted" and claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
-            self._follow_chain(claims, arrived_at)
+            self._log_chain(claims, *recorded.chain)
         elif verdict.reason == "stale" and claims is not None:
             self._refuse_stale(claims, verdict.skew_s)
         elif verdict.reason == "store_failed" and claims is not None and claims.kind in ACKNOWLEDGED_KINDS:
@@ -340,9 +458,8 @@ class Receiver:
         if self.on_verdict is not None:
             self.on_verdict(verdict)
 
-    def _follow_chain(self, claims: MessageClaims, arrived_at: float) -> None:
-        """Each alert names the one before it: say so when that one has not arrived, and when it does."""
-        missing, filled = self.store.follow_chain(claims.device, claims.seq, claims.prev, arrived_at)
+    def _log_chain(self, claims: MessageClaims, missing: int | None, filled: bool) -> None:
+        """Say when an alert's predecessor has not arrived, and when an outstanding one does."""
         if missing is not None:
             log.warning(
                 "OUTSTANDING from %s/%s: seq %d was sent before seq %d and has not arrived",

@@ -13,6 +13,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,25 @@ CREATE TABLE IF NOT EXISTS device_events (
 """
 
 
+@contextmanager
+def atomic(db: sqlite3.Connection, lock: threading.RLock) -> Iterator[None]:
+    """One transaction under ``lock`` (re-entrant): all of it committed with one fsync, or none of it."""
+    with lock:
+        if db.in_transaction:  # already inside one: part of it
+            yield
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled back (e.g. a full disk), or the connection is gone
+            raise
+
+
 @dataclass(frozen=True)
 class DeviceEvent:
     device: str
@@ -61,7 +82,7 @@ class DeviceRegistry:
     """Kept in the receiver's database, so ``edge-agent receiver devices`` can read it from outside."""
 
     def __init__(
-        self, db: sqlite3.Connection, lock: threading.Lock, supervision_s: float, started_at: float | None = None
+        self, db: sqlite3.Connection, lock: threading.RLock, supervision_s: float, started_at: float | None = None
     ):
         self._db = db
         self._lock = lock
@@ -108,23 +129,27 @@ class DeviceRegistry:
         """Devices silent longer than the supervision interval, each reported once."""
         with self._lock:
             rows = {r[0]: r for r in self._db.execute("SELECT device, site, last_seen, missing FROM devices")}
-        events = []
+        silent = []
         for device, site in enrolled:
             _, _, last_seen, missing = rows.get(device, (device, site, None, 0))
             since = last_seen if last_seen is not None else self.started_at
             if not missing and now - since > self.supervision_s:
-                with self._lock:
-                    self._db.execute(
-                        "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
-                        " ON CONFLICT(device) DO UPDATE SET missing = 1",
-                        (device, site),
-                    )
                 detail = (
                     f"silent for {now - since:.0f} s (supervision {self.supervision_s:g} s)"
                     if last_seen is not None
                     else f"not heard since the receiver started {now - since:.0f} s ago"
                 )
-                events.append(self._record(DeviceEvent(device, site, "missing", detail), now))
+                silent.append(DeviceEvent(device, site, "missing", detail))
+        if not silent:
+            return []
+        with atomic(self._db, self._lock):  # a whole fleet gone silent at once is one commit, not one per device
+            for event in silent:
+                self._db.execute(
+                    "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
+                    " ON CONFLICT(device) DO UPDATE SET missing = 1",
+                    (event.device, event.site),
+                )
+            events = [self._record(event, now) for event in silent]
         return events
 
     def _record(self, event: DeviceEvent, now: float) -> DeviceEvent:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.centre.registry import DeviceRegistry
+from agent.centre.registry import DeviceRegistry, atomic
 from agent.runtime.database import open_durable
 
 _SCHEMA = """
@@ -52,7 +54,7 @@ class ReceiverStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by every write inside a transaction()
         self._db = open_durable(self.path, _SCHEMA, "receiver database")
 
     def __enter__(self) -> ReceiverStore:
@@ -64,6 +66,16 @@ class ReceiverStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything written inside (messages, registry, chain) is committed together, with one fsync.
+
+        If anything inside raises, or the commit fails, none of it is kept and the exception
+        propagates. Other threads wait for the whole transaction; nested use joins the outer one.
+        """
+        with atomic(self._db, self._lock):
+            yield
 
     def registry(self, supervision_s: float) -> DeviceRegistry:
         """The fleet registry, kept in the same database."""
