@@ -262,8 +262,18 @@ class Receiver:
         self.on_device_event = on_device_event
         self.registry = self.store.registry(settings.supervision_s)
         self.metrics = receiver_metrics(settings.metrics_address, self.registry, self.keyring)
-        self.link = MqttLink(
-            config.mqtt,
+        # One connection per broker: a device may be on any of them (it fails over in order).
+        self.links = [self._connect_to(host, port) for host, port in config.mqtt.brokers]
+        self.link = self.links[0]
+        self._reply_via = self.link  # the connection the message being answered came on
+        self._inbox: queue.Queue[tuple[Inbound, float] | None] = queue.Queue(maxsize=settings.max_inflight)
+        self._last_nak: dict[str, float] = {}
+        self.guard = LoopGuard("receiver")
+
+    def _connect_to(self, host: str, port: int) -> MqttLink:
+        config, settings = self.config, self.config.receiver
+        link = MqttLink(
+            config.mqtt.model_copy(update={"host": host, "port": port, "fallback": []}),
             client_id=config.mqtt.client_id or f"receiver-{settings.id}",
             secret_dirs=config.secret_dirs,
             session_expiry_s=settings.session_expiry_s,
@@ -272,15 +282,13 @@ class Receiver:
         )
         prefix, group = self.topics.prefix, settings.share_group
         for channel in ("alert", "event", "telemetry"):
-            self.link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
-        self.link.subscribe(f"{prefix}/+/+/status")
+            link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
+        link.subscribe(f"{prefix}/+/+/status")
         # Bounded twice: the broker should hand over at most max_inflight unacknowledged messages (Receive
         # Maximum), and when it does not (mosquitto 2.0 once acknowledgements flow), a full inbox blocks
         # paho's network thread, so TCP pushes back on the broker instead of this queue growing.
-        self.link.on_inbound = lambda inbound: self._inbox.put((inbound, self.clock()))
-        self._inbox: queue.Queue[tuple[Inbound, float] | None] = queue.Queue(maxsize=settings.max_inflight)
-        self._last_nak: dict[str, float] = {}
-        self.guard = LoopGuard("receiver")
+        link.on_inbound = lambda inbound: self._inbox.put((inbound, self.clock()))
+        return link
 
     def __enter__(self) -> Receiver:
         self.start()
@@ -296,12 +304,14 @@ class Receiver:
     def start(self) -> None:
         self.metrics.start()
         self.guard.start(self._work)
-        self.link.start()
+        for link in self.links:
+            link.start()
         log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
 
     def close(self) -> None:
         self.metrics.close()
-        self.link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
+        for link in self.links:
+            link.close(end_session=True)  # leave the shared group now, or the broker parks messages for us
         try:
             self._inbox.put(None, timeout=5)
         except queue.Full:
@@ -312,7 +322,9 @@ class Receiver:
     def problems(self) -> list[str]:
         """For the watchdog: empty while the worker runs and paho's network thread is alive."""
         found = [p for p in (self.guard.problem(),) if p]
-        return found if self.link.network_thread_alive else [*found, "MQTT network thread not running"]
+        if not all(link.network_thread_alive for link in self.links):
+            found.append("MQTT network thread not running")
+        return found
 
     def _work(self) -> None:
         next_check = time.monotonic() + SUPERVISION_CHECK_S
@@ -386,10 +398,12 @@ class Receiver:
             judged = [self._store_alone(item, at) for item, (_, at) in zip(screened, batch, strict=True)]
         for (inbound, _), (verdict, recorded) in zip(batch, judged, strict=True):
             with self.guard.step("message"):
+                source = inbound.link or self.link
                 try:
+                    self._reply_via = source
                     self._respond(self.checker.count(inbound.topic, verdict), recorded)
                 finally:
-                    self.link.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
+                    source.ack(inbound)  # only now may the broker forget it: it is stored, or it never will be
 
     def _store_alone(self, screened: Verdict | Pending, arrived_at: float) -> tuple[Verdict, Recorded]:
         """One message in its own transaction: a failure is this message's store_failed, nobody else's."""
@@ -494,7 +508,7 @@ class Receiver:
 
     def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:
         topic = self.topics.topic(claims.site, claims.device, "ack")
-        self.link.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
+        self._reply_via.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
         self.metrics.answered(answer)
 
 

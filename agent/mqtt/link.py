@@ -46,6 +46,7 @@ class Inbound:
     mid: int
     qos: int
     received_at: float
+    link: MqttLink | None = None  # the connection it came on: its acknowledgement and any answer go back there
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ class MqttLink:
 
     def _handle_message(self, client, userdata, message) -> None:
         if self._manual_ack:
-            self.on_inbound(Inbound(message.topic, message.payload, message.mid, message.qos, time.time()))
+            self.on_inbound(Inbound(message.topic, message.payload, message.mid, message.qos, time.time(), self))
         else:
             self.on_message(message.topic, message.payload)
 

@@ -34,24 +34,24 @@ def with_fallback(site, device: str, fallback: LocalBroker):
     return load_agent_config(path)
 
 
-def receiver_on(site, broker: LocalBroker, receiver_id: str):
-    """A receiver on one broker, storing in the same database as the site's other receiver."""
+def receiver_on_both(site, second: LocalBroker):
+    """The centre's receiver, connected to every broker (the [mqtt] fallback list names the second)."""
     path = site.receiver_toml_path()
-    other = path.with_name(f"{receiver_id}.toml")
-    text = path.read_text().replace('id = "centre-1"', f'id = "{receiver_id}"')
-    other.write_text(text.replace(f"port = {site.broker.port}", f"port = {broker.port}"))
-    return load_receiver_config(other)
+    text = path.read_text().replace(
+        "reconnect_max_s = 1.0\n", f'reconnect_max_s = 1.0\nfallback = ["{second.host}:{second.port}"]\n', 1
+    )
+    path.write_text(text)
+    return load_receiver_config(path)
 
 
 def test_a_device_fails_over_mid_burst_and_returns_to_its_first_broker(site, broker, second_broker, mock_factory):
     site.add_device("cp-2b")
     config = with_fallback(site, "cp-2b", second_broker)
     with (
-        Receiver(site.receiver_config) as first_receiver,
-        Receiver(receiver_on(site, second_broker, "centre-2")) as second_receiver,
+        Receiver(receiver_on_both(site, second_broker)) as receiver,
         Agent(config, pin_factory=mock_factory) as agent,
     ):
-        assert first_receiver.link.wait_subscribed(10) and second_receiver.link.wait_subscribed(10)
+        assert all(link.wait_subscribed(10) for link in receiver.links) and len(receiver.links) == 2
         assert agent.link.wait_connected(10) and agent.link.broker == (broker.host, broker.port)
         accepted = [agent.raise_alert("main") for _ in range(10)]
         broker.stop()  # the first broker dies mid-burst
@@ -63,5 +63,6 @@ def test_a_device_fails_over_mid_burst_and_returns_to_its_first_broker(site, bro
         accepted += [agent.raise_alert("main") for _ in range(5)]
         assert wait_until(lambda: agent.delivery.stats.acknowledged >= 25, 20)
         time.sleep(0.5)  # deliberate: late duplicates would show up here
-        stored = first_receiver.store.messages(kind="alert")
+        stored = receiver.store.messages(kind="alert")
+        assert receiver.problems() == []
     assert sorted(m.event_id for m in stored) == sorted(e.event_id for e in accepted)  # each once, none lost
