@@ -1,6 +1,7 @@
 """One identity per device at a real mosquitto: the centre's CA, the generated ACL, revocation."""
 
 import json
+import subprocess
 import time
 
 import paho.mqtt.client as paho
@@ -177,6 +178,7 @@ def test_a_revoked_certificate_cannot_connect_after_the_broker_restarts(tmp_path
     before = clients(cert, key)
     assert wait_until(lambda: before.connected is not None, 10) and not before.connected.is_failure
     before.close()
+    assert "certificate verify failed" not in acl_broker.log_path.read_text()
     assert main(["centre", "ca", "revoke", "--ca-dir", str(ca.directory), "site-a/cp-1"]) == 0
     crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
     assert [r.serial_number for r in crl] == [x509.load_pem_x509_certificate(cert.read_bytes()).serial_number]
@@ -245,3 +247,69 @@ def test_centre_cli_init_issue_and_broker_config(tmp_path, capsys):
         assert line in conf
     assert "pattern write edge/%u/alert" in (out / "acl").read_text()
     assert "pattern read edge/%u/ack" in (out / "acl").read_text()
+
+
+def test_provision_csr_key_stays_on_the_device_and_the_issued_certificate_connects(
+    tmp_path, centre, acl_broker, capsys
+):
+    ca, out = centre
+    root = tmp_path / "root"
+    argv = ["provision", "--device-id", "cp-7", "--site", "site-a", "--kind", "call-point", "--no-qr", "--csr"]
+    argv += ["--broker", f"mqtts://{acl_broker.host}:{acl_broker.port}", "--ca-file", str(out / "ca.pem")]
+    assert main([*argv, "--root", str(root)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    credentials = root / "etc/edge-agent/credentials"
+    assert oct((credentials / "client-cert-key.pem").stat().st_mode & 0o777) == "0o600"
+    assert "PRIVATE KEY" not in json.dumps(record) and record["csr"].startswith("-----BEGIN CERTIFICATE REQUEST")
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    issue = ["centre", "ca", "issue", "--ca-dir", str(ca.directory), str(tmp_path / "record.json")]
+    assert main([*issue, "--out", str(credentials / "client-cert.pem")]) == 0
+    config = load_agent_config(root / "etc/edge-agent/agent.toml")
+    assert (config.mqtt.tls.cert_file, config.mqtt.tls.key_file) == ("client-cert.pem", "client-cert-key.pem")
+    with MqttLink(config.mqtt, client_id="cp-7", secret_dirs=config.secret_dirs) as link:
+        results = {}
+        link.on_published = lambda mid, ok, reason: results.__setitem__(mid, (ok, reason))
+        link.start()
+        assert link.wait_connected(10)
+        own = link.publish("edge/site-a/cp-7/alert", b"x")
+        other = link.publish("edge/site-a/cp-1/alert", b"x")
+        assert wait_until(lambda: own in results and other in results, 5)
+    assert results[own][0] and results[other] == (False, "Not authorized")
+
+
+def test_provision_csr_needs_tls_and_no_certificate_given(tmp_path, capsys):
+    argv = ["provision", "--device-id", "cp-7", "--site", "site-a", "--kind", "call-point", "--no-qr", "--csr"]
+    assert main([*argv, "--broker", "mqtt://127.0.0.1:1883", "--root", str(tmp_path)]) == 2
+    assert "--csr" in capsys.readouterr().err
+
+
+def test_username_and_password_logins_get_the_same_acl(tmp_path, centre):
+    """The same acl file serves a password_file broker when each device's username is '<site>/<device>'."""
+    _, out = centre
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    for user in ("site-a/cp-1", "centre-receiver"):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, "secret"], check=True, capture_output=True)
+    passwords.chmod(0o644)
+    try:
+        broker = LocalBroker(
+            workdir=tmp_path / "mosquitto-pw",
+            global_config=f"acl_file {out / 'acl'}\npassword_file {passwords}\nper_listener_settings false",
+        )
+    except MosquittoMissing as exc:
+        pytest.skip(str(exc))
+    with broker:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        client.username_pw_set("site-a/cp-1", "secret")
+        acks = {}
+        client.on_publish = lambda c, u, mid, rc, p: acks.__setitem__(mid, rc)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            own = client.publish("edge/site-a/cp-1/alert", b"x", qos=1).mid
+            other = client.publish("edge/site-a/cp-2/alert", b"x", qos=1).mid
+            assert wait_until(lambda: own in acks and other in acks, 5)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    assert not acks[own].is_failure and str(acks[other]) == "Not authorized"
