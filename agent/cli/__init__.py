@@ -387,6 +387,9 @@ def _add_receiver_commands(commands: argparse._SubParsersAction) -> None:
     enroll.add_argument("record")
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
+    enroll.add_argument(
+        "--cert-out", type=Path, help="with a CSR in the record and a device CA: where to write the certificate"
+    )
     enroll.set_defaults(func=cmd_receiver_enroll)
 
 

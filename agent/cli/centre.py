@@ -214,7 +214,25 @@ def cmd_receiver_enroll(args: argparse.Namespace) -> int:
         record = {"device_id": args.device_id, "site": args.site, "jwk": record}
     device = Keyring(config.keyring_path).enroll(record, where)
     print(f"enrolled {device.site}/{device.device_id} with key {device.kid}")
+    if isinstance(record, dict) and "csr" in record:
+        _issue_on_enrolment(config, record, where, args.cert_out)
     return 0
+
+
+def _issue_on_enrolment(config, record: dict, where: str, cert_out: Path | None) -> None:
+    """A record with a CSR gets its broker certificate when the centre keeps a device CA (``ca_dir``)."""
+    from agent.centre.ca import CA_KEY, DeviceCA, device_identity, pem_cert
+
+    ca = DeviceCA(config.ca_path)
+    if not (ca.directory / CA_KEY).exists():
+        print(f"the record has a CSR but there is no device CA in {ca.directory}; not signed", file=sys.stderr)
+        return
+    name = device_identity(record["site"], record["device_id"])
+    cert = ca.issue_for_csr(record["csr"], name, where)
+    target = cert_out or ca.directory / "issued" / f"{record['site']}-{record['device_id']}.pem"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pem_cert(cert))
+    print(f"issued {name} serial {cert.serial_number:#x}: {target} (install it as credentials/client-cert.pem)")
 
 
 # edge-agent centre …: the device CA and the broker configuration it implies.

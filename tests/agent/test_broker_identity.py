@@ -313,3 +313,23 @@ def test_username_and_password_logins_get_the_same_acl(tmp_path, centre):
             client.disconnect()
             client.loop_stop()
     assert not acks[own].is_failure and str(acks[other]) == "Not authorized"
+
+
+def test_receiver_enroll_signs_the_csr_with_the_configured_ca(tmp_path, capsys):
+    config = tmp_path / "receiver.toml"
+    config.write_text('[receiver]\nstate_dir = "state"\n\n[mqtt]\nhost = "127.0.0.1"\n')
+    assert main(["centre", "ca", "init", "--config", str(config)]) == 0
+    assert (tmp_path / "state/ca/ca-key.pem").is_file()
+    capsys.readouterr()
+    argv = ["provision", "--device-id", "cp-8", "--site", "site-b", "--kind", "call-point", "--no-qr", "--csr"]
+    assert main([*argv, "--broker", "mqtts://broker.example", "--root", str(tmp_path / "root")]) == 0
+    (tmp_path / "record.json").write_text(capsys.readouterr().out)
+    cert = tmp_path / "cp-8.pem"
+    assert (
+        main(["receiver", "enroll", "--config", str(config), str(tmp_path / "record.json"), "--cert-out", str(cert)])
+        == 0
+    )
+    assert "enrolled site-b/cp-8" in capsys.readouterr().out
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    verify_issued(DeviceCA(tmp_path / "state/ca"), issued)
+    assert issued.subject.rfc4514_string() == "CN=site-b/cp-8"
