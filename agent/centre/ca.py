@@ -126,7 +126,7 @@ class DeviceCA:
         """Create the CA key (0600), its self-signed certificate, an empty register and CRL."""
         if (self.directory / CA_KEY).exists() and not force:
             raise ConfigError(f"{self.directory / CA_KEY} already exists; refusing to replace the CA (use --force)")
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.mkdir(parents=True, exist_ok=True)  # mosquitto reads crl.pem here; the key is 0600
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         cert = (

@@ -1,8 +1,12 @@
 """One identity per device at a real mosquitto: the centre's CA, the generated ACL, revocation."""
 
 import json
+import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import paho.mqtt.client as paho
 import pytest
@@ -14,7 +18,7 @@ from agent.cli import main
 from agent.config.centre import load_receiver_config
 from agent.config.device import load_agent_config
 from agent.config.mqtt import MqttSection
-from agent.demo.broker import LocalBroker
+from agent.demo.broker import LocalBroker, free_port
 from agent.demo.site import LocalSite
 from agent.errors import ConfigError, MosquittoMissing
 from agent.install.provisioning import tls_key_and_csr
@@ -333,3 +337,66 @@ def test_receiver_enroll_signs_the_csr_with_the_configured_ca(tmp_path, capsys):
     issued = x509.load_pem_x509_certificate(cert.read_bytes())
     verify_issued(DeviceCA(tmp_path / "state/ca"), issued)
     assert issued.subject.rfc4514_string() == "CN=site-b/cp-8"
+
+
+def test_mosquitto_runs_the_generated_configuration_as_written(tmp_path, centre):
+    """The generated mosquitto.conf itself (allow_anonymous false): a device logs in by certificate alone."""
+    ca, _ = centre
+    port = free_port()
+    out = tmp_path / "written"
+    assert (
+        main(
+            ["centre", "broker-config", "--ca-dir", str(ca.directory), "--out", str(out)]
+            + ["--host", "127.0.0.1", "--port", str(port)]
+        )
+        == 0
+    )
+    conf = out / "mosquitto.conf"
+    if os.geteuid() == 0:  # as root mosquitto would drop to its own user, who cannot read these temp files
+        conf.write_text(conf.read_text() + "user root\n")
+    executable = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(executable).exists():
+        pytest.skip("mosquitto is not installed")
+    process = subprocess.Popen([executable, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    a = None
+    try:
+        broker = SimpleNamespace(host="127.0.0.1", port=port)
+        a = Client(broker, out / "ca.pem", *device_identity(tmp_path, ca, "site-a", "cp-1"))
+        assert wait_until(lambda: a.connected is not None, 10)
+        assert not a.connected.is_failure
+        assert not a.publish("edge/site-a/cp-1/alert").is_failure
+        assert str(a.publish("edge/site-a/cp-2/alert")) == "Not authorized"
+    finally:
+        if a is not None:
+            a.close()
+        process.terminate()
+        process.wait(timeout=10)
+        process.stderr.close()
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        ({"device_id": "cp-1", "site": "site-a"}, "no 'csr'"),
+        ({"device_id": "cp-1", "site": "../etc", "csr": "x"}, "not a valid name"),
+        ({"device_id": "cp-1", "site": "site-a", "csr": "x" * 9000}, "larger than"),
+        ([1, 2], "no 'csr'"),
+    ],
+)
+def test_ca_issue_refuses_hostile_records_with_a_reason(tmp_path, centre, capsys, record, why):
+    ca, _ = centre
+    before = ca.register()
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    assert main(["centre", "ca", "issue", "--ca-dir", str(ca.directory), str(tmp_path / "record.json")]) == 2
+    assert why in capsys.readouterr().err
+    assert ca.register() == before
+
+
+def test_ca_issue_refuses_an_rsa_csr(centre):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    with pytest.raises(ConfigError, match="not an EC key"):
+        centre[0].issue_for_csr(csr.public_bytes(serialization.Encoding.PEM), "site-a/cp-1", "record")
