@@ -13,6 +13,11 @@ from pathlib import Path
 
 from agent import __version__
 from agent.cli.centre import (
+    cmd_centre_broker_config,
+    cmd_centre_ca_crl,
+    cmd_centre_ca_init,
+    cmd_centre_ca_issue,
+    cmd_centre_ca_revoke,
     cmd_receiver_devices,
     cmd_receiver_enroll,
     cmd_receiver_fetch_evidence,
@@ -182,6 +187,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         centre_key=args.centre_key,
         camera=args.camera,
         force=args.force,
+        csr=args.csr,
     )
     record, config_path = provision(request)
     print(
@@ -301,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(commands)
     _add_device_commands(commands)
     _add_receiver_commands(commands)
+    _add_centre_commands(commands)
     _add_install_commands(commands)
     _add_model_commands(commands)
     _add_demo_command(commands)
@@ -380,7 +387,46 @@ def _add_receiver_commands(commands: argparse._SubParsersAction) -> None:
     enroll.add_argument("record")
     enroll.add_argument("--device-id", help="with a bare JWK: the device it belongs to")
     enroll.add_argument("--site", help="with a bare JWK: the device's site")
+    enroll.add_argument(
+        "--cert-out", type=Path, help="with a CSR in the record and a device CA: where to write the certificate"
+    )
     enroll.set_defaults(func=cmd_receiver_enroll)
+
+
+def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
+    """The centre's device CA and the mosquitto configuration for one identity per device."""
+    centre = commands.add_parser("centre", help="the centre's device CA and broker configuration")
+    sub = centre.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+
+    def with_ca(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--ca-dir", type=Path, help="the CA directory (default: the receiver config's ca_dir)")
+        parser.add_argument("--config", type=Path, help="receiver config file naming the CA directory")
+        return parser
+
+    ca = sub.add_parser("ca", help="the device CA: init, issue, revoke, crl")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    init = with_ca(ca_sub.add_parser("init", help="create the CA key (0600), certificate and an empty CRL"))
+    init.add_argument("--name", default="edge-agent device CA", help="the CA's common name")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (every certificate dies)")
+    init.set_defaults(func=cmd_centre_ca_init)
+    issue = with_ca(ca_sub.add_parser("issue", help="sign the CSR of an enrolment record ('provision --csr')"))
+    issue.add_argument("record", help="enrolment record JSON with 'csr' ('-' = standard input)")
+    issue.add_argument("--out", type=Path, help="certificate file to write (default: standard output)")
+    issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    issue.set_defaults(func=cmd_centre_ca_issue)
+    revoke = with_ca(ca_sub.add_parser("revoke", help="revoke by serial or by name 'site/device'; rewrites the CRL"))
+    revoke.add_argument("which", help="serial (decimal or 0x-hex) or certificate name site/device")
+    revoke.set_defaults(func=cmd_centre_ca_revoke)
+    crl = with_ca(ca_sub.add_parser("crl", help="write the CRL again (it is valid 365 days)"))
+    crl.set_defaults(func=cmd_centre_ca_crl)
+
+    broker = with_ca(sub.add_parser("broker-config", help="mosquitto.conf + ACL + server and receiver certificates"))
+    broker.add_argument("--out", type=Path, required=True, help="directory to write into")
+    broker.add_argument("--host", action="append", default=None, help="broker name/address for its certificate")
+    broker.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    broker.add_argument("--prefix", help="topic prefix (default: the receiver config's, else 'edge')")
+    broker.add_argument("--receiver-name", default="centre-receiver", help="the receiver's certificate name")
+    broker.set_defaults(func=cmd_centre_broker_config)
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:
@@ -400,6 +446,11 @@ def _add_install_commands(commands: argparse._SubParsersAction) -> None:
     prov.add_argument("--camera", default="picamera2", help="camera-box: camera source")
     prov.add_argument("--root", type=Path, default=Path("/"), help="install under this root (default /)")
     prov.add_argument("--force", action="store_true", help="replace an existing device key")
+    prov.add_argument(
+        "--csr",
+        action="store_true",
+        help="make the broker TLS key here and put a CSR in the record (sign it with 'edge-agent centre ca issue')",
+    )
     prov.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
     prov.set_defaults(func=cmd_provision)
 

@@ -214,4 +214,114 @@ def cmd_receiver_enroll(args: argparse.Namespace) -> int:
         record = {"device_id": args.device_id, "site": args.site, "jwk": record}
     device = Keyring(config.keyring_path).enroll(record, where)
     print(f"enrolled {device.site}/{device.device_id} with key {device.kid}")
+    if isinstance(record, dict) and "csr" in record:
+        _issue_on_enrolment(config, record, where, args.cert_out)
+    return 0
+
+
+def _issue_on_enrolment(config, record: dict, where: str, cert_out: Path | None) -> None:
+    """A record with a CSR gets its broker certificate when the centre keeps a device CA (``ca_dir``)."""
+    from agent.centre.ca import CA_KEY, DeviceCA, device_identity, pem_cert
+
+    ca = DeviceCA(config.ca_path)
+    if not (ca.directory / CA_KEY).exists():
+        print(f"the record has a CSR but there is no device CA in {ca.directory}; not signed", file=sys.stderr)
+        return
+    name = device_identity(record["site"], record["device_id"])
+    cert = ca.issue_for_csr(record["csr"], name, where)
+    target = cert_out or ca.directory / "issued" / f"{record['site']}-{record['device_id']}.pem"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pem_cert(cert))
+    print(f"issued {name} serial {cert.serial_number:#x}: {target} (install it as credentials/client-cert.pem)")
+
+
+# edge-agent centre …: the device CA and the broker configuration it implies.
+
+
+def _ca_and_prefix(args: argparse.Namespace):
+    """The CA directory from ``--ca-dir``, else from the receiver config's ``ca_dir``; the topic prefix likewise."""
+    from agent.centre.ca import DeviceCA
+    from agent.config.centre import load_receiver_config
+
+    if args.ca_dir is not None:
+        return DeviceCA(args.ca_dir), getattr(args, "prefix", None) or "edge"
+    if args.config is None:
+        raise ConfigError("give --ca-dir DIR or --config RECEIVER.toml (its [receiver] ca_dir)")
+    config = load_receiver_config(args.config)
+    return DeviceCA(config.ca_path), getattr(args, "prefix", None) or config.mqtt.topic_prefix
+
+
+def cmd_centre_ca_init(args: argparse.Namespace) -> int:
+    ca, _ = _ca_and_prefix(args)
+    cert = ca.init(name=args.name, force=args.force)
+    print(f"created the device CA in {ca.directory} (key mode 0600), serial {cert.serial_number:#x}; CRL {ca.crl_path}")
+    return 0
+
+
+def _read_record(source: str) -> dict:
+    where = "standard input" if source == "-" else source
+    try:
+        record = json.loads(sys.stdin.read() if source == "-" else Path(source).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read enrolment record {where}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not JSON: {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("csr"), str):
+        raise ConfigError(f"{where}: no 'csr' in the record (provision the device with --csr)")
+    return record
+
+
+def cmd_centre_ca_issue(args: argparse.Namespace) -> int:
+    from agent.centre.ca import device_identity, pem_cert
+
+    ca, _ = _ca_and_prefix(args)
+    record = _read_record(args.record)
+    name = device_identity(record.get("site"), record.get("device_id"))
+    cert = ca.issue_for_csr(record["csr"], name, args.record, days=args.days)
+    pem = pem_cert(cert)
+    if args.out is None:
+        sys.stdout.write(pem.decode())
+    else:
+        Path(args.out).write_bytes(pem)
+    print(
+        f"issued {name} serial {cert.serial_number:#x} until {cert.not_valid_after_utc:%Y-%m-%d}; "
+        "install it on the device as credentials/client-cert.pem, then 'edge-agent config credentials'",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_centre_ca_revoke(args: argparse.Namespace) -> int:
+    ca, _ = _ca_and_prefix(args)
+    for entry in ca.revoke(args.which):
+        print(f"revoked {entry.name} serial {entry.serial:#x}")
+    print(f"wrote {ca.crl_path}; mosquitto reads it at start: restart the broker", file=sys.stderr)
+    return 0
+
+
+def cmd_centre_ca_crl(args: argparse.Namespace) -> int:
+    ca, _ = _ca_and_prefix(args)
+    crl = ca.write_crl()
+    print(f"wrote {ca.crl_path}, valid until {crl.next_update_utc:%Y-%m-%d}; restart the broker to load it")
+    return 0
+
+
+def cmd_centre_broker_config(args: argparse.Namespace) -> int:
+    from agent.centre.ca import write_broker_config
+
+    ca, prefix = _ca_and_prefix(args)
+    conf = write_broker_config(
+        ca,
+        args.out,
+        prefix=prefix,
+        receiver_name=args.receiver_name,
+        hosts=tuple(args.host or ["localhost"]),
+        port=args.port,
+    )
+    print(f"wrote {conf}, acl, server and receiver certificates in {args.out}")
+    print(
+        f"the receiver connects with tls cert_file {Path(args.out) / 'receiver.pem'}, "
+        f"key_file {Path(args.out) / 'receiver-key.pem'}; mosquitto must be able to read server-key.pem",
+        file=sys.stderr,
+    )
     return 0

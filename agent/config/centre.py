@@ -41,6 +41,10 @@ class ReceiverSection(Section):
         le=86400,
         description="How long the broker keeps a crashed receiver's session (and its share of the group) waiting.",
     )
+    ca_dir: str = Field(
+        "ca",
+        description="The device CA ('edge-agent centre ca init'): key, certificate, register, CRL; relative to state_dir.",
+    )
     max_inflight: int = Field(
         200, ge=1, le=65535, description="Messages taken from the broker but not yet stored (MQTT Receive Maximum)."
     )
@@ -73,6 +77,10 @@ class ReceiverConfig(Section):
     @property
     def keyring_path(self) -> Path:
         return self.receiver.state_dir / self.receiver.keyring_dir
+
+    @property
+    def ca_path(self) -> Path:
+        return self.receiver.state_dir / self.receiver.ca_dir
 
     @property
     def database_path(self) -> Path:

@@ -28,8 +28,15 @@ def free_port() -> int:
 class LocalBroker:
     """mosquitto listening on 127.0.0.1 only; ``stop()`` and ``start()`` keep the same port."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, listener_config: str = ""):
-        """``listener_config`` lines follow the listener line (e.g. TLS: cafile, certfile, keyfile)."""
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        listener_config: str = "",
+        global_config: str = "",
+    ):
+        """``listener_config`` lines follow the listener line (e.g. TLS: cafile, certfile, keyfile);
+        ``global_config`` lines precede it (e.g. ``acl_file``)."""
         self.executable = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
         )
@@ -43,7 +50,7 @@ class LocalBroker:
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path.write_text(
-            f"listener {self.port} 127.0.0.1\n{listener_config}\nallow_anonymous true\npersistence false\n"
+            f"{global_config}\nlistener {self.port} 127.0.0.1\n{listener_config}\nallow_anonymous true\npersistence false\n"
             f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n"
             "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
             # As root, mosquitto would drop to its own user and lose access to our private temp files.

@@ -57,6 +57,7 @@ class ProvisionRequest:
     centre_key: Path | None = None
     camera: str = "picamera2"
     force: bool = False
+    csr: bool = False  # make the TLS client key here and put a CSR in the record (the key never leaves the box)
 
 
 def parse_broker(url: str) -> tuple[str, int, bool]:
@@ -83,7 +84,7 @@ def _mqtt_section(request: ProvisionRequest) -> str:
     # Plain names, found like every secret: $CREDENTIALS_DIRECTORY (the service), then credentials_dir (root).
     if tls and request.ca_file:
         lines.append('ca_file = "broker-ca.pem"')
-    if tls and request.cert_file:
+    if tls and (request.cert_file or request.csr):
         lines += ['cert_file = "client-cert.pem"', 'key_file = "client-cert-key.pem"']
     return "\n".join(lines) + "\n"
 
@@ -200,6 +201,8 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         raise ConfigError(f"--kind {request.kind!r}: expected call-point, building-button or camera-box")
     if (request.cert_file is None) != (request.key_file is None):
         raise ConfigError("--cert-file and --key-file must be given together")
+    if request.csr and (request.cert_file is not None or not parse_broker(request.broker)[2]):
+        raise ConfigError("--csr makes the client key here: it needs an mqtts:// broker and no --cert-file/--key-file")
     _check_tls_files(request)
     credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +237,9 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
     if request.centre_key is not None:
         _install_secret(Path(request.centre_key), credentials / "centre.jwk", 0o644)
     key = generate_private_key(key_path, force=request.force)
+    csr = None
+    if request.csr:
+        csr = tls_key_and_csr(credentials / "client-cert-key.pem", request.site, request.device_id)
     os.replace(tmp, config_path)
     unit_dir = root / "etc/systemd/system"
     write_credentials_dropin(load_agent_config(config_path), "edge-agent.service", unit_dir)
@@ -242,7 +248,33 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
         log.warning("%s", problem)
     record = enrolment_record(request.device_id, request.site, request.kind, key)
     record["fingerprint"] = ":".join(record["kid"][i : i + 4] for i in range(0, 16, 4))
+    if csr is not None:
+        record["csr"] = csr
     return record, config_path
+
+
+def tls_key_and_csr(key_path: Path, site: str, device_id: str) -> str:
+    """Make the broker TLS key on the device (0600) and return a CSR for ``<site>/<device>``.
+
+    The centre's CA signs it (``edge-agent centre ca issue RECORD``); the certificate it returns
+    goes to the credentials directory as ``client-cert.pem``.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    tmp = key_path.with_name(key_path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, key_path)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{site}/{device_id}")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def qr_text(record: dict) -> str:
