@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import ConfigError
+from agent.runtime.files import write_file_atomically
 
 CA_KEY = "ca-key.pem"
 CA_CERT = "ca.pem"
@@ -56,20 +56,12 @@ def device_identity(site: str, device_id: str) -> str:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret that never exists with a mode wider than 0600, whatever the umask."""
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """A secret: never readable by others, whatever the umask."""
+    write_file_atomically(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_file_atomically(path, data, 0o644)
 
 
 def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

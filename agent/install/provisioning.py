@@ -32,6 +32,7 @@ from agent.errors import ConfigError, KeyFileError
 from agent.protocol.enrolment import enrolment_record
 from agent.protocol.sealing import load_centre_keys
 from agent.protocol.signing import generate_private_key
+from agent.runtime.files import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,7 @@ def _check_tls_files(request: ProvisionRequest) -> None:
 def _install_secret(source: Path, target: Path, mode: int) -> None:
     """Copy a credential so that it never exists with a wider mode than ``mode``, whatever the umask."""
     try:
-        data = Path(source).read_bytes()
-        tmp = target.with_name(target.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)  # O_CREAT keeps the mode of a leftover file
-        os.replace(tmp, target)
+        write_file_atomically(target, Path(source).read_bytes(), mode)
     except OSError as exc:
         raise ConfigError(f"cannot copy {source} to {target}: {exc.strerror}") from None
 
@@ -266,12 +261,7 @@ def tls_key_and_csr(key_path: Path, site: str, device_id: str) -> str:
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    tmp = key_path.with_name(key_path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, key_path)
+    write_file_atomically(key_path, pem, 0o600)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{site}/{device_id}")])
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode()

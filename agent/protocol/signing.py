@@ -9,7 +9,6 @@ algorithm *before* looking at the signature.
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from joserfc.jwk import OKPKey
 
 from agent.errors import KeyFileError, SignatureInvalid
 from agent.protocol.messages import Claims, decode_claims, parse_json_object
+from agent.runtime.files import write_file_atomically
 
 ALGORITHM = "Ed25519"
 _REGISTRY = jws.JWSRegistry(algorithms=[ALGORITHM])
@@ -38,14 +38,7 @@ def write_private_key(path: Path, key: OKPKey, *, force: bool, what: str) -> Non
     """Write a private key as PEM in a 0600 file (never wider, whatever the umask), atomically and synced."""
     if path.exists() and not force:
         raise KeyFileError(f"{path} already exists; refusing to replace {what} (use --force)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.as_pem(private=True))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_file_atomically(path, key.as_pem(private=True), 0o600)
 
 
 def read_private_key(path: Path, curve: str, *, what: str, missing_hint: str) -> OKPKey:
