@@ -130,27 +130,47 @@ class ReceiverStore:
             self._db.execute("ALTER TABLE devices ADD COLUMN clock_skew_s REAL")
 
     def _migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION, or refuse a database a newer receiver has migrated."""
+        """Bring the schema to SCHEMA_VERSION, or refuse a database a newer receiver has migrated.
+
+        An up-to-date database is only read (no write lock: the CLI can open it beside a running receiver).
+        """
         migrations = self._migrations()
+        if self._refuse_newer(self.schema_version(), len(migrations)):
+            return
         with self.transaction():
             self._lock_schema()
             self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-            if current > len(migrations):
-                raise SchemaTooNew(
-                    f"the receiver database is at schema version {current}, newer than this receiver knows "
-                    f"({len(migrations)}): upgrade edge-agent, or point [receiver] database elsewhere"
-                )
+            self._refuse_newer(current, len(migrations))
             for version in range(current, len(migrations)):
                 migrations[version]()
                 self._db.execute("INSERT INTO schema_version VALUES (?)", (version + 1,))
+
+    @staticmethod
+    def _refuse_newer(current: int, known: int) -> bool:
+        """True if the schema is the one this code knows; SchemaTooNew if it is newer."""
+        if current > known:
+            raise SchemaTooNew(
+                f"the receiver database is at schema version {current}, newer than this receiver knows "
+                f"({known}): upgrade edge-agent, or point [receiver] database elsewhere"
+            )
+        return current == known
 
     def _lock_schema(self) -> None:
         """Keep two receivers from migrating at once (SQLite: BEGIN IMMEDIATE already does)."""
 
     def schema_version(self) -> int:
+        """The database's schema version; 0 for a new database or one from before versions."""
         with self._lock:
+            if not self._has_table("schema_version"):
+                return 0
             return self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+
+    def _has_table(self, name: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+            is not None
+        )
 
     def registry(self, supervision_s: float) -> DeviceRegistry:
         """The fleet registry, kept in the same database."""

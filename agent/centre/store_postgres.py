@@ -150,5 +150,8 @@ class PostgresStore(ReceiverStore):
     def _postgres_v1(self) -> None:
         self._db.execute(_POSTGRES_V1)
 
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
+
     def _lock_schema(self) -> None:
         self._db.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))

@@ -56,6 +56,15 @@ class ReceiverSection(Section):
         description='Prometheus metrics on "host:port" (e.g. "127.0.0.1:9464"; port 0: any free port); off when unset.',
     )
 
+    @field_validator("database")
+    @classmethod
+    def _dsn_or_file(cls, value: str) -> str:
+        if value.startswith(POSTGRES_SCHEMES):
+            return value
+        if "://" in value or "dbname=" in value or "host=" in value:
+            raise ValueError(f"{value!r}: give PostgreSQL as a postgresql:// URI, or an SQLite file name")
+        return value
+
     @field_validator("metrics_listen")
     @classmethod
     def _host_and_port(cls, value: str | None) -> str | None:

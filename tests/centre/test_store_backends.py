@@ -237,3 +237,35 @@ def test_a_receiver_on_postgres_stores_an_alert_and_acknowledges_it(site, postgr
         assert any(s.device == "cp-1" and s.status == "online" for s in receiver.registry.states())
     with PostgresStore(config.database_dsn) as store:  # on the server, not in the receiver's memory
         assert [m.kind for m in store.messages(kind="alert")] == ["alert"]
+
+
+@pytest.mark.parametrize("database", ["host=db dbname=edge", "mysql://db/edge", "sqlite:///x"])
+def test_a_database_that_is_neither_a_postgresql_uri_nor_a_file_is_refused(database):
+    from pydantic import ValidationError
+
+    from agent.config.centre import ReceiverSection
+
+    with pytest.raises(ValidationError, match="postgresql:// URI"):
+        ReceiverSection(database=database)
+    assert ReceiverSection(database="postgres://edge@db/edge").database.startswith("postgres://")
+
+
+def test_an_up_to_date_sqlite_database_opens_beside_a_writer(tmp_path):
+    where = tmp_path / "receiver.sqlite"
+    ReceiverStore(where).close()
+    with ReceiverStore(where) as writer, writer.transaction():
+        writer.insert(alert_claims(seq=1), 1.0)
+        with ReceiverStore(where) as reader:  # the CLI beside a receiver mid-batch: no write lock needed
+            assert reader.messages() == []
+
+
+def test_receivers_starting_together_migrate_a_new_postgres_database_once(postgres):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dsn = fresh_database(postgres)
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: PostgresStore(dsn), range(4)))
+    for store in stores:
+        store.close()
+    with psycopg.connect(dsn) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
