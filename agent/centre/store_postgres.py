@@ -3,8 +3,8 @@
 Chosen by ``[receiver] database = "postgresql://…"``. One connection, guarded by the store's lock
 (the receiver has one worker writing; metrics and the CLI read): ``transaction()`` is one PostgreSQL
 transaction, committed with ``synchronous_commit = on`` so an acknowledged message is on the server's
-disk. A connection lost between transactions is opened again on next use; one lost inside a
-transaction fails that transaction (its messages are not acknowledged and come again).
+disk. A connection lost between transactions is opened again by the next transaction; one lost
+inside a transaction fails that transaction (its messages are not acknowledged and come again).
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ class PostgresConnection:
             raise StoreError(f"receiver database: {exc}") from exc
 
     def begin(self) -> None:
-        self.execute("BEGIN")
+        """BEGIN; on a connection found dead just now, once more on a new one (nothing was sent on it yet)."""
+        try:
+            self.execute("BEGIN")
+        except StoreError:
+            if not self._conn.closed:
+                raise
+            self.execute("BEGIN")
         self.in_transaction = True
 
     def commit(self) -> None:

@@ -194,12 +194,30 @@ def test_postgres_rolls_back_a_transaction_whose_statement_failed_even_if_swallo
 def test_postgres_reconnects_after_losing_its_connection_between_transactions(postgres):
     with PostgresStore(fresh_database(postgres)) as store:
         store.insert(alert_claims(seq=1), 1.0)
-        pid = store._db.execute("SELECT pg_backend_pid()").fetchone()[0]
-        with psycopg.connect(postgres.dsn, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        kill_connection(postgres, store)
         with pytest.raises(StoreError):  # the statement that finds it gone fails: the message would be sent again
             store.find("cp-1", 1)
         assert [m.seq for m in store.messages()] == [1]
+        kill_connection(postgres, store)
+        with store.transaction():  # a batch after a server restart: BEGIN finds the connection dead, opens another
+            assert store.insert(alert_claims(seq=2), 2.0)
+        assert [m.seq for m in store.messages()] == [1, 2]
+
+
+def test_postgres_fails_a_transaction_that_loses_its_connection(postgres):
+    with PostgresStore(fresh_database(postgres)) as store:
+        with pytest.raises(StoreError), store.transaction():
+            store.insert(alert_claims(seq=1), 1.0)
+            kill_connection(postgres, store)
+            store.insert(alert_claims(seq=2), 1.0)
+        assert store.messages() == []
+
+
+def kill_connection(postgres, store) -> None:
+    """The server ends the store's session, as a restart or a failover would."""
+    pid = store._db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
 def test_postgres_commits_synchronously(postgres):
