@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from agent.centre.keyring import Keyring
 from agent.centre.receiver import MessageChecker, Receiver
 from agent.centre.store import SCHEMA_VERSION, ReceiverStore, SchemaTooNew, StoreError, open_store
+from agent.cli import main
+from agent.config.centre import load_receiver_config
 from agent.device.agent import Agent
 from agent.protocol.enrolment import enrolment_record
 from agent.protocol.messages import MessageClaims, TopicLayout, new_claims
@@ -239,8 +243,9 @@ def with_database(config, database: str):
     return config.model_copy(update={"receiver": config.receiver.model_copy(update={"database": database})})
 
 
-def test_a_receiver_on_postgres_stores_an_alert_and_acknowledges_it(site, postgres, mock_factory):
-    config = with_database(site.receiver_config, fresh_database(postgres))
+def test_a_receiver_on_postgres_stores_an_alert_and_acknowledges_it(site, postgres, mock_factory, capsys):
+    config_path = postgres_config(site, fresh_database(postgres))
+    config = load_receiver_config(config_path)
     device = site.add_device("cp-1", body='[[buttons]]\nname = "help"\npin = 17\n\n[indicator]\nled_pin = 5\n')
     with Receiver(config) as receiver, Agent(device, pin_factory=mock_factory) as agent:
         assert isinstance(receiver.store, PostgresStore)
@@ -252,9 +257,21 @@ def test_a_receiver_on_postgres_stores_an_alert_and_acknowledges_it(site, postgr
         assert wait_until(lambda: agent.delivery.stats.acknowledged >= 1, 10)
         (alert,) = receiver.store.messages(kind="alert")
         assert (alert.device, alert.claims["body"]["button"]) == ("cp-1", "help")
-        assert any(s.device == "cp-1" and s.status == "online" for s in receiver.registry.states())
     with PostgresStore(config.database_dsn) as store:  # on the server, not in the receiver's memory
         assert [m.kind for m in store.messages(kind="alert")] == ["alert"]
+    assert main(["receiver", "devices", "--config", str(config_path), "--json"]) == 0  # the CLI reads it there too
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["device"], row["enrolled"]) == ("cp-1", "yes") and row["last_seen"].endswith(" s ago")
+    assert row["state"] in ("online", "offline")  # offline once its clean stop arrived before the receiver's
+
+
+def postgres_config(site, dsn: str) -> Path:
+    """The site's receiver.toml, storing in PostgreSQL."""
+    path = site.receiver_toml_path().with_name("receiver-postgres.toml")
+    path.write_text(
+        site.receiver_toml_path().read_text().replace("[receiver]\n", f'[receiver]\ndatabase = "{dsn}"\n', 1)
+    )
+    return path
 
 
 @pytest.mark.parametrize("database", ["host=db dbname=edge", "mysql://db/edge", "sqlite:///x"])
