@@ -8,7 +8,6 @@ each brings its own connection, transaction and schema (column types differ).
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,7 +65,10 @@ CREATE TABLE IF NOT EXISTS device_events (
 
 
 class StoreError(AgentError, OSError):
-    """The receiver's database failed (server gone, write refused): to the receiver, like a disk failing."""
+    """The receiver's database failed (server gone, write refused): to the receiver, like a disk failing.
+
+    An OSError, so what the receiver and the metrics do about a failing disk applies unchanged.
+    """
 
 
 class SchemaTooNew(AgentError, RuntimeError):
@@ -259,7 +261,3 @@ def open_store(config: ReceiverConfig) -> ReceiverStore:
     from agent.centre.store_postgres import PostgresStore  # psycopg only where PostgreSQL is used
 
     return PostgresStore(dsn)
-
-
-#: What a failing database raises, from either backend (PostgreSQL's errors arrive as StoreError).
-STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)

@@ -60,6 +60,14 @@ def model(claims: dict) -> MessageClaims:
     return MessageClaims.model_validate(claims)
 
 
+def checker_on(store, tmp_path):
+    """The receiver's checks on ``store``, with cp-1 of site-a enrolled; and how cp-1 signs."""
+    key = generate_private_key(tmp_path / "device.pem")
+    keyring = Keyring(tmp_path / "keyring")
+    keyring.enroll(enrolment_record("cp-1", "site-a", "call-point", key))
+    return MessageChecker(keyring, store, TopicLayout("edge")), MessageSigner(key).sign
+
+
 def test_a_second_copy_of_device_and_sequence_is_not_stored(store):
     first = alert_claims(seq=5)
     assert store.insert(first, 100.0) is True
@@ -71,17 +79,33 @@ def test_a_second_copy_of_device_and_sequence_is_not_stored(store):
 
 
 def test_another_event_on_a_known_sequence_is_replayed_and_a_resend_a_duplicate(store, tmp_path):
-    key = generate_private_key(tmp_path / "device.pem")
-    keyring = Keyring(tmp_path / "keyring")
-    keyring.enroll(enrolment_record("cp-1", "site-a", "call-point", key))
-    checker = MessageChecker(keyring, store, TopicLayout("edge"))
+    checker, sign = checker_on(store, tmp_path)
     claims = alert_claims(seq=7)
-    sign = MessageSigner(key).sign
     assert checker.check(ALERT_TOPIC, sign(claims).encode()).outcome == "accepted"
     assert checker.check(ALERT_TOPIC, sign({**claims, "sent": time.time()}).encode()).outcome == "duplicate"
     replay = checker.check(ALERT_TOPIC, sign(alert_claims(seq=7)).encode())
     assert (replay.outcome, replay.reason) == ("rejected", "replayed")
     assert [m.event_id for m in store.messages()] == [claims["event_id"]]
+
+
+def refuse_inserts(store) -> None:
+    """The database refuses every new message from now on, as a full disk or a lost server would."""
+    if isinstance(store, PostgresStore):
+        store._db.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE 'disk full'; END $$"
+        )
+        store._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages EXECUTE FUNCTION refuse()")
+    else:
+        store._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+
+
+def test_a_message_the_database_refuses_is_store_failed_never_acknowledged(store, tmp_path):
+    checker, sign = checker_on(store, tmp_path)
+    refuse_inserts(store)
+    verdict = checker.check(ALERT_TOPIC, sign(alert_claims(seq=1)).encode())
+    assert (verdict.outcome, verdict.reason) == ("rejected", "store_failed")
+    assert "disk full" in verdict.detail
+    assert store.messages() == []
 
 
 def test_a_batch_rolled_back_leaves_nothing_to_acknowledge(store):
