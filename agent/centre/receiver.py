@@ -34,7 +34,7 @@ from typing import Literal
 from agent.centre.keyring import Keyring
 from agent.centre.metrics import receiver_metrics
 from agent.centre.registry import DeviceEvent
-from agent.centre.store import ReceiverStore
+from agent.centre.store import ReceiverStore, open_store
 from agent.config.centre import ReceiverConfig
 from agent.config.secrets import secret_file
 from agent.errors import SignatureInvalid
@@ -253,7 +253,7 @@ class Receiver:
         key_path = secret_file(settings.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
         self.signer = MessageSigner(load_private_key(key_path))
         self.keyring = Keyring(config.keyring_path)
-        self.store = ReceiverStore(config.database_path)
+        self.store = open_store(config)  # SQLite or PostgreSQL, as [receiver] database says
         self.clock = clock  # the centre's clock: the time window and the ack's stored_at
         self.checker = MessageChecker(
             self.keyring, self.store, self.topics, settings.window_past_s, settings.window_future_s, clock

@@ -13,31 +13,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from agent.protocol.messages import MessageClaims
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    site TEXT NOT NULL,
-    last_seen REAL,
-    status TEXT NOT NULL DEFAULT 'unknown',
-    missing INTEGER NOT NULL DEFAULT 0,
-    last_telemetry TEXT,
-    clock_skew_s REAL
-);
-CREATE TABLE IF NOT EXISTS device_events (
-    at REAL NOT NULL,
-    device TEXT NOT NULL,
-    site TEXT NOT NULL,
-    event TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
 
 
 @contextmanager
@@ -82,23 +63,25 @@ class DeviceRegistry:
     """Kept in the receiver's database, so ``edge-agent receiver devices`` can read it from outside."""
 
     def __init__(
-        self, db: sqlite3.Connection, lock: threading.RLock, supervision_s: float, started_at: float | None = None
+        self,
+        db: Any,
+        lock: threading.RLock,
+        supervision_s: float,
+        started_at: float | None = None,
+        *,
+        transaction: Callable[[], AbstractContextManager[None]],
     ):
-        self._db = db
+        self._db = db  # sqlite3.Connection, or store_postgres's connection speaking the same SQL
         self._lock = lock
+        self._transaction = transaction  # the store's: one commit (one fsync) for everything inside
         self.supervision_s = supervision_s
         self.started_at = time.time() if started_at is None else started_at
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
-            if "clock_skew_s" not in columns:  # a database from before clocks were watched
-                self._db.execute("ALTER TABLE devices ADD COLUMN clock_skew_s REAL")
 
     def heard(self, claims: MessageClaims, now: float) -> DeviceEvent | None:
         """Record a fresh, first-seen message: proof of life. Returns a 'back' event if the device had been missing."""
         status = "online"
         telemetry = json.dumps(claims.body) if claims.kind == "telemetry" else None
-        with self._lock:
+        with self._transaction():
             row = self._db.execute("SELECT missing FROM devices WHERE device = ?", (claims.device,)).fetchone()
             self._db.execute(
                 "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry) VALUES (?, ?, ?, ?, 0, ?)"
@@ -107,8 +90,10 @@ class DeviceRegistry:
                 " last_telemetry = COALESCE(excluded.last_telemetry, devices.last_telemetry)",
                 (claims.device, claims.site, now, status, telemetry),
             )
-        if row is not None and row[0]:
-            return self._record(DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now)
+            if row is not None and row[0]:
+                return self._record(
+                    DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now
+                )
         return None
 
     def note_clock(self, device: str, skew_s: float) -> None:
@@ -142,7 +127,7 @@ class DeviceRegistry:
                 silent.append(DeviceEvent(device, site, "missing", detail))
         if not silent:
             return []
-        with atomic(self._db, self._lock):  # a whole fleet gone silent at once is one commit, not one per device
+        with self._transaction():  # a whole fleet gone silent at once is one commit, not one per device
             for event in silent:
                 self._db.execute(
                     "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
@@ -173,4 +158,4 @@ class DeviceRegistry:
 
     def events(self) -> list[tuple[float, str, str, str, str]]:
         with self._lock:
-            return self._db.execute("SELECT * FROM device_events ORDER BY at").fetchall()
+            return [tuple(row) for row in self._db.execute("SELECT * FROM device_events ORDER BY at").fetchall()]

@@ -1,19 +1,31 @@
-"""The centre's durable record of accepted device messages, unique by (device, sequence)."""
+"""The centre's durable record of accepted device messages, unique by (device, sequence).
+
+Two backends with one behaviour: SQLite (a file, this module) and PostgreSQL (``store_postgres``),
+chosen by ``[receiver] database``. Both speak the same SQL (``?`` placeholders, ``ON CONFLICT``);
+each brings its own connection, transaction and schema (column types differ).
+"""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.centre.registry import DeviceRegistry, atomic
+from agent.errors import AgentError
 from agent.runtime.database import open_durable
 
-_SCHEMA = """
+if TYPE_CHECKING:
+    from agent.config.centre import ReceiverConfig
+
+#: The schema version this code knows; a database at a newer one is refused.
+SCHEMA_VERSION = 1
+
+_SQLITE_V1 = """
 CREATE TABLE IF NOT EXISTS messages (
     device TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -33,7 +45,34 @@ CREATE TABLE IF NOT EXISTS outstanding (
     noticed_at REAL NOT NULL,
     PRIMARY KEY (device, seq)
 );
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    last_seen REAL,
+    status TEXT NOT NULL DEFAULT 'unknown',
+    missing INTEGER NOT NULL DEFAULT 0,
+    last_telemetry TEXT,
+    clock_skew_s REAL
+);
+CREATE TABLE IF NOT EXISTS device_events (
+    at REAL NOT NULL,
+    device TEXT NOT NULL,
+    site TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+)
 """
+
+
+class StoreError(AgentError, OSError):
+    """The receiver's database failed (server gone, write refused): to the receiver, like a disk failing.
+
+    An OSError, so what the receiver and the metrics do about a failing disk applies unchanged.
+    """
+
+
+class SchemaTooNew(AgentError, RuntimeError):
+    """The database was migrated by a newer receiver: this one must not write to it."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +89,16 @@ class StoredMessage:
 
 
 class ReceiverStore:
-    """SQLite (WAL, full sync): an alert is on disk before the device is told the centre has it."""
+    """SQLite (WAL, full sync): an alert is on disk before the device is told the centre has it.
+
+    The SQL here is shared with ``PostgresStore``, which overrides only opening, transactions and the schema.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.RLock()  # re-entered by every write inside a transaction()
-        self._db = open_durable(self.path, _SCHEMA, "receiver database")
+        self._db = open_durable(self.path, "", "receiver database")
+        self._migrate()
 
     def __enter__(self) -> ReceiverStore:
         return self
@@ -77,9 +120,63 @@ class ReceiverStore:
         with atomic(self._db, self._lock):
             yield
 
+    def _migrations(self) -> list[Callable[[], None]]:
+        """Step n brings the schema from version n to n + 1 (inside one transaction)."""
+        return [self._sqlite_v1]
+
+    def _sqlite_v1(self) -> None:
+        for statement in _SQLITE_V1.split(";"):
+            self._db.execute(statement)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+        if "clock_skew_s" not in columns:  # a database from before clocks were watched
+            self._db.execute("ALTER TABLE devices ADD COLUMN clock_skew_s REAL")
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, or refuse a database a newer receiver has migrated.
+
+        An up-to-date database is only read (no write lock: the CLI can open it beside a running receiver).
+        """
+        migrations = self._migrations()
+        if self._refuse_newer(self.schema_version(), len(migrations)):
+            return
+        with self.transaction():
+            self._lock_schema()
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            self._refuse_newer(current, len(migrations))
+            for version in range(current, len(migrations)):
+                migrations[version]()
+                self._db.execute("INSERT INTO schema_version VALUES (?)", (version + 1,))
+
+    @staticmethod
+    def _refuse_newer(current: int, known: int) -> bool:
+        """True if the schema is the one this code knows; SchemaTooNew if it is newer."""
+        if current > known:
+            raise SchemaTooNew(
+                f"the receiver database is at schema version {current}, newer than this receiver knows "
+                f"({known}): upgrade edge-agent, or point [receiver] database elsewhere"
+            )
+        return current == known
+
+    def _lock_schema(self) -> None:
+        """Keep two receivers from migrating at once (SQLite: BEGIN IMMEDIATE already does)."""
+
+    def schema_version(self) -> int:
+        """The database's schema version; 0 for a new database or one from before versions."""
+        with self._lock:
+            if not self._has_table("schema_version"):
+                return 0
+            return self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+
+    def _has_table(self, name: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+            is not None
+        )
+
     def registry(self, supervision_s: float) -> DeviceRegistry:
         """The fleet registry, kept in the same database."""
-        return DeviceRegistry(self._db, self._lock, supervision_s)
+        return DeviceRegistry(self._db, self._lock, supervision_s, transaction=self.transaction)
 
     def find(self, device: str, seq: int) -> StoredMessage | None:
         with self._lock:
@@ -89,9 +186,10 @@ class ReceiverStore:
     def insert(self, claims: dict[str, Any], received_at: float) -> bool:
         """Store a message; False if (device, seq) is already there."""
         with self._lock:
-            cursor = self._db.execute(
+            rows = self._db.execute(
                 # Only the (device, seq) conflict is a duplicate; any other constraint failing is an error.
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING",
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
+                " RETURNING seq",
                 (
                     claims["device"],
                     claims["seq"],
@@ -103,8 +201,8 @@ class ReceiverStore:
                     received_at,
                     json.dumps(claims),
                 ),
-            )
-            return cursor.rowcount == 1
+            ).fetchall()
+            return len(rows) == 1
 
     def follow_chain(self, device: str, seq: int, prev: int | None, now: float) -> tuple[int | None, bool]:
         """Record what a stored message says about its predecessor.
@@ -112,7 +210,7 @@ class ReceiverStore:
         Returns ``(missing, filled)``: the predecessor's sequence if the centre does not have it (now
         outstanding), and whether this message itself was outstanding (a gap filled).
         """
-        with self._lock:
+        with self.transaction():
             filled = self._db.execute("DELETE FROM outstanding WHERE device = ? AND seq = ?", (device, seq)).rowcount
             if not prev:
                 return None, bool(filled)
@@ -130,11 +228,11 @@ class ReceiverStore:
         if device is not None:
             query, args = query + " WHERE device = ?", (device,)
         with self._lock:
-            return self._db.execute(query + " ORDER BY device, seq", args).fetchall()
+            return [tuple(row) for row in self._db.execute(query + " ORDER BY device, seq", args).fetchall()]
 
     def prune(self, older_than: float) -> int:
         """Delete messages and device events received before ``older_than`` (Unix time): bounded retention."""
-        with self._lock:
+        with self.transaction():
             removed = self._db.execute("DELETE FROM messages WHERE received_at < ?", (older_than,)).rowcount
             removed += self._db.execute("DELETE FROM device_events WHERE at < ?", (older_than,)).rowcount
         return removed
@@ -153,3 +251,13 @@ class ReceiverStore:
 def _message(row: tuple) -> StoredMessage:
     device, seq, event_id, site, kind, test, created, received_at, claims = row
     return StoredMessage(device, seq, event_id, site, kind, bool(test), created, received_at, json.loads(claims))
+
+
+def open_store(config: ReceiverConfig) -> ReceiverStore:
+    """The store ``[receiver] database`` names: a PostgreSQL DSN, or an SQLite file relative to state_dir."""
+    dsn = config.database_dsn
+    if dsn is None:
+        return ReceiverStore(config.database_path)
+    from agent.centre.store_postgres import PostgresStore  # psycopg only where PostgreSQL is used
+
+    return PostgresStore(dsn)

@@ -39,12 +39,12 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from agent.centre.keyring import Keyring
-    from agent.centre.store import ReceiverStore
+    from agent.centre.store import open_store
     from agent.config.centre import load_receiver_config
 
     config = load_receiver_config(args.config)
     enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
-    with ReceiverStore(config.database_path) as store:
+    with open_store(config) as store:
         states = {s.device: s for s in store.registry(config.receiver.supervision_s).states()}
         outstanding: dict[str, list[int]] = {}
         for device, seq, _ in store.outstanding():
@@ -113,7 +113,7 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
 
     from agent.centre.evidence_fetch import fetch
     from agent.centre.keyring import Keyring
-    from agent.centre.store import ReceiverStore
+    from agent.centre.store import open_store
     from agent.config.centre import load_receiver_config
     from agent.config.secrets import resolve_secret
     from agent.mqtt.link import MqttLink
@@ -123,7 +123,7 @@ def cmd_receiver_fetch_evidence(args: argparse.Namespace) -> int:
     from agent.protocol.signing import MessageSigner, load_private_key
 
     config = load_receiver_config(args.config)
-    with ReceiverStore(config.database_path) as store:
+    with open_store(config) as store:
         alerts = [
             m
             for m in store.messages(kind="alert", device=args.device)

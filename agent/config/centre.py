@@ -11,6 +11,9 @@ from agent.config.fields import ConfigRelativePath
 from agent.config.loading import load_model
 from agent.config.mqtt import MqttSection
 
+#: How a PostgreSQL DSN (URI form) begins; anything else in ``database`` is an SQLite file.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 
 class ReceiverSection(Section):
     id: Name = Field("centre", description="Receiver id, put in acknowledgements.")
@@ -21,7 +24,11 @@ class ReceiverSection(Section):
         Path("/etc/edge-agent/credentials"), description="Where the centre's key and passwords live."
     )
     keyring_dir: str = Field("keyring", description="Directory of enrolled device keys, relative to state_dir.")
-    database: str = Field("receiver.sqlite", description="Accepted messages, relative to state_dir.")
+    database: str = Field(
+        "receiver.sqlite",
+        description="Accepted messages: a PostgreSQL DSN (postgresql://user@host/db; keep passwords in ~/.pgpass"
+        " or PGPASSFILE, not here), or an SQLite file, relative to state_dir.",
+    )
     signing_key_file: str = Field("centre-key.pem", description="The centre's Ed25519 key for acknowledgements.")
     encryption_key_file: str = Field(
         "centre-enc-key.pem", description="The centre's X25519 key; devices encrypt evidence images for it."
@@ -53,6 +60,15 @@ class ReceiverSection(Section):
         description='Prometheus metrics on "host:port" (e.g. "127.0.0.1:9464"; port 0: any free port); off when unset.',
     )
 
+    @field_validator("database")
+    @classmethod
+    def _dsn_or_file(cls, value: str) -> str:
+        if value.startswith(POSTGRES_SCHEMES):
+            return value
+        if "://" in value or "dbname=" in value or "host=" in value:
+            raise ValueError(f"{value!r}: give PostgreSQL as a postgresql:// URI, or an SQLite file name")
+        return value
+
     @field_validator("metrics_listen")
     @classmethod
     def _host_and_port(cls, value: str | None) -> str | None:
@@ -83,7 +99,14 @@ class ReceiverConfig(Section):
         return self.receiver.state_dir / self.receiver.ca_dir
 
     @property
+    def database_dsn(self) -> str | None:
+        """The PostgreSQL DSN when ``database`` names one, else None (an SQLite file)."""
+        database = self.receiver.database
+        return database if database.startswith(POSTGRES_SCHEMES) else None
+
+    @property
     def database_path(self) -> Path:
+        """The SQLite file (only meaningful when ``database`` is not a PostgreSQL DSN)."""
         return self.receiver.state_dir / self.receiver.database
 
 

@@ -1,0 +1,163 @@
+"""The receiver's store on PostgreSQL: the same SQL and behaviour as the SQLite store, on a server.
+
+Chosen by ``[receiver] database = "postgresql://…"``. One connection, guarded by the store's lock
+(the receiver has one worker writing; metrics and the CLI read): ``transaction()`` is one PostgreSQL
+transaction, committed with ``synchronous_commit = on`` so an acknowledged message is on the server's
+disk. A connection lost between transactions is opened again by the next transaction; one lost
+inside a transaction fails that transaction (its messages are not acknowledged and come again).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from agent.centre.store import ReceiverStore, StoreError
+
+#: Held (per transaction) while migrating, so two receivers starting together do not both migrate.
+SCHEMA_LOCK_KEY = 0x6564676541  # "edgeA"
+
+_POSTGRES_V1 = """
+CREATE TABLE IF NOT EXISTS messages (
+    device TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    event_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    test INTEGER NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    claims TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (kind, received_at);
+CREATE INDEX IF NOT EXISTS messages_by_age ON messages (received_at);
+CREATE TABLE IF NOT EXISTS outstanding (
+    device TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    noticed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    last_seen DOUBLE PRECISION,
+    status TEXT NOT NULL DEFAULT 'unknown',
+    missing INTEGER NOT NULL DEFAULT 0,
+    last_telemetry TEXT,
+    clock_skew_s DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS device_events (
+    at DOUBLE PRECISION NOT NULL,
+    device TEXT NOT NULL,
+    site TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_events_by_age ON device_events (at)
+"""
+
+
+class PostgresConnection:
+    """A psycopg connection that speaks the stores' SQL (``?`` placeholders) and fails with StoreError."""
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        self.in_transaction = False
+        self._conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+            conn.execute("SET synchronous_commit TO on")  # whatever the server's default: a commit is on disk
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the receiver database: {exc}") from None
+        return conn
+
+    def execute(self, sql: str, args: Sequence[Any] | None = None) -> psycopg.Cursor:
+        if self._conn.closed and not self.in_transaction:  # the server went away between transactions
+            self._conn = self._connect()
+        try:
+            return self._conn.execute(sql.replace("?", "%s"), args)
+        except psycopg.Error as exc:
+            raise StoreError(f"receiver database: {exc}") from exc
+
+    def begin(self) -> None:
+        """BEGIN; on a connection found dead just now, once more on a new one (nothing was sent on it yet)."""
+        try:
+            self.execute("BEGIN")
+        except StoreError:
+            if not self._conn.closed:
+                raise
+            self.execute("BEGIN")
+        self.in_transaction = True
+
+    def commit(self) -> None:
+        """COMMIT, or StoreError: a transaction in which a statement failed is rolled back, never reported kept."""
+        if self._conn.info.transaction_status != TransactionStatus.INTRANS:
+            raise StoreError("receiver database: the transaction failed and was rolled back")
+        status = self.execute("COMMIT").statusmessage
+        self.in_transaction = False
+        if status != "COMMIT":
+            raise StoreError(f"receiver database: COMMIT answered {status!r}")
+
+    def rollback(self) -> None:
+        self.in_transaction = False
+        if self._conn.closed:
+            return
+        with suppress(psycopg.Error):
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresStore(ReceiverStore):
+    """``ReceiverStore`` on PostgreSQL: the same methods and SQL; its own connection, transactions and types."""
+
+    def __init__(self, dsn: str):
+        self.path = None
+        self.dsn = dsn
+        self._lock = threading.RLock()
+        self._db = PostgresConnection(dsn)
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One PostgreSQL transaction for everything inside, committed (synchronously) or rolled back.
+
+        The exception propagates, a failed COMMIT included. Other threads wait for the whole
+        transaction; nested use joins the outer one.
+        """
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.begin()
+            try:
+                yield
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+
+    def _migrations(self) -> list[Callable[[], None]]:
+        return [self._postgres_v1]
+
+    def _postgres_v1(self) -> None:
+        self._db.execute(_POSTGRES_V1)
+
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
+
+    def _lock_schema(self) -> None:
+        self._db.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
