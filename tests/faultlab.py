@@ -29,7 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.centre.store import ReceiverStore, StoredMessage
+from agent.centre.store import ReceiverStore, StoredMessage, open_store
+from agent.config.centre import load_receiver_config
 from agent.config.device import load_agent_config
 from agent.demo.broker import LocalBroker
 from agent.demo.site import LocalSite
@@ -235,11 +236,16 @@ class FaultLab:
         return self._log_count(self.receivers.get(name) or self.agents[name], text)
 
     def store(self) -> ReceiverStore:
-        return ReceiverStore(self.site.receiver_config.database_path)
+        """The centre's store as its receivers use it (SQLite, or PostgreSQL when receiver_settings say so)."""
+        return open_store(load_receiver_config(self.site.receiver_toml_path()))
 
     def stored_keys(self) -> set[tuple[str, int]]:
         """(device, seq) of every stored alert: a cheap read-only poll for big backlogs."""
-        uri = f"file:{self.site.receiver_config.database_path}?mode=ro"
+        config = load_receiver_config(self.site.receiver_toml_path())
+        if config.database_dsn is not None:
+            with self.store() as store:
+                return {(m.device, m.seq) for m in store.messages(kind="alert")}
+        uri = f"file:{config.database_path}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             return set(db.execute("SELECT device, seq FROM messages WHERE kind = 'alert'").fetchall())
 
