@@ -82,7 +82,10 @@ class DeviceRegistry:
         status = "online"
         telemetry = json.dumps(claims.body) if claims.kind == "telemetry" else None
         with self._transaction():
-            row = self._db.execute("SELECT missing FROM devices WHERE device = ?", (claims.device,)).fetchone()
+            # Whoever flips missing 1 -> 0 reports "back": one row lock decides, however many receivers run.
+            flipped = self._db.execute(
+                "UPDATE devices SET missing = 0 WHERE device = ? AND missing = 1", (claims.device,)
+            ).rowcount
             self._db.execute(
                 "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry) VALUES (?, ?, ?, ?, 0, ?)"
                 " ON CONFLICT(device) DO UPDATE SET site = excluded.site, last_seen = excluded.last_seen,"
@@ -90,7 +93,7 @@ class DeviceRegistry:
                 " last_telemetry = COALESCE(excluded.last_telemetry, devices.last_telemetry)",
                 (claims.device, claims.site, now, status, telemetry),
             )
-            if row is not None and row[0]:
+            if flipped == 1:
                 return self._record(
                     DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now
                 )
@@ -127,14 +130,21 @@ class DeviceRegistry:
                 silent.append(DeviceEvent(device, site, "missing", detail))
         if not silent:
             return []
+        cutoff = now - self.supervision_s
         with self._transaction():  # a whole fleet gone silent at once is one commit, not one per device
-            for event in silent:
-                self._db.execute(
+            # Whoever flips missing 0 -> 1 (and sees it still silent) reports it: once, however many receivers run.
+            claimed = [
+                event
+                for event in silent
+                if self._db.execute(
                     "INSERT INTO devices (device, site, missing) VALUES (?, ?, 1)"
-                    " ON CONFLICT(device) DO UPDATE SET missing = 1",
-                    (event.device, event.site),
-                )
-            events = [self._record(event, now) for event in silent]
+                    " ON CONFLICT(device) DO UPDATE SET missing = 1"
+                    " WHERE devices.missing = 0 AND (devices.last_seen IS NULL OR devices.last_seen < ?)",
+                    (event.device, event.site, cutoff),
+                ).rowcount
+                == 1
+            ]
+            events = [self._record(event, now) for event in claimed]
         return events
 
     def _record(self, event: DeviceEvent, now: float) -> DeviceEvent:

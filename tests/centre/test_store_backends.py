@@ -140,6 +140,42 @@ def test_the_registry_reports_missing_once_and_back_once(store):
     assert [(e[1], e[3]) for e in registry.events()] == [("cp-1", "missing"), ("cp-1", "back")]
 
 
+def test_several_receivers_on_one_database_report_each_transition_once(reopen):
+    """Every receiver runs supervision; the row they all update decides who reports a transition."""
+    with reopen() as first, reopen() as second:
+        registries = [first.registry(supervision_s=10), second.registry(supervision_s=10)]
+        claims = model(alert_claims(seq=1))
+        registries[0].heard(claims, now=1000.0)
+        missing = [e for r in registries for e in r.check([("cp-1", "site-a")], now=1011.0)]
+        assert [(e.device, e.event) for e in missing] == [("cp-1", "missing")]
+        back = [registry.heard(claims, now=1020.0) for registry in registries]
+        assert [(e.device, e.event) for e in back if e is not None] == [("cp-1", "back")]
+        assert [(e[1], e[3]) for e in registries[1].events()] == [("cp-1", "missing"), ("cp-1", "back")]
+
+
+def test_receivers_checking_at_the_same_moment_still_report_each_device_once(reopen):
+    import threading
+
+    fleet = [(f"cp-{n}", "site-a") for n in range(100)]
+    with reopen() as first, reopen() as second:
+        for device, _ in fleet:
+            first.registry(10).heard(model(alert_claims(seq=1, device=device)), now=1000.0)
+        registries = [first.registry(10), second.registry(10)]
+        start = threading.Barrier(2)
+        reported: list = []
+
+        def supervise(registry):
+            start.wait()
+            reported.extend(registry.check(fleet, now=1011.0))
+
+        threads = [threading.Thread(target=supervise, args=(r,)) for r in registries]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert sorted(e.device for e in reported) == sorted(device for device, _ in fleet)
+
+
 def test_telemetry_is_kept_and_a_last_will_marks_offline(store):
     registry = store.registry(90)
     telemetry = new_claims(device="cp-1", site="site-a", seq=1, kind="telemetry", body={"version": "1.2\x00"})
