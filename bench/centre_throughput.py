@@ -1,6 +1,6 @@
 """Messages a second the centre verifies, stores and acknowledges; on PostgreSQL and SQLite; one JSON object.
 
-    python bench/centre_throughput.py [--messages 2000] [--senders 200] [--fleet 50000] [--dir DIR]
+    python bench/centre_throughput.py [--messages 5000] [--senders 200] [--fleet 50000] [--dir DIR]
 
 Each run is real receiver processes (``python -m agent.cli receiver --config …``; two of them share the
 MQTT group) behind a real mosquitto, on a fresh database, fed pre-signed alerts (a button alert's body,
@@ -318,7 +318,7 @@ def engine_runs(engine: str, site: LocalSite, tmp: Path, pg, keys: dict, args, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=2000, help="timed alerts per run")
+    parser.add_argument("--messages", type=int, default=5000, help="timed alerts per run")
     parser.add_argument("--senders", type=int, default=200, help="devices that send (of those enrolled)")
     parser.add_argument("--fleet", type=int, default=50_000, help="devices enrolled in the large-fleet runs")
     parser.add_argument("--floor-seconds", type=float, default=2.0, help="how long each floor is measured")
