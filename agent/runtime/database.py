@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 from agent.errors import OutboxError
@@ -14,6 +15,10 @@ from agent.errors import OutboxError
 log = logging.getLogger(__name__)
 
 PRIVATE = 0o600
+#: How long a writer waits for another process's lock before SQLite says "database is locked".
+BUSY_TIMEOUT_S = 5.0
+#: Opening a brand-new file that another process is setting up is tried this often.
+OPEN_ATTEMPTS = 5
 #: SQLite's companions of a database in WAL mode; it creates them with the database's own mode.
 COMPANIONS = ("-wal", "-shm", "-journal")
 
@@ -25,16 +30,24 @@ def open_durable(path: Path, schema: str, what: str) -> sqlite3.Connection:
     created here with that mode before SQLite opens it, and SQLite gives its companions the
     database's mode. The connection is shared between threads; callers serialise access with their own lock.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _create_private(path)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(schema)
-    except (sqlite3.Error, OSError) as exc:
-        raise OutboxError(f"cannot open {what} {path}: {exc}") from None
-    return db
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(schema)
+            return db
+        except sqlite3.OperationalError as exc:
+            # Two processes opening a new file at once: switching it to WAL can find it locked at once,
+            # without waiting for the busy timeout. Open again shortly; anything else is an error now.
+            if "locked" not in str(exc) or attempt == OPEN_ATTEMPTS - 1:
+                raise OutboxError(f"cannot open {what} {path}: {exc}") from None
+            time.sleep(0.05 * (attempt + 1))
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxError(f"cannot open {what} {path}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 def _create_private(path: Path) -> None:
