@@ -43,6 +43,7 @@ class Hosts:
     tag: str
     net: int
     namespaces: list[str] = field(default_factory=list)
+    prefixes: list[list[str]] = field(default_factory=list)
 
     @property
     def bridge(self) -> str:
@@ -56,8 +57,8 @@ class Hosts:
     def subnet(self) -> str:
         return f"10.231.{self.net}.0/24"
 
-    def add(self, index: int) -> list[str]:
-        """Host ``index`` (10.231.<n>.<10+index>): its namespace made and wired; the command prefix to run in it."""
+    def add(self, index: int) -> None:
+        """Host ``index`` (10.231.<n>.<10+index>): its namespace made and wired, and the command prefix to run in it."""
         name, veth = f"ea{self.tag}h{index}", f"eav{self.tag}{index}"
         _ip("netns", "add", name)
         self.namespaces.append(name)
@@ -66,7 +67,7 @@ class Hosts:
         _ip("-n", name, "addr", "add", f"10.231.{self.net}.{10 + index}/24", "dev", "eth0")
         _ip("-n", name, "link", "set", "eth0", "up")
         _ip("-n", name, "link", "set", "lo", "up")
-        return ["ip", "netns", "exec", name]
+        self.prefixes.append(["ip", "netns", "exec", name])
 
     def remove(self) -> None:
         for name in self.namespaces:  # deleting a namespace deletes its end of the veth, and so the pair
@@ -84,8 +85,8 @@ def _unused_net() -> int:
 
 
 @contextmanager
-def hosts() -> Iterator[Hosts]:
-    """The test's network, or a skip saying why it cannot be made here."""
+def hosts(count: int) -> Iterator[Hosts]:
+    """The test's network with ``count`` hosts, or a skip saying why it cannot be made here."""
     if shutil.which("ip") is None:
         pytest.skip("iproute2 ('ip') is not installed: apt-get install iproute2")
     if os.geteuid() != 0:
@@ -96,6 +97,8 @@ def hosts() -> Iterator[Hosts]:
         _ip("link", "add", made.bridge, "type", "bridge")
         _ip("addr", "add", f"{made.address}/24", "dev", made.bridge)
         _ip("link", "set", made.bridge, "up")
+        for index in range(1, count + 1):
+            made.add(index)
     except OSError as exc:
         made.remove()
         pytest.skip(f"cannot make network namespaces here: {exc}")
@@ -107,7 +110,7 @@ def hosts() -> Iterator[Hosts]:
 
 @pytest.fixture
 def network() -> Iterator[Hosts]:
-    with hosts() as made:
+    with hosts(len(RECEIVERS)) as made:
         yield made
 
 
@@ -132,7 +135,7 @@ def _acknowledged(lab: FaultLab) -> bool:
 
 
 def test_three_receivers_on_their_own_hosts_one_killed_mid_burst(tmp_path, network, centre_database):
-    prefixes = {receiver: network.add(i) for i, receiver in enumerate(RECEIVERS, start=1)}
+    prefixes = dict(zip(RECEIVERS, network.prefixes, strict=True))
     lab = FaultLab(
         tmp_path,
         ("cp-1", "cp-2"),
