@@ -105,6 +105,10 @@ class Supervised:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.is_running else None
+
     def start(self) -> None:
         if self.is_running:
             return
@@ -148,6 +152,8 @@ class FaultLab:
         receiver_settings: extra ``[receiver]`` lines (e.g. ``session_expiry_s = 10``).
         outbox_settings: extra ``[outbox]`` lines for every device.
         mqtt_settings: extra ``[mqtt]`` lines for every device (e.g. ``reconnect_max_s = 5``).
+        broker_host: the one address the broker listens on (a bridge's, for receivers in network namespaces).
+        receiver_prefixes: a command prefix per receiver id (e.g. ``["ip", "netns", "exec", "h1"]``).
     """
 
     def __init__(
@@ -159,13 +165,16 @@ class FaultLab:
         receiver_settings: str = "",
         outbox_settings: str = "",
         mqtt_settings: str = "",
+        broker_host: str = "127.0.0.1",
+        receiver_prefixes: dict[str, list[str]] | None = None,
     ):
         self.root = Path(root)
         self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.broker = LocalBroker(workdir=self.root / "mosquitto")
+        self.broker = LocalBroker(workdir=self.root / "mosquitto", host=broker_host)
         self.site = LocalSite(self.root / "site", self.broker)
         self._receiver_settings = receiver_settings
+        self._receiver_prefixes = receiver_prefixes or {}
         self.receivers: dict[str, Supervised] = {}
         self.agents: dict[str, Supervised] = {}
         self.sockets: dict[str, Path] = {}
@@ -206,7 +215,7 @@ class FaultLab:
         """A receiver process sharing the centre's database, keys and MQTT share group."""
         path = self.site.centre_dir / f"{receiver_id}.toml"
         self._write_receiver_config(receiver_id, path)
-        argv = [*CLI, "receiver", "--config", str(path)]
+        argv = [*self._receiver_prefixes.get(receiver_id, []), *CLI, "receiver", "--config", str(path)]
         receiver = Supervised(receiver_id, argv, self.logs / f"{receiver_id}.log")
         self.receivers[receiver_id] = receiver
         return receiver

@@ -29,8 +29,12 @@ def server_binaries() -> Path | None:
 class ThrowawayPostgres:
     """``with ThrowawayPostgres() as pg: pg.dsn`` — a fresh cluster that exists only for the block."""
 
-    def __init__(self, binaries: Path):
+    def __init__(self, binaries: Path, listen: tuple[str, int] | None = None, trusted_subnet: str | None = None):
+        """``listen`` (address, port): also TCP on that one address, trusting clients from ``trusted_subnet`` only
+        (the network-namespace tests); otherwise the unix socket alone."""
         self.binaries = binaries
+        self.listen = listen
+        self.trusted_subnet = trusted_subnet
         self.root = Path(tempfile.mkdtemp(prefix="edge-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "socket"
@@ -47,6 +51,8 @@ class ThrowawayPostgres:
 
     @property
     def dsn(self) -> str:
+        if self.listen is not None:
+            return f"postgresql://{DATABASE_USER}@{self.listen[0]}:{self.listen[1]}/postgres"
         return f"postgresql://{DATABASE_USER}@/postgres?host={self.socket_dir}"
 
     def __enter__(self) -> ThrowawayPostgres:
@@ -77,6 +83,12 @@ class ThrowawayPostgres:
             "C",
         )
         options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=on"
+        if self.listen is not None:
+            address, port = self.listen
+            options = f"-k {self.socket_dir} -c listen_addresses='{address}' -p {port} -c fsync=on"
+            hba = self.data / "pg_hba.conf"  # only this subnet over TCP; the socket stays as initdb made it
+            lines = [line for line in hba.read_text().splitlines() if not line.startswith("host")]
+            hba.write_text("\n".join([*lines, f"host all all {self.trusted_subnet} trust", ""]))
         self._run(
             str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"
         )

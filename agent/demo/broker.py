@@ -19,14 +19,14 @@ from agent.errors import BrokerUnavailable, MosquittoMissing
 INSTALL_HINT = "install it with 'sudo apt-get install -y mosquitto' (Debian, Raspberry Pi OS, Ubuntu)"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 class LocalBroker:
-    """mosquitto listening on 127.0.0.1 only; ``stop()`` and ``start()`` keep the same port."""
+    """mosquitto listening on 127.0.0.1 only (or the one ``host`` given); ``stop()`` and ``start()`` keep the same port."""
 
     def __init__(
         self,
@@ -34,23 +34,25 @@ class LocalBroker:
         workdir: Path | None = None,
         listener_config: str = "",
         global_config: str = "",
+        host: str = "127.0.0.1",
     ):
         """``listener_config`` lines follow the listener line (e.g. TLS: cafile, certfile, keyfile);
-        ``global_config`` lines precede it (e.g. ``acl_file``)."""
+        ``global_config`` lines precede it (e.g. ``acl_file``); ``host`` is the one address it listens on
+        (tests with network namespaces give it their bridge's address)."""
         self.executable = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
         )
         if self.executable is None:
             raise MosquittoMissing(f"mosquitto is not installed; {INSTALL_HINT}")
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-mosquitto-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path.write_text(
-            f"{global_config}\nlistener {self.port} 127.0.0.1\n{listener_config}\nallow_anonymous true\npersistence false\n"
+            f"{global_config}\nlistener {self.port} {self.host}\n{listener_config}\nallow_anonymous true\npersistence false\n"
             f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n"
             "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
             # As root, mosquitto would drop to its own user and lose access to our private temp files.
