@@ -257,7 +257,7 @@ def _alt_names(names: list[str]) -> list[x509.GeneralName]:
 
 
 def verify_issued(ca: DeviceCA, cert: x509.Certificate) -> None:
-    """Raise if ``cert`` was not signed by this CA (a check for tests and the issue command)."""
+    """Raise if ``cert`` was not signed by this CA (what an operator or a test checks an issued certificate with)."""
     _, ca_cert = ca._load()
     try:
         cert.verify_directly_issued_by(ca_cert)

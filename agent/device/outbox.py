@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (seq) WHERE published_at IS NULL;
+-- awaiting_ack() is asked on every delivery step: count only the (few) rows in the ack window.
+CREATE INDEX IF NOT EXISTS outbox_awaiting_ack ON outbox (seq) WHERE needs_ack = 1 AND published_at IS NOT NULL;
 """
 
 

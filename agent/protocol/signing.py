@@ -85,17 +85,6 @@ def public_key_from_jwk(jwk: dict[str, Any], where: str) -> OKPKey:
         raise KeyFileError(f"{where}: invalid public JWK: {exc}") from None
 
 
-def load_public_jwk(path: Path) -> OKPKey:
-    """Load a public JWK file (the centre's key on a device)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KeyFileError(f"public key {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read public JWK {path}: {exc}") from None
-    return public_key_from_jwk(data, str(path))
-
-
 def key_id(key: OKPKey) -> str:
     """The RFC 7638 thumbprint: the same public key always has the same id."""
     return key.thumbprint()
