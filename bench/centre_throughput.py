@@ -190,6 +190,24 @@ class Centre:
         raise RuntimeError(f"receivers {self.ids} not all answering after {timeout:g} s; exited: {tails}")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU a process has used so far (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(site: LocalSite, centre: Centre) -> dict[str, float]:
+    """CPU seconds so far of each receiver, the broker and this benchmark (publisher and ack listener)."""
+    snapshot = {p.name: cpu_seconds(p.pid) for p in centre.processes}
+    snapshot["mosquitto"] = cpu_seconds(site.broker._process.pid if site.broker._process else None)
+    times = os.times()
+    snapshot["bench"] = times.user + times.system
+    return snapshot
+
+
 def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list[OKPKey], args, receivers: int):
     """One timed run: messages a second, and the (device, seq) sent, to be found in the store."""
     workdir.mkdir()
@@ -209,11 +227,13 @@ def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list
         centre.warm_up(fleet, sender, acks)
         alerts = fleet.alerts(args.messages)  # signed before the clock starts
         sent = [key for _, _, key in alerts]
+        cpu_before = cpu_snapshot(site, centre)
         start = time.perf_counter()
         for topic, payload, _ in alerts:
             sender.publish(topic, payload, qos=1)
         heard = acks.wait(lambda got: all(key in got for key in sent), RUN_TIMEOUT_S)
         elapsed = time.perf_counter() - start
+        cpu_after = cpu_snapshot(site, centre)
         if not heard:
             print(f"warning: {workdir.name}: acks missing after {RUN_TIMEOUT_S:g} s", file=sys.stderr)
         by_receiver = {rid: sum(1 for key in sent if acks.acks.get(key) == rid) for rid in centre.ids}
@@ -224,6 +244,12 @@ def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list
         "seconds": round(elapsed, 2),
         "acks_by_receiver": by_receiver,
         "signed_bytes": [sizes[0], sizes[-1]],
+        # Share of one core each process used while timed: tells a CPU-bound receiver from a waiting one.
+        "cores_used": {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in cpu_after},
+        # Receiver CPU per stored message: what one receiver process would do with a core to itself.
+        "receiver_cpu_ms_per_msg": round(
+            sum(cpu_after[r] - cpu_before[r] for r in centre.ids) * 1000 / len(sent), 3
+        ),
         "lost": lost,
         "duplicated": duplicated,
     }

@@ -13,11 +13,13 @@ redelivery: it is acknowledged again but never stored or raised twice. The
 acknowledgement is signed with the centre's key and sent only after the
 message is on disk.
 
-Messages already waiting are judged together (up to BATCH_MAX): each is
-verified, then all are stored with their registry rows in one transaction (one
-fsync), and only after that commit is each answered and released at the
-broker, in arrival order. Verdicts are exactly those of one message at a time;
-if the shared commit fails, each message is stored on its own.
+Two threads share the work, so signature checks overlap the waits on the
+database: the screener verifies each message as it arrives; the worker takes
+what is already verified (up to BATCH_MAX) and stores it with its registry and
+chain rows in one transaction (one fsync; on PostgreSQL a few pipelined round
+trips, not one per statement), and only after that commit answers and releases
+each at the broker, in arrival order. Verdicts are those of one message at a
+time; if the shared commit fails, each message is stored on its own.
 """
 
 from __future__ import annotations
@@ -27,20 +29,20 @@ import queue
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from agent.centre.keyring import Keyring
 from agent.centre.metrics import receiver_metrics
-from agent.centre.registry import DeviceEvent
+from agent.centre.registry import DeviceEvent, Sighting
 from agent.centre.store import ReceiverStore, open_store
 from agent.config.centre import ReceiverConfig
 from agent.config.secrets import secret_file
 from agent.errors import SignatureInvalid
 from agent.mqtt.link import Inbound, MqttLink
 from agent.protocol.messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
-from agent.protocol.signing import ALGORITHM, MessageSigner, load_private_key, unverified_header, verify_claims
+from agent.protocol.signing import ALGORITHM, MessageSigner, load_private_key, open_token, verify_claims
 from agent.runtime.guard import LoopGuard
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,15 @@ class Pending:
     arrived_at: float
     alive: bool
     skew_s: float
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A message as the screener hands it to the worker: where it came from, when, and what the checks found."""
+
+    inbound: Inbound
+    arrived_at: float
+    screened: Verdict | Pending
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class MessageChecker:
         if isinstance(screened, Pending):
             try:
                 with self.store.transaction():
-                    screened = self.settle(screened)
+                    screened = self.settle_all([screened])[0]
             except (sqlite3.Error, OSError) as exc:
                 screened = store_failed(screened, exc)
         return self.count(topic, screened)
@@ -136,20 +147,17 @@ class MessageChecker:
             self.guard.failed("check", exc)
             return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def settle(self, pending: Pending) -> Verdict:
-        """Store a screened message (or find it stored): call inside ``store.transaction()``.
+    def settle_all(self, screened: Sequence[Verdict | Pending]) -> list[Verdict]:
+        """Store every screened message (or find it stored), in order: call inside ``store.transaction()``.
 
-        Database errors propagate, so the caller can roll the whole transaction back.
+        Verdicts pass through unchanged. Errors propagate, so the caller can roll the whole transaction back.
         """
-        try:
-            return self._store_once(pending)
-        except SignatureInvalid as exc:
-            return Verdict("rejected", exc.reason, str(exc))
-        except (sqlite3.Error, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - hostile input must never stop the receiver
-            self.guard.failed("check", exc)
-            return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}")
+        pending = [(n, item) for n, item in enumerate(screened) if isinstance(item, Pending)]
+        stored = self.store.store_many([(item.claims.model_dump(mode="json"), item.arrived_at) for _, item in pending])
+        verdicts = list(screened)
+        for (n, item), (event_id, inserted) in zip(pending, stored, strict=True):
+            verdicts[n] = judge_stored(item, event_id, inserted)
+        return verdicts  # type: ignore[return-value] - every Pending is replaced by its verdict
 
     def count(self, topic: str, verdict: Verdict) -> Verdict:
         """Count (and log a rejection of) a final verdict: once per message, after its commit."""
@@ -176,7 +184,8 @@ class MessageChecker:
         """Size, algorithm, enrolled key, signature, strict claims, device and topic: or a reason why not."""
         if len(payload) > MAX_MESSAGE_BYTES:
             raise SignatureInvalid("oversized", f"{len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
-        header = unverified_header(payload)
+        opened = open_token(payload)
+        header = opened.header
         if header.get("alg") != ALGORITHM:
             raise SignatureInvalid(
                 "algorithm_not_allowed", f"algorithm {header.get('alg')!r}; only Ed25519 is accepted"
@@ -184,7 +193,7 @@ class MessageChecker:
         device = self.keyring.lookup(str(header.get("kid")))
         if device is None:
             raise SignatureInvalid("unknown_device", f"key id {header.get('kid')!r} is not enrolled")
-        claims = verify_claims(MessageClaims, payload, device.key)
+        claims = verify_claims(MessageClaims, opened, device.key)
         if claims.device != device.device_id or claims.site != device.site:
             raise SignatureInvalid(
                 "device_mismatch",
@@ -197,27 +206,24 @@ class MessageChecker:
             )
         return claims
 
-    def _store_once(self, pending: Pending) -> Verdict:
-        """Store a first copy; a second copy of the same event is a duplicate, another event on its sequence a replay.
 
-        Whatever happens, the verdict is "accepted" or "duplicate" only once the stored row is read
-        back and is this very event: an acknowledgement promises exactly that (after the commit).
-        """
-        claims, skew = pending.claims, pending.skew_s
-        event_id = str(claims.event_id)
-        stored = self.store.find(claims.device, claims.seq)
-        inserted = stored is None and self.store.insert(claims.model_dump(mode="json"), pending.arrived_at)
-        stored = self.store.find(claims.device, claims.seq)
-        if stored is None:
-            detail = f"{claims.device} seq {claims.seq} is not in the store after insert"
-            return Verdict("rejected", "store_failed", detail, claims, skew_s=skew)
-        if stored.event_id != event_id:
-            raise SignatureInvalid(
-                "replayed", f"sequence {claims.seq} of {claims.device} was already used by event {stored.event_id}"
-            )
-        if inserted:
-            return Verdict("accepted", claims=claims, alive=pending.alive, skew_s=skew)
-        return Verdict("duplicate", claims=claims, skew_s=skew)
+def judge_stored(pending: Pending, event_id: str | None, inserted: bool) -> Verdict:
+    """A first copy is accepted; a second copy of the same event a duplicate; another event on its sequence a replay.
+
+    ``event_id`` is what the store read back under the message's (device, sequence) after writing:
+    the verdict is "accepted" or "duplicate" only if that is this very event, for an acknowledgement
+    promises exactly that (once the transaction is committed).
+    """
+    claims, skew = pending.claims, pending.skew_s
+    if event_id is None:
+        detail = f"{claims.device} seq {claims.seq} is not in the store after insert"
+        return Verdict("rejected", "store_failed", detail, claims, skew_s=skew)
+    if event_id != str(claims.event_id):
+        detail = f"sequence {claims.seq} of {claims.device} was already used by event {event_id}"
+        return Verdict("rejected", "replayed", detail)
+    if inserted:
+        return Verdict("accepted", claims=claims, alive=pending.alive, skew_s=skew)
+    return Verdict("duplicate", claims=claims, skew_s=skew)
 
 
 def store_failed(pending: Pending, exc: BaseException) -> Verdict:
@@ -267,8 +273,12 @@ class Receiver:
         self.link = self.links[0]
         self._reply_via = self.link  # the connection the message being answered came on
         self._inbox: queue.Queue[tuple[Inbound, float] | None] = queue.Queue(maxsize=settings.max_inflight)
+        # Checked messages on their way to the store: the next batch is verified while this one commits.
+        self._screened: queue.Queue[Screened | None] = queue.Queue(maxsize=BATCH_MAX)
         self._last_nak: dict[str, float] = {}
+        self._enrolled: tuple[int, list[tuple[str, str]]] = (-1, [])  # (keyring listing it is from, devices)
         self.guard = LoopGuard("receiver")
+        self.screener = LoopGuard("screener")
 
     def _connect_to(self, host: str, port: int) -> MqttLink:
         config, settings = self.config, self.config.receiver
@@ -304,6 +314,7 @@ class Receiver:
     def start(self) -> None:
         self.metrics.start()
         self.guard.start(self._work)
+        self.screener.start(self._screen_inbound)
         for link in self.links:
             link.start()
         log.info("receiver %s started: %d device(s) enrolled", self.config.receiver.id, len(self.keyring))
@@ -316,12 +327,13 @@ class Receiver:
             self._inbox.put(None, timeout=5)
         except queue.Full:
             log.error("receiver worker did not drain its inbox; stopping without it")
+        self.screener.join(timeout=5)
         self.guard.join(timeout=5)
         self.store.close()
 
     def problems(self) -> list[str]:
         """For the watchdog: empty while the worker runs and paho's network thread is alive."""
-        found = [p for p in (self.guard.problem(),) if p]
+        found = [p for p in (self.guard.problem(), self.screener.problem()) if p]
         if not all(link.network_thread_alive for link in self.links):
             found.append("MQTT network thread not running")
         return found
@@ -332,7 +344,7 @@ class Receiver:
         stopping = False
         while not stopping:
             try:
-                item = self._inbox.get(timeout=max(0.0, next_check - time.monotonic()))
+                item = self._screened.get(timeout=max(0.0, next_check - time.monotonic()))
             except queue.Empty:
                 item = ()
             self.guard.beat()
@@ -340,7 +352,7 @@ class Receiver:
                 return
             if item:
                 batch, stopping = self._take_queued([item])
-                self._handle_batch(batch)
+                self._handle_screened(batch)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + SUPERVISION_CHECK_S
                 with self.guard.step("supervision"):
@@ -350,11 +362,35 @@ class Receiver:
                 with self.guard.step("retention"):
                     self._prune()
 
-    def _take_queued(self, batch: list[tuple[Inbound, float]]) -> tuple[list[tuple[Inbound, float]], bool]:
+    def _screen_inbound(self) -> None:
+        """Verify messages as they arrive, so signature checks overlap the worker's waits on the database."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                self.screener.beat()
+                continue
+            self.screener.beat()
+            if item is None:
+                self._hand_on(None)
+                return
+            inbound, at = item
+            self._hand_on(Screened(inbound, at, self.checker.screen(inbound.topic, inbound.payload, at)))
+
+    def _hand_on(self, item: Screened | None) -> None:
+        """Queue a checked message for the worker; waiting (alive) while it is busy storing."""
+        while True:
+            try:
+                self._screened.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                self.screener.beat()
+
+    def _take_queued(self, batch: list[Screened]) -> tuple[list[Screened], bool]:
         """Whatever else is already waiting, up to BATCH_MAX in all; True if the stop sentinel came too."""
         while len(batch) < BATCH_MAX:
             try:
-                item = self._inbox.get_nowait()
+                item = self._screened.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -363,8 +399,10 @@ class Receiver:
         return batch, False
 
     def _supervise_fleet(self) -> None:
-        enrolled = [(d.device_id, d.site) for d in self.keyring.devices()]
-        for event in self.registry.check(enrolled, self.clock()):
+        generation = self.keyring.generation()
+        if self._enrolled[0] != generation:  # listed again since: enrolments or revocations
+            self._enrolled = (generation, [(d.device_id, d.site) for d in self.keyring.devices()])
+        for event in self.registry.check(self._enrolled[1], self.clock()):
             self._report(event)
 
     def _prune(self) -> None:
@@ -383,15 +421,22 @@ class Receiver:
             self.on_device_event(event)
 
     def _handle_batch(self, batch: list[tuple[Inbound, float]]) -> None:
-        """Verify each message, store them all with one commit, then answer and release each, in order.
+        """Verify each message, then store and answer them as the worker does."""
+        self._handle_screened(
+            [Screened(inbound, at, self.checker.screen(inbound.topic, inbound.payload, at)) for inbound, at in batch]
+        )
+
+    def _handle_screened(self, checked: list[Screened]) -> None:
+        """Store checked messages with one commit, then answer and release each, in order.
 
         The broker forgets a message (``link.ack``) only once it is stored or never will be. If the
         shared commit fails, each message gets its own, so one bad message cannot block the rest.
         """
-        screened = [self.checker.screen(inbound.topic, inbound.payload, at) for inbound, at in batch]
+        batch = [(item.inbound, item.arrived_at) for item in checked]
+        screened = [item.screened for item in checked]
         try:
             with self.store.transaction():
-                judged = [self._settle_and_record(item, at) for item, (_, at) in zip(screened, batch, strict=True)]
+                judged = self._settle_and_record(screened, [at for _, at in batch])
         except Exception as exc:  # noqa: BLE001 - whatever failed, each message gets its own chance
             if len(batch) > 1:
                 log.warning("storing %d messages together failed (%s); storing them one by one", len(batch), exc)
@@ -409,7 +454,7 @@ class Receiver:
         """One message in its own transaction: a failure is this message's store_failed, nobody else's."""
         try:
             with self.store.transaction():
-                return self._settle_and_record(screened, arrived_at)
+                return self._settle_and_record([screened], [arrived_at])[0]
         except (sqlite3.Error, OSError) as exc:
             if isinstance(screened, Pending):
                 return store_failed(screened, exc), Recorded()
@@ -418,28 +463,32 @@ class Receiver:
             self.guard.failed("message", exc)
             return Verdict("rejected", "internal_error", f"{type(exc).__name__}: {exc}"), Recorded()
 
-    def _settle_and_record(self, screened: Verdict | Pending, arrived_at: float) -> tuple[Verdict, Recorded]:
-        verdict = self.checker.settle(screened) if isinstance(screened, Pending) else screened
-        return verdict, self._record(verdict, arrived_at)
+    def _settle_and_record(
+        self, screened: Sequence[Verdict | Pending], arrivals: list[float]
+    ) -> list[tuple[Verdict, Recorded]]:
+        """Store the batch, then its registry and chain rows: all inside the caller's transaction."""
+        return self._record(self.checker.settle_all(screened), arrivals)
 
-    def _record(self, verdict: Verdict, arrived_at: float) -> Recorded:
-        """The registry's and the chain's rows for a verdict: written in its transaction, acted on after."""
-        claims = verdict.claims
-        if claims is None:
-            return Recorded()
-        back = None
-        if verdict.alive:
-            back = self.registry.heard(claims, arrived_at)
-        elif verdict.outcome == "accepted" and claims.kind == "status":
-            self.registry.announced_offline(claims, arrived_at)
-        judged_by_time = verdict.outcome == "accepted" or verdict.reason == "stale"
-        if judged_by_time and claims.kind != "status":  # a last will is old by nature
-            self.registry.note_clock(claims.device, device_clock_error(claims, verdict.skew_s))
-        chain = (None, False)
-        if verdict.outcome == "accepted" and claims.kind in ACKNOWLEDGED_KINDS:
-            # Each alert names the one before it: note when that one has not arrived, and when this fills a gap.
-            chain = self.store.follow_chain(claims.device, claims.seq, claims.prev, arrived_at)
-        return Recorded(back, chain)
+    def _record(self, verdicts: list[Verdict], arrivals: list[float]) -> list[tuple[Verdict, Recorded]]:
+        """The registry's and the chain's rows for committed-to-be verdicts: written now, acted on after the commit."""
+        sightings: list[tuple[int, Sighting]] = []
+        links: list[tuple[int, tuple[str, int, int | None, float]]] = []
+        for n, (verdict, at) in enumerate(zip(verdicts, arrivals, strict=True)):
+            claims = verdict.claims
+            if claims is None:
+                continue
+            sighting = sighting_of(verdict, at)
+            if sighting is not None:
+                sightings.append((n, sighting))
+            if verdict.outcome == "accepted" and claims.kind in ACKNOWLEDGED_KINDS:
+                # Each alert names the one before it: note when that one has not arrived, and when this fills a gap.
+                links.append((n, (claims.device, claims.seq, claims.prev, at)))
+        backs = self.registry.note([sighting for _, sighting in sightings])
+        chains = self.store.follow_chains([link for _, link in links])
+        recorded = {n: Recorded(back=backs.get(k)) for k, (n, _) in enumerate(sightings)}
+        for (n, _), chain in zip(links, chains, strict=True):
+            recorded[n] = Recorded(back=recorded.get(n, Recorded()).back, chain=chain)
+        return [(verdict, recorded.get(n, Recorded())) for n, verdict in enumerate(verdicts)]
 
     def _respond(self, verdict: Verdict, recorded: Recorded) -> None:
         """Everything a committed verdict calls for: reports, acks or NAKs, log lines, the callback."""
@@ -510,6 +559,18 @@ class Receiver:
         topic = self.topics.topic(claims.site, claims.device, "ack")
         self._reply_via.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
         self.metrics.answered(answer)
+
+
+def sighting_of(verdict: Verdict, at: float) -> Sighting | None:
+    """What a verdict tells the fleet registry: life (fresh, first seen), a last will, a clock reading; or nothing."""
+    claims = verdict.claims
+    assert claims is not None
+    offline = verdict.outcome == "accepted" and claims.kind == "status" and not verdict.alive
+    judged_by_time = verdict.outcome == "accepted" or verdict.reason == "stale"
+    clock = device_clock_error(claims, verdict.skew_s) if judged_by_time and claims.kind != "status" else None
+    if not (verdict.alive or offline or clock is not None):
+        return None
+    return Sighting(claims, at, alive=verdict.alive, offline=offline, clock_error_s=clock)
 
 
 def device_clock_error(claims: MessageClaims, skew_s: float) -> float:

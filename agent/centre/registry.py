@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +59,72 @@ class DeviceState:
     clock_skew_s: float | None = None
 
 
+@dataclass(frozen=True)
+class Sighting:
+    """What one committed verdict says about its device: alive (fresh, first seen), gone offline, its clock."""
+
+    claims: MessageClaims
+    at: float
+    alive: bool = False
+    offline: bool = False  # its last will or clean stop: a fact, never proof of life
+    clock_error_s: float | None = None  # how far off its clock looked, when the message was judged by time
+
+
+@dataclass
+class _DeviceWrite:
+    """One row write for a run of sightings of one device (alive ones merged; an offline one breaks the run)."""
+
+    first: int
+    alive: bool
+    offline: bool
+    sighting: Sighting
+    telemetry: str | None = None
+    clock_error_s: float | None = None
+
+    def statements(self) -> list[tuple[str, tuple]]:
+        """The flip back from missing (first, so its answer tells), then the row itself."""
+        claims, at = self.sighting.claims, self.sighting.at
+        clock = None if self.clock_error_s is None else round(self.clock_error_s, 1)
+        if self.alive:
+            return [(_FLIP_BACK, (claims.device,)), (_HEARD, (claims.device, claims.site, at, self.telemetry, clock))]
+        written = [(_OFFLINE, (claims.device, claims.site))] if self.offline else []
+        return written + ([(_NOTE_CLOCK, (clock, claims.device))] if clock is not None else [])
+
+
+def _coalesce(sightings: Sequence[Sighting]) -> list[_DeviceWrite]:
+    """Merge each device's consecutive sightings into as few row writes as keep their meaning."""
+    writes: list[_DeviceWrite] = []
+    latest: dict[str, _DeviceWrite] = {}
+    for n, sighting in enumerate(sightings):
+        device = sighting.claims.device
+        write = latest.get(device)
+        mergeable = write is not None and not write.offline and not sighting.offline
+        if not mergeable or (sighting.alive and not write.alive):
+            write = _DeviceWrite(n, sighting.alive, sighting.offline, sighting)
+            writes.append(write)
+            latest[device] = write
+        elif sighting.alive:
+            write.sighting = sighting  # the latest arrival is the last seen
+        if sighting.claims.kind == "telemetry" and sighting.alive:
+            write.telemetry = json.dumps(sighting.claims.body)
+        if sighting.clock_error_s is not None:
+            write.clock_error_s = sighting.clock_error_s
+    return writes
+
+
+_FLIP_BACK = "UPDATE devices SET missing = 0 WHERE device = ? AND missing = 1 RETURNING device"
+_HEARD = (
+    "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry, clock_skew_s)"
+    " VALUES (?, ?, ?, 'online', 0, ?, ?)"
+    " ON CONFLICT(device) DO UPDATE SET site = excluded.site, last_seen = excluded.last_seen,"
+    " status = excluded.status, missing = 0,"
+    " last_telemetry = COALESCE(excluded.last_telemetry, devices.last_telemetry),"
+    " clock_skew_s = COALESCE(excluded.clock_skew_s, devices.clock_skew_s)"
+)
+_OFFLINE = "INSERT INTO devices (device, site, status) VALUES (?, ?, 'offline') ON CONFLICT(device) DO UPDATE SET status = 'offline'"
+_NOTE_CLOCK = "UPDATE devices SET clock_skew_s = ? WHERE device = ?"
+
+
 class DeviceRegistry:
     """Kept in the receiver's database, so ``edge-agent receiver devices`` can read it from outside."""
 
@@ -70,48 +136,49 @@ class DeviceRegistry:
         started_at: float | None = None,
         *,
         transaction: Callable[[], AbstractContextManager[None]],
+        run_all: Callable[[Sequence[tuple[str, Sequence[Any]]]], list[list[tuple]]],
     ):
         self._db = db  # sqlite3.Connection, or store_postgres's connection speaking the same SQL
         self._lock = lock
         self._transaction = transaction  # the store's: one commit (one fsync) for everything inside
+        self._run_all = run_all  # the store's: many statements, one round trip on PostgreSQL
         self.supervision_s = supervision_s
         self.started_at = time.time() if started_at is None else started_at
 
     def heard(self, claims: MessageClaims, now: float) -> DeviceEvent | None:
         """Record a fresh, first-seen message: proof of life. Returns a 'back' event if the device had been missing."""
-        status = "online"
-        telemetry = json.dumps(claims.body) if claims.kind == "telemetry" else None
         with self._transaction():
-            # Whoever flips missing 1 -> 0 reports "back": one row lock decides, however many receivers run.
-            flipped = self._db.execute(
-                "UPDATE devices SET missing = 0 WHERE device = ? AND missing = 1", (claims.device,)
-            ).rowcount
-            self._db.execute(
-                "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry) VALUES (?, ?, ?, ?, 0, ?)"
-                " ON CONFLICT(device) DO UPDATE SET site = excluded.site, last_seen = excluded.last_seen,"
-                " status = excluded.status, missing = 0,"
-                " last_telemetry = COALESCE(excluded.last_telemetry, devices.last_telemetry)",
-                (claims.device, claims.site, now, status, telemetry),
-            )
-            if flipped == 1:
-                return self._record(
-                    DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), now
-                )
-        return None
+            return self.note([Sighting(claims, now, alive=True)]).get(0)
 
     def note_clock(self, device: str, skew_s: float) -> None:
         """How far off the device's clock looked on its latest verified message (arrival minus send time)."""
         with self._lock:
-            self._db.execute("UPDATE devices SET clock_skew_s = ? WHERE device = ?", (round(skew_s, 1), device))
+            self._db.execute(_NOTE_CLOCK, (round(skew_s, 1), device))
 
     def announced_offline(self, claims: MessageClaims, now: float) -> None:
         """The device's last will (or clean stop) says it is offline: a fact, never proof of life."""
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO devices (device, site, status) VALUES (?, ?, 'offline')"
-                " ON CONFLICT(device) DO UPDATE SET status = 'offline'",
-                (claims.device, claims.site),
-            )
+        with self._transaction():
+            self.note([Sighting(claims, now, offline=True)])
+
+    def note(self, sightings: Sequence[Sighting]) -> dict[int, DeviceEvent]:
+        """Write what committed verdicts, in arrival order, say about their devices: call inside a transaction.
+
+        A run of sightings of one device is one row write, not one each, so the cost of a batch grows
+        with the devices in it. Returns the 'back' events, keyed by the index of the sighting that
+        brought the device back.
+        """
+        writes = _coalesce(sightings)
+        groups = [write.statements() for write in writes]
+        rows = iter(self._run_all([statement for group in groups for statement in group]))
+        answers = [[next(rows) for _ in group] for group in groups]
+        backs = {}
+        for write, answer in zip(writes, answers, strict=True):
+            if write.alive and answer[0]:  # whoever flips missing 1 -> 0 reports "back", however many receivers run
+                claims, at = sightings[write.first].claims, sightings[write.first].at
+                backs[write.first] = self._record(
+                    DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), at
+                )
+        return backs
 
     def check(self, enrolled: list[tuple[str, str]], now: float) -> list[DeviceEvent]:
         """Devices silent longer than the supervision interval, each reported once."""

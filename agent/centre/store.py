@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,51 +176,59 @@ class ReceiverStore:
 
     def registry(self, supervision_s: float) -> DeviceRegistry:
         """The fleet registry, kept in the same database."""
-        return DeviceRegistry(self._db, self._lock, supervision_s, transaction=self.transaction)
+        return DeviceRegistry(self._db, self._lock, supervision_s, transaction=self.transaction, run_all=self.run_all)
 
     def find(self, device: str, seq: int) -> StoredMessage | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM messages WHERE device = ? AND seq = ?", (device, seq)).fetchone()
         return None if row is None else _message(row)
 
+    def run_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple]]:
+        """Each statement's rows, in order; PostgreSQL sends them all before reading an answer (one round trip)."""
+        with self._lock:
+            return [self._db.execute(sql, args).fetchall() for sql, args in statements]
+
     def insert(self, claims: dict[str, Any], received_at: float) -> bool:
         """Store a message; False if (device, seq) is already there."""
-        with self._lock:
-            rows = self._db.execute(
-                # Only the (device, seq) conflict is a duplicate; any other constraint failing is an error.
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
-                " RETURNING seq",
-                (
-                    claims["device"],
-                    claims["seq"],
-                    claims["event_id"],
-                    claims["site"],
-                    claims["kind"],
-                    int(claims["test"]),
-                    claims["created"],
-                    received_at,
-                    json.dumps(claims),
-                ),
-            ).fetchall()
-            return len(rows) == 1
+        with self.transaction():
+            return self.store_many([(claims, received_at)])[0][1]
+
+    def store_many(self, messages: Sequence[tuple[dict[str, Any], float]]) -> list[tuple[str | None, bool]]:
+        """Store each (claims, received_at) whose (device, seq) is free; call inside ``transaction()``.
+
+        Returns, in order, the event id now stored under each message's (device, seq), read back by the
+        statement that wrote it or looked it up (None if there is none), and whether this call stored it.
+        A later message on the same (device, seq) as an earlier one in the list finds the earlier one.
+        """
+        written = self.run_all([(_INSERT_MESSAGE, _message_row(claims, at)) for claims, at in messages])
+        taken = [n for n, rows in enumerate(written) if not rows]
+        found = self.run_all([(_FIND_EVENT, (messages[n][0]["device"], messages[n][0]["seq"])) for n in taken])
+        stored: list[tuple[str | None, bool]] = [(rows[0][0], True) if rows else (None, False) for rows in written]
+        for n, rows in zip(taken, found, strict=True):
+            stored[n] = (rows[0][0] if rows else None, False)
+        return stored
 
     def follow_chain(self, device: str, seq: int, prev: int | None, now: float) -> tuple[int | None, bool]:
-        """Record what a stored message says about its predecessor.
-
-        Returns ``(missing, filled)``: the predecessor's sequence if the centre does not have it (now
-        outstanding), and whether this message itself was outstanding (a gap filled).
-        """
+        """Record what a stored message says about its predecessor: see ``follow_chains``."""
         with self.transaction():
-            filled = self._db.execute("DELETE FROM outstanding WHERE device = ? AND seq = ?", (device, seq)).rowcount
-            if not prev:
-                return None, bool(filled)
-            have = self._db.execute("SELECT 1 FROM messages WHERE device = ? AND seq = ?", (device, prev)).fetchone()
-            if have is not None:
-                return None, bool(filled)
-            self._db.execute(
-                "INSERT INTO outstanding VALUES (?, ?, ?) ON CONFLICT (device, seq) DO NOTHING", (device, prev, now)
-            )
-        return prev, bool(filled)
+            return self.follow_chains([(device, seq, prev, now)])[0]
+
+    def follow_chains(self, links: Sequence[tuple[str, int, int | None, float]]) -> list[tuple[int | None, bool]]:
+        """Record what stored messages (device, seq, prev, received_at) say about their predecessors.
+
+        Returns, for each, ``(missing, filled)``: the predecessor's sequence if the centre does not have
+        it (now outstanding), and whether this message itself was outstanding (a gap filled). Messages
+        stored in the same transaction count as had, whatever their order.
+        """
+        filled = self.run_all([(_CLEAR_OUTSTANDING, (device, seq)) for device, seq, _, _ in links])
+        naming = [link for link in links if link[2]]
+        had = self.run_all([(_FIND_EVENT, (device, prev)) for device, _, prev, _ in naming])
+        missing = {(device, prev): at for (device, _, prev, at), rows in zip(naming, had, strict=True) if not rows}
+        self.run_all([(_NOTE_OUTSTANDING, (device, prev, at)) for (device, prev), at in missing.items()])
+        return [
+            (prev if (device, prev) in missing else None, bool(rows))
+            for (device, _, prev, _), rows in zip(links, filled, strict=True)
+        ]
 
     def outstanding(self, device: str | None = None) -> list[tuple[str, int, float]]:
         """(device, seq, noticed_at) of messages a later one named but the centre never stored."""
@@ -246,6 +254,29 @@ class ReceiverStore:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY created, device, seq", args).fetchall()
         return [_message(row) for row in rows]
+
+
+_INSERT_MESSAGE = (
+    # Only the (device, seq) conflict is a duplicate; any other constraint failing is an error.
+    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING RETURNING event_id"
+)
+_FIND_EVENT = "SELECT event_id FROM messages WHERE device = ? AND seq = ?"
+_CLEAR_OUTSTANDING = "DELETE FROM outstanding WHERE device = ? AND seq = ? RETURNING seq"
+_NOTE_OUTSTANDING = "INSERT INTO outstanding VALUES (?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
+
+
+def _message_row(claims: dict[str, Any], received_at: float) -> tuple:
+    return (
+        claims["device"],
+        claims["seq"],
+        claims["event_id"],
+        claims["site"],
+        claims["kind"],
+        int(claims["test"]),
+        claims["created"],
+        received_at,
+        json.dumps(claims),
+    )
 
 
 def _message(row: tuple) -> StoredMessage:

@@ -87,6 +87,19 @@ class PostgresConnection:
         except psycopg.Error as exc:
             raise StoreError(f"receiver database: {exc}") from exc
 
+    def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple]]:
+        """Each statement's rows, in order: all sent before any answer is read (psycopg's pipeline mode)."""
+        if not statements:
+            return []
+        if self._conn.closed and not self.in_transaction:
+            self._conn = self._connect()
+        try:
+            with self._conn.pipeline():
+                cursors = [self._conn.execute(sql.replace("?", "%s"), args) for sql, args in statements]
+            return [cursor.fetchall() if cursor.description else [] for cursor in cursors]
+        except psycopg.Error as exc:
+            raise StoreError(f"receiver database: {exc}") from exc
+
     def begin(self) -> None:
         """BEGIN; on a connection found dead just now, once more on a new one (nothing was sent on it yet)."""
         try:
@@ -149,6 +162,11 @@ class PostgresStore(ReceiverStore):
             except BaseException:
                 self._db.rollback()
                 raise
+
+    def run_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple]]:
+        """Each statement's rows, in order, for one round trip to the server instead of one each."""
+        with self._lock:
+            return self._db.execute_all(statements)
 
     def _migrations(self) -> list[Callable[[], None]]:
         return [self._postgres_v1]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
+from joserfc.jws import CompactSignature
 
 from agent.errors import KeyFileError, SignatureInvalid
 from agent.protocol.messages import Claims, decode_claims, parse_json_object
@@ -110,8 +112,17 @@ class MessageSigner:
         return jws.serialize_compact(header, payload, self._key, registry=_LARGE_REGISTRY if large else _REGISTRY)
 
 
-def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]:
-    """Read the protected header to find the key, without trusting anything in it.
+@dataclass(frozen=True)
+class OpenedToken:
+    """A compact JWS taken apart once: its protected header (not yet trusted) and joserfc's object to verify."""
+
+    header: dict[str, Any]
+    compact: CompactSignature
+    registry: jws.JWSRegistry
+
+
+def open_token(token: str | bytes, large: bool = False) -> OpenedToken:
+    """Take a compact JWS apart to find its key, without trusting anything in it.
 
     Any failure to parse, whatever joserfc raises for it, is ``malformed``: a
     hostile header must never escape as an exception nobody expected.
@@ -119,31 +130,45 @@ def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]
     registry = _LARGE_REGISTRY if large else _REGISTRY
     try:
         raw = token if isinstance(token, bytes) else token.encode()
-        header = dict(jws.extract_compact(raw, None, registry).headers())
+        compact = jws.extract_compact(raw, None, registry)
+        header = dict(compact.headers())
     except Exception as exc:  # noqa: BLE001 - joserfc raises TypeError/KeyError/... on crafted headers
         raise SignatureInvalid("malformed", f"not a compact JWS: {type(exc).__name__}: {exc}") from None
     if "crit" in header:
         raise SignatureInvalid("malformed", f"critical header extension {header['crit']!r} is not understood")
     if not isinstance(header.get("kid", ""), str):
         raise SignatureInvalid("malformed", "key id is not a string")
-    return header
+    return OpenedToken(header, compact, registry)
 
 
-def verify_payload(token: str | bytes, key: OKPKey, large: bool = False) -> bytes:
-    """Check the algorithm and the signature; return the signed payload bytes, unparsed."""
-    header = unverified_header(token, large)
+def unverified_header(token: str | bytes, large: bool = False) -> dict[str, Any]:
+    """The protected header, to find the key: nothing in it is trusted yet."""
+    return open_token(token, large).header
+
+
+def verify_opened(opened: OpenedToken, key: OKPKey) -> bytes:
+    """Check the algorithm and the signature of an opened token; return the signed payload bytes, unparsed."""
+    header = opened.header
     if header.get("alg") != ALGORITHM:
         raise SignatureInvalid(
             "algorithm_not_allowed", f"algorithm {header.get('alg')!r} is not accepted; only {ALGORITHM}"
         )
     try:
-        return jws.deserialize_compact(token, key, registry=_LARGE_REGISTRY if large else _REGISTRY).payload
+        valid = jws.validate_compact(opened.compact, key, registry=opened.registry)
     except JoseError as exc:
         raise SignatureInvalid(
             "bad_signature", f"signature does not verify with key {header.get('kid')!r}: {exc}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - anything else joserfc trips over is a malformed token
         raise SignatureInvalid("malformed", f"not a verifiable JWS: {type(exc).__name__}: {exc}") from None
+    if not valid:
+        raise SignatureInvalid("bad_signature", f"signature does not verify with key {header.get('kid')!r}")
+    return opened.compact.payload
+
+
+def verify_payload(token: str | bytes, key: OKPKey, large: bool = False) -> bytes:
+    """Check the algorithm and the signature; return the signed payload bytes, unparsed."""
+    return verify_opened(open_token(token, large), key)
 
 
 def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, Any]:
@@ -151,6 +176,7 @@ def verify(token: str | bytes, key: OKPKey, large: bool = False) -> dict[str, An
     return parse_json_object(verify_payload(token, key, large))
 
 
-def verify_claims(model: type[Claims], token: str | bytes, key: OKPKey, large: bool = False) -> Claims:
-    """Verify a token and validate its claims strictly; every failure is a :class:`SignatureInvalid`."""
-    return decode_claims(model, verify_payload(token, key, large))
+def verify_claims(model: type[Claims], token: str | bytes | OpenedToken, key: OKPKey, large: bool = False) -> Claims:
+    """Verify a token (or one already opened) and validate its claims strictly; every failure is a :class:`SignatureInvalid`."""
+    opened = token if isinstance(token, OpenedToken) else open_token(token, large)
+    return decode_claims(model, verify_opened(opened, key))
