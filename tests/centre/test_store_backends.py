@@ -364,3 +364,48 @@ def test_receivers_starting_together_migrate_a_new_postgres_database_once(postgr
         store.close()
     with psycopg.connect(dsn) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_a_batch_of_sightings_is_written_as_one_by_one(store):
+    """Coalesced per device, in order: life, the last will between, the latest clock and telemetry."""
+    from agent.centre.registry import Sighting
+
+    registry = store.registry(10)
+    registry.heard(model(alert_claims(seq=1)), now=1000.0)
+    assert [e.event for e in registry.check([("cp-1", "site-a")], now=1020.0)] == ["missing"]
+    telemetry = model(new_claims(device="cp-1", site="site-a", seq=3, kind="telemetry", body={"outbox": 2}))
+    will = model(new_claims(device="cp-1", site="site-a", seq=4, kind="status", body={"state": "offline"}))
+    other = model(alert_claims(seq=1, device="cp-2"))
+    with store.transaction():
+        backs = registry.note(
+            [
+                Sighting(model(alert_claims(seq=2)), 1030.0, alive=True, clock_error_s=1.0),
+                Sighting(other, 1030.5, alive=True),
+                Sighting(telemetry, 1031.0, alive=True, clock_error_s=-2.0),
+                Sighting(will, 1032.0, offline=True),
+            ]
+        )
+    assert {n: (e.device, e.event) for n, e in backs.items()} == {0: ("cp-1", "back")}
+    states = {s.device: s for s in registry.states()}
+    cp1 = states["cp-1"]
+    assert (cp1.status, cp1.last_seen, cp1.missing, cp1.clock_skew_s) == ("offline", 1031.0, False, -2.0)
+    assert cp1.last_telemetry == {"outbox": 2} and states["cp-2"].status == "online"
+    assert [(e[1], e[3]) for e in registry.events()] == [("cp-1", "missing"), ("cp-1", "back")]
+
+
+def test_chains_followed_together_count_the_whole_batch_as_had(store):
+    """seq 3 naming 2 and seq 2 itself in one batch: no gap; a gap before 2 is noted once."""
+    with store.transaction():
+        store.store_many([(alert_claims(seq=3, prev=2), 1.0), (alert_claims(seq=2, prev=1), 1.0)])
+        assert store.follow_chains([("cp-1", 3, 2, 1.0), ("cp-1", 2, 1, 1.0)]) == [(None, False), (1, False)]
+    assert store.outstanding() == [("cp-1", 1, 1.0)]
+
+
+def test_storing_many_reads_back_what_each_sequence_holds(store):
+    first, other = alert_claims(seq=5), alert_claims(seq=5)
+    again = dict(first)  # the same event once more: a redelivery
+    with store.transaction():
+        stored = store.store_many([(first, 1.0), (again, 1.1), (other, 1.2), (alert_claims(seq=6), 1.3)])
+    event = str(first["event_id"])
+    assert stored[:3] == [(event, True), (event, False), (event, False)]
+    assert stored[3][1] is True and [m.seq for m in store.messages()] == [5, 6]
