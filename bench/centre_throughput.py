@@ -4,9 +4,11 @@
 
 Each run is real receiver processes (``python -m agent.cli receiver --config …``; two of them share the
 MQTT group) behind a real mosquitto, on a fresh database, fed pre-signed alerts (a button alert's body,
-~450 bytes signed) by ``--senders`` enrolled devices as fast as the broker takes them. The clock runs from
-the first publish to the last signed ack heard at the broker. Runs: 1 receiver and 2 receivers with 10
-devices enrolled, 1 receiver with ``--fleet`` devices enrolled (each with its own key), on each engine.
+~620 bytes signed) by enrolled devices as fast as the broker takes them. The clock runs from the first
+publish to the last signed ack heard at the broker. Runs, on each engine: 1 and 2 receivers with 10
+devices enrolled (all sending); 1 receiver with ``--fleet`` devices enrolled (each with its own key), the
+same 10 sending; and 1 receiver with ``--fleet`` enrolled and ``--senders`` of them sending. Each run
+also reports the CPU each process used while timed, and the receivers' CPU per stored message.
 
 Floors, on the same machine and disks: Ed25519 verifications a second with ``cryptography`` alone, and
 bare one-row-one-commit inserts a second with the receiver's durability (SQLite WAL synchronous=FULL,
@@ -247,9 +249,7 @@ def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list
         # Share of one core each process used while timed: tells a CPU-bound receiver from a waiting one.
         "cores_used": {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in cpu_after},
         # Receiver CPU per stored message: what one receiver process would do with a core to itself.
-        "receiver_cpu_ms_per_msg": round(
-            sum(cpu_after[r] - cpu_before[r] for r in centre.ids) * 1000 / len(sent), 3
-        ),
+        "receiver_cpu_ms_per_msg": round(sum(cpu_after[r] - cpu_before[r] for r in centre.ids) * 1000 / len(sent), 3),
         "lost": lost,
         "duplicated": duplicated,
     }
@@ -323,10 +323,13 @@ def engine_runs(engine: str, site: LocalSite, tmp: Path, pg, keys: dict, args, f
         floor["postgresql_insert_per_s"] = round(postgres_insert_rate(database("floor"), args.floor_seconds))
     else:
         floor["sqlite_insert_per_s"] = round(sqlite_insert_rate(tmp / "floor.sqlite", args.floor_seconds))
-    plans = {
-        "one_receiver": ("small", 1),
-        "two_receivers": ("small", 2),
-        f"enrolled_{args.fleet}": ("large", 1),
+    plans = {  # name: (keyring, receivers, devices sending)
+        "one_receiver": ("small", 1, SMALL_FLEET),
+        "two_receivers": ("small", 2, SMALL_FLEET),
+        # The same ten senders among the whole fleet: the cost of the enrolled count alone.
+        f"enrolled_{args.fleet}": ("large", 1, SMALL_FLEET),
+        # And many senders at once: a batch then touches as many device rows as it holds messages.
+        f"enrolled_{args.fleet}_senders_{args.senders}": ("large", 1, args.senders),
     }
     return {
         name: run(
@@ -334,11 +337,11 @@ def engine_runs(engine: str, site: LocalSite, tmp: Path, pg, keys: dict, args, f
             tmp / f"{engine}_{name}",
             database(f"{engine}_{name}"),
             tmp / f"keyring-{fleet}",
-            keys[fleet],
+            keys[fleet][:senders],
             args,
             receivers,
         )
-        for name, (fleet, receivers) in plans.items()
+        for name, (fleet, receivers, senders) in plans.items()
     }
 
 
