@@ -199,3 +199,13 @@ def test_a_test_alert_may_show_it(receiver, agent, responder):
     (alert,) = receiver.store.messages(kind="alert")
     assert alert.test and responder.help_is_coming(alert) is True
     assert wait_until(lambda: agent.indicator_state() is IndicatorState.HELP_COMING, 10)
+
+
+def test_help_is_coming_ends_after_help_display_s(site, receiver, responder, mock_factory):
+    config = site.add_device("cp-1", body=BUTTONS.replace("help_display_s = 600", "help_display_s = 1"))
+    with Agent(config, pin_factory=mock_factory) as agent:
+        assert agent.link.wait_connected(10)
+        alert = press_until_acknowledged(agent, receiver, mock_factory)
+        responder.help_is_coming(alert)
+        assert wait_until(lambda: agent.indicator_state() is IndicatorState.HELP_COMING, 10)
+        assert wait_until(lambda: agent.indicator.state is IndicatorState.ACKNOWLEDGED, 5)  # ack_display_s is 30
