@@ -5,12 +5,14 @@ import time
 import uuid
 
 import pytest
+from joserfc.jwk import OKPKey
 
-from agent.centre.responder import Responder
+from agent.centre.responder import Responder, may_reveal
+from agent.centre.store import StoredMessage
 from agent.device.agent import Agent
 from agent.device.response import names_responding
 from agent.mqtt.link import MqttLink
-from agent.protocol.messages import RESPONDING_MAX_AGE_S, RespondingClaims
+from agent.protocol.messages import RESPONDING_MAX_AGE_S, RespondingClaims, TopicLayout
 from agent.protocol.signing import MessageSigner, generate_private_key, verify_claims
 from hw.gpio import IndicatorState
 from tests.conftest import wait_until
@@ -22,6 +24,7 @@ BUTTONS = (
     "[indicator]\nled_pin = 5\nbuzzer_pin = 6\nack_display_s = 30\nhelp_display_s = 600\n"
 )
 LED, BUZZER = 5, 6
+CENTRE_KEY = OKPKey.generate_key("Ed25519")
 
 
 def press(pin):
@@ -209,3 +212,27 @@ def test_help_is_coming_ends_after_help_display_s(site, receiver, responder, moc
         responder.help_is_coming(alert)
         assert wait_until(lambda: agent.indicator_state() is IndicatorState.HELP_COMING, 10)
         assert wait_until(lambda: agent.indicator.state is IndicatorState.ACKNOWLEDGED, 5)  # ack_display_s is 30
+
+
+def stored(kind="alert", **body):
+    claims = {"body": {"button": "help", "alert_kind": "assistance", "silent": False, **body}}
+    return StoredMessage("cp-1", 7, str(uuid.uuid4()), "demo-site", kind, False, 1.7e9, 1.7e9, claims)
+
+
+@pytest.mark.parametrize(
+    ("alert", "revealed"),
+    [
+        (stored(), True),
+        (stored(silent=True), False),
+        (stored(alert_kind="duress"), False),  # duress is never answered, whatever its silent flag says
+        (stored(silent=None), False),  # fail closed: only an explicit silent = false is answered
+        (stored(silent="false"), False),
+        (stored(kind="event"), False),  # camera and device events have nobody waiting at a button
+    ],
+)
+def test_only_visible_button_alerts_are_answered(alert, revealed):
+    published = []
+    responder = Responder(MessageSigner(CENTRE_KEY), TopicLayout("edge"), lambda t, p: published.append(t), "c")
+    assert may_reveal(alert) is revealed
+    assert responder.help_is_coming(alert) is revealed
+    assert published == (["edge/demo-site/cp-1/ack"] if revealed else [])
