@@ -45,7 +45,7 @@ class VisionPipeline:
         self.tamper_rules = [self.rules.situations[r.name] for r in config.rules if r.type == "camera_tamper"]
         self.tamper = CameraTamperDetector() if self.tamper_rules else None
         self.track_labels = set(config.detector.track_labels)
-        self.projection, self.thermal = _camera_models(config)
+        self.projection, self.thermal = camera_models(config)
         self.tracks: list[Track] = []
         self._last_full = float("-inf")
         self._last_tamper_check = float("-inf")
@@ -196,7 +196,7 @@ class VisionPipeline:
         return {"kind": "alert" if event.phase == "start" else "event", "body": body}
 
 
-def _camera_models(config: VisionConfig):
+def camera_models(config: VisionConfig):
     """The camera's projection (360°) and thermal conversion, when it declares them."""
     camera = config.camera
     projection = thermal = None

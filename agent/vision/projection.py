@@ -32,6 +32,8 @@ _CEILING = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 FOOTPRINT_CELLS = 48
 #: Points per box side mapped back to the source (a straight edge in a view is a curve there).
 EDGE_POINTS = 9
+#: A box this close to its view's border (fraction of the view) is taken as cut by the border.
+EDGE_MARGIN = 0.02
 
 
 def view_rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
@@ -212,7 +214,8 @@ class Projection:
             for d in detector.detect(self.dewarp(image, index)):
                 box = self.box_to_source(index, d.box, w / h)
                 if box is not None:
-                    found.append((index, Detection(d.label, d.class_id, d.score, box)))
+                    cut = min(d.box[0], d.box[1], 1 - d.box[2], 1 - d.box[3]) < EDGE_MARGIN
+                    found.append((index, Detection(d.label, d.class_id, d.score, box), cut))
         return merge_across_views(found)
 
 
@@ -226,26 +229,63 @@ def _overlap(a: Box, b: Box) -> tuple[float, float]:
     return (inter / union if union > 0 else 0.0), (inter / min(area_a, area_b) if min(area_a, area_b) > 0 else 0.0)
 
 
-def merge_across_views(found: list[tuple[int, Detection]], iou: float = 0.3, contained: float = 0.6) -> list[Detection]:
-    """One box per object: ``(view, detection)`` pairs of one class from *different* views that overlap
-    (IoU ≥ ``iou``, or one mostly inside the other, as a person cut by a view's edge is inside the whole
-    person) become their union, with the best score. Run before tracking, so a seam never makes two
-    tracks; boxes from the same view are left as the detector's own NMS gave them."""
-    merged: list[tuple[set[int], Detection]] = []
-    for view, d in sorted(found, key=lambda pair: -pair[1].score):
-        for i, (views, kept) in enumerate(merged):
+def merge_across_views(
+    found: list[tuple[int, Detection, bool]], iou: float = 0.5, contained: float = 0.7
+) -> list[Detection]:
+    """One box per object from ``(view, detection, cut)`` triples, ``cut`` when the box touches its view's edge.
+
+    Boxes of one class from *different* views are the same object when they overlap well (IoU ≥ ``iou``),
+    or when one is cut by its view's edge and lies mostly inside the other (``contained``). The box kept is
+    an uncut one if there is one, else their union. Run before tracking, so a seam never makes two tracks;
+    boxes from one view are left as the detector's own NMS gave them (two people side by side stay two).
+    """
+    merged: list[tuple[set[int], Detection, bool]] = []
+    for view, d, cut in sorted(found, key=lambda item: (item[2], -item[1].score)):  # uncut boxes first
+        for i, (views, kept, kept_cut) in enumerate(merged):
             if kept.label != d.label or view in views:
                 continue
             over, inside = _overlap(kept.box, d.box)
-            if over >= iou or inside >= contained:
-                union = (
-                    min(kept.box[0], d.box[0]),
-                    min(kept.box[1], d.box[1]),
-                    max(kept.box[2], d.box[2]),
-                    max(kept.box[3], d.box[3]),
+            if over >= iou or ((cut or kept_cut) and inside >= contained):
+                box = kept.box if not kept_cut else _union(kept.box, d.box)
+                merged[i] = (
+                    views | {view},
+                    Detection(kept.label, kept.class_id, max(kept.score, d.score), box),
+                    kept_cut and cut,
                 )
-                merged[i] = (views | {view}, Detection(kept.label, kept.class_id, kept.score, union))
                 break
         else:
-            merged.append(({view}, d))
-    return [d for _, d in merged]
+            merged.append(({view}, d, cut))
+    return [d for _, d, _ in merged]
+
+
+def _union(a: Box, b: Box) -> Box:
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+VIEW_COLOUR = (255, 0, 255)
+
+
+def views_picture(annotated: np.ndarray, projection: Projection, strip_height: int = 240) -> np.ndarray:
+    """The annotated source frame with each view's outline and name, above a strip of the views themselves.
+
+    The views are cut from the annotated (already redacted) picture, so they show the same boxes,
+    zones and redaction as the source, as the detector saw them.
+    """
+    h, w = annotated.shape[:2]
+    tiles = []
+    for index, view in enumerate(projection.views):
+        tile = projection.dewarp(annotated, index)
+        tile = cv2.resize(tile, (max(1, round(view.width * strip_height / view.height)), strip_height))
+        cv2.putText(tile, view.name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, VIEW_COLOUR, 1, cv2.LINE_AA)
+        tiles.append(cv2.copyMakeBorder(tile, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=VIEW_COLOUR))
+    source = annotated.copy()
+    for index, view in enumerate(projection.views):
+        outline = np.array([[round(x * w), round(y * h)] for x, y in projection.outline(index, w / h)], np.int32)
+        if len(outline) > 2:
+            cv2.polylines(source, [outline], isClosed=True, color=VIEW_COLOUR, thickness=2)
+            label = tuple(int(v) for v in outline.mean(axis=0))
+            cv2.putText(source, view.name, label, cv2.FONT_HERSHEY_SIMPLEX, 0.6, VIEW_COLOUR, 2, cv2.LINE_AA)
+    strip = np.concatenate(tiles, axis=1)
+    width = max(w, strip.shape[1])
+    padded = [cv2.copyMakeBorder(i, 0, 0, 0, width - i.shape[1], cv2.BORDER_CONSTANT, value=0) for i in (source, strip)]
+    return np.concatenate(padded, axis=0)

@@ -8,6 +8,7 @@ original vtest frame is treated as a pinhole camera with ``SOURCE_HFOV`` degrees
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -29,6 +30,12 @@ def _pinhole_focal(width: int) -> float:
 def fisheye_from_perspective(rgb: np.ndarray, size: int, yaw: float, lens_fov: float = 180.0) -> np.ndarray:
     """A square equidistant fisheye frame (lens circle touching the edges) showing ``rgb`` at ``yaw``."""
     h, w = rgb.shape[:2]
+    u, v = _fisheye_maps(w, h, size, yaw, lens_fov)
+    return cv2.remap(rgb, u, v, cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+
+
+@functools.lru_cache(maxsize=4)
+def _fisheye_maps(w: int, h: int, size: int, yaw: float, lens_fov: float) -> tuple[np.ndarray, np.ndarray]:
     radius = size / 2
     py, px = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     dx, dy = px - size / 2, py - size / 2
@@ -40,12 +47,18 @@ def fisheye_from_perspective(rgb: np.ndarray, size: int, yaw: float, lens_fov: f
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(pin[..., 2] > 1e-6, f * pin[..., 0] / pin[..., 2] + w / 2 - 0.5, -1)
         v = np.where(pin[..., 2] > 1e-6, f * pin[..., 1] / pin[..., 2] + h / 2 - 0.5, -1)
-    return cv2.remap(rgb, u.astype(np.float32), v.astype(np.float32), cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    return u.astype(np.float32), v.astype(np.float32)
 
 
 def panorama_from_perspective(rgb: np.ndarray, width: int, yaw: float) -> np.ndarray:
     """A 2:1 equirectangular panorama showing ``rgb`` at ``yaw``."""
     h, w = rgb.shape[:2]
+    u, v = _panorama_maps(w, h, width, yaw)
+    return cv2.remap(rgb, u, v, cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+
+
+@functools.lru_cache(maxsize=2)
+def _panorama_maps(w: int, h: int, width: int, yaw: float) -> tuple[np.ndarray, np.ndarray]:
     height = width // 2
     py, px = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     lon = (px / width - 0.5) * 2 * math.pi
@@ -56,7 +69,7 @@ def panorama_from_perspective(rgb: np.ndarray, width: int, yaw: float) -> np.nda
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(pin[..., 2] > 1e-6, f * pin[..., 0] / pin[..., 2] + w / 2 - 0.5, -1)
         v = np.where(pin[..., 2] > 1e-6, f * pin[..., 1] / pin[..., 2] + h / 2 - 0.5, -1)
-    return cv2.remap(rgb, u.astype(np.float32), v.astype(np.float32), cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    return u.astype(np.float32), v.astype(np.float32)
 
 
 def _perspective_rays(points: np.ndarray, w: int, h: int, yaw: float) -> np.ndarray:
@@ -114,3 +127,32 @@ def matched(references: list, boxes: list, threshold: float = 0.3) -> list[int]:
         used_b.add(j)
         counts[i] = 1
     return counts
+
+
+def fisheye_recall(detector, frames, yaw: float, views: list[dict], size: int = 2400) -> dict[str, float]:
+    """Recall of persons, through the vision pipeline (motion off), on the perspective frames, on the raw
+    fisheye frames made from them, and on the fisheye's dewarped views. The people are what ``detector``
+    finds at score ≥ 0.5 on each perspective frame, carried into the fisheye by the known projection."""
+    from agent.config.vision import VisionConfig
+    from agent.vision.pipeline import VisionPipeline
+    from hw.camera import Frame
+
+    def pipeline(projection):
+        camera = {"source": "fisheye.avi", **({"projection": projection} if projection else {})}
+        config = VisionConfig.model_validate({"camera": camera, "motion": {"enabled": False}})
+        return VisionPipeline(config, detector)
+
+    flat, dewarping = pipeline(None), pipeline({"type": "fisheye", "views": views})
+    found = {"perspective": 0, "raw": 0, "dewarped": 0}
+    total = 0
+    for frame in frames:
+        h, w = frame.rgb.shape[:2]
+        people = [d.box for d in detector.detect(frame.rgb) if d.label == "person" and d.score >= 0.5]
+        fisheye = Frame(rgb=fisheye_from_perspective(frame.rgb, size, yaw), timestamp=0.0, index=0)
+        in_fisheye = [box_in_fisheye(b, w, h, yaw) for b in people]
+        persons = lambda detections: [d.box for d in detections if d.label == "person"]  # noqa: E731
+        found["perspective"] += sum(matched(people, persons(flat.look(frame))))
+        found["raw"] += sum(matched(in_fisheye, persons(flat.look(fisheye))))
+        found["dewarped"] += sum(matched(in_fisheye, persons(dewarping.look(fisheye))))
+        total += len(people)
+    return {key: round(value / max(total, 1), 3) for key, value in found.items()} | {"people": total}

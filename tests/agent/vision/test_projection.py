@@ -1,0 +1,133 @@
+"""360° cameras on real footage made into fisheye and panorama frames by a known projection.
+
+The people are those the SSD model finds (score ≥ 0.5) on the original perspective frames of
+vtest.avi, carried into the 360° frame by the same projection that made it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.config.vision import ProjectionSection, VisionConfig
+from agent.vision.pipeline import VisionPipeline
+from agent.vision.projection import Projection
+from hw.camera import Frame
+from tests.agent.vision.fisheye_scenes import (
+    box_in_fisheye,
+    box_in_panorama,
+    fisheye_from_perspective,
+    fisheye_recall,
+    iou,
+    matched,
+    panorama_from_perspective,
+)
+from tests.agent.vision.scenes import vtest_frames
+
+FISHEYE_SIZE = 1600
+#: Five 60° views across a 180° wall-mounted fisheye, each overlapping its neighbours by half.
+FIVE_VIEWS = [{"name": f"v{yaw}".replace("-", "m"), "yaw": yaw, "fov": 60} for yaw in (-60, -30, 0, 30, 60)]
+
+
+def camera(projection: dict, **extra) -> VisionConfig:
+    return VisionConfig.model_validate(
+        {"camera": {"source": "fisheye.avi", "projection": projection}, "motion": {"enabled": False}, **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def originals(ssd):
+    """Five vtest frames and the people the model finds on each (score ≥ 0.5)."""
+    frames = list(vtest_frames(limit=40))[::8]
+    return [(f, [d.box for d in ssd.detect(f.rgb) if d.label == "person" and d.score >= 0.5]) for f in frames]
+
+
+def test_the_geometry_agrees_with_an_independent_lens_model():
+    projection = Projection(ProjectionSection(type="fisheye", views=FIVE_VIEWS))
+    for index, view in enumerate(projection.views):
+        (point,), seen = projection.view_to_source(index, np.array([[0.5, 0.5]]), 1.0)
+        x1, y1, _, _ = box_in_fisheye((0.5, 0.5, 0.5, 0.5), 768, 576, view.yaw)
+        assert seen[0] and point == pytest.approx((x1, y1), abs=1e-6)
+    # An equidistant lens: 90° off the axis is the edge of a 180° lens circle.
+    (edge,), seen = projection.rays_to_source(np.array([[1.0, 0.0, 0.0]]), 1.0)
+    assert seen[0] and edge == pytest.approx((1.0, 0.5))
+    (behind,), seen = projection.rays_to_source(np.array([[0.0, 0.0, -1.0]]), 1.0)
+    assert not seen[0]
+
+
+def test_a_ceiling_fisheye_puts_yaw_0_at_the_top_and_turns_clockwise():
+    projection = Projection(ProjectionSection(type="fisheye", mount="ceiling"))
+    assert [v.yaw for v in projection.views] == [0, 90, 180, 270]
+    centres = [projection.view_to_source(i, np.array([[0.5, 0.5]]), 1.0)[0][0] for i in range(4)]
+    assert centres[0][1] < 0.5 and centres[0][0] == pytest.approx(0.5)  # top
+    assert centres[1][0] > 0.5 and centres[1][1] == pytest.approx(0.5)  # right
+    assert centres[2][1] > 0.5 and centres[3][0] < 0.5
+
+
+def recall(pipeline_or_detector, scenes, to_360, mapped) -> tuple[float, list[list]]:
+    found = total = 0
+    kept = []
+    for frame, people in scenes:
+        h, w = frame.rgb.shape[:2]
+        image = to_360(frame.rgb)
+        references = [mapped(b, w, h) for b in people]
+        if isinstance(pipeline_or_detector, VisionPipeline):
+            boxes = [d.box for d in pipeline_or_detector.look(Frame(rgb=image, timestamp=0.0, index=0))]
+        else:
+            boxes = [d.box for d in pipeline_or_detector.detect(image) if d.label == "person"]
+        found += sum(matched(references, boxes))
+        total += len(references)
+        kept.append(boxes)
+    return found / total, kept
+
+
+def test_dewarped_views_find_the_people_the_raw_fisheye_loses(ssd):
+    frames = list(vtest_frames(limit=50))[::10]
+    # The scene 30°..90° off the axis, out to the rim, where a fisheye squeezes and bends people most.
+    figures = fisheye_recall(ssd, frames, yaw=60.0, views=FIVE_VIEWS)
+    assert figures["dewarped"] >= 0.85 and figures["dewarped"] >= figures["perspective"] - 0.1, figures
+    assert figures["dewarped"] >= figures["raw"] + 0.4, figures
+
+
+def test_people_on_a_seam_between_two_views_are_one_box_each(ssd, originals):
+    yaw = 45.0  # the scene spans 15°..75°: half in the 30° view, half in the 60° view, and both overlap
+
+    def to_360(rgb):
+        return fisheye_from_perspective(rgb, 1600, yaw)
+
+    def mapped(box, w, h):
+        return box_in_fisheye(box, w, h, yaw)
+
+    pipeline = VisionPipeline(camera({"type": "fisheye", "views": FIVE_VIEWS}), ssd)
+    seen_twice = 0
+    for frame, people in originals:
+        image = to_360(frame.rgb)
+        per_view = [pipeline.projection.detect(image, ssd, [i]) for i in (3, 4)]
+        references = [mapped(b, 768, 576) for b in people]
+        seen_twice += sum(
+            a + b == 2 for a, b in zip(*(matched(references, [d.box for d in v]) for v in per_view), strict=True)
+        )
+        boxes = [d.box for d in pipeline.look(Frame(rgb=image, timestamp=0.0, index=0))]
+        duplicates = [r for r in references if sum(iou(r, b) >= 0.3 for b in boxes) > 1 and len(references) == 1]
+        assert not duplicates
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if iou(a, b) >= 0.5]
+    assert seen_twice >= 5  # the test does cross the seam: these people were found by both views
+
+
+def test_a_panorama_across_its_seam_keeps_its_people(ssd, originals):
+    yaw = 180.0  # the scene spans 150°..210°: across the panorama's left/right edge
+
+    def to_360(rgb):
+        return panorama_from_perspective(rgb, 4096, yaw)
+
+    def mapped(box, w, h):
+        return box_in_panorama(box, w, h, yaw)
+
+    scenes = [
+        (f, [b for b in people if mapped(b, 768, 576)[2] - mapped(b, 768, 576)[0] < 0.5]) for f, people in originals
+    ]
+    views = [{"name": f"yaw{y}", "yaw": y, "fov": 60} for y in (150, 180, 210)]
+    pipeline = VisionPipeline(camera({"type": "equirectangular", "views": views}), ssd)
+    dewarped, _ = recall(pipeline, scenes[:3], to_360, mapped)
+    raw, _ = recall(ssd, scenes[:3], to_360, mapped)
+    assert dewarped >= 0.8 and dewarped > raw, (dewarped, raw)
