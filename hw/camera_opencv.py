@@ -99,9 +99,10 @@ class OpenCVCamera(Camera):
             ):
                 if value:
                     capture.set(prop, value)
-            if self.y16:  # 16-bit counts as the camera sends them, not OpenCV's 8-bit conversion
+            if self.y16:
                 capture.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"Y16 "))
-                capture.set(cv2.CAP_PROP_CONVERT_RGB, 0)
+        if self.y16:  # 16-bit counts as the camera (or a lossless GRAY16 recording) has them, not 8-bit
+            capture.set(cv2.CAP_PROP_CONVERT_RGB, 0)
         self._capture = capture
         self._next_due = time.monotonic()
 

@@ -43,7 +43,8 @@ def run_detect(
     look = CameraLook(vision, detector)
     last = None
     try:
-        source = iter(frames) if frames else _video_frames(OpenCVCamera(str(file)))
+        thermal = vision is not None and vision.camera.thermal is not None
+        source = iter(frames) if frames else _video_frames(OpenCVCamera(str(file), y16=thermal))
         for index, frame in enumerate(source):
             if index >= max_frames:
                 break

@@ -8,6 +8,8 @@ everything else 10–22 °C, both following the frame's own brightness so the te
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -97,3 +99,47 @@ def test_thermal_settings_are_checked():
         ThermalSection(radiometric=False, body_c=[28, 40])
     with pytest.raises(ValidationError, match=r"range_c must be \[low, high\] with low < high"):
         ThermalSection(range_c=[30, 20])
+
+
+def write_y16_video(path, frames: list[np.ndarray]) -> None:
+    """A lossless 16-bit grey recording (FFV1), as a thermal camera's Y16 stream would be kept."""
+    h, w = frames[0].shape
+    params = [cv2.VIDEOWRITER_PROP_DEPTH, cv2.CV_16U, cv2.VIDEOWRITER_PROP_IS_COLOR, 0]
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), 10, (w, h), params)
+    assert writer.isOpened(), "this OpenCV cannot write 16-bit FFV1"
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def test_a_y16_recording_keeps_its_temperatures_through_the_camera_and_detect(scenes, site, tmp_path, capsys):
+    from agent.cli import main
+    from hw.camera_opencv import OpenCVCamera
+    from tests.agent.vision.scenes import MODEL_DIR
+
+    warm = [s[2] for s in scenes]
+    video = tmp_path / "thermal.mkv"
+    write_y16_video(video, warm)
+    with OpenCVCamera(str(video), y16=True) as camera:
+        first = camera.read()
+    assert first.raw.dtype == np.uint16 and np.array_equal(first.raw, warm[0])  # every count, as recorded
+    assert first.rgb.shape == (*warm[0].shape, 3) and first.rgb.dtype == np.uint8
+
+    body = (
+        f'[camera]\nsource = "{video}"\n[camera.thermal]\nnormalise = "fixed"\nrange_c = [5.0, 40.0]\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\nmin_score = 0.3\n'
+    )
+    site.add_device("cam-heat", kind="camera-box", body=body)
+    config = str(site.device_config_path("cam-heat"))
+    out = tmp_path / "heat.png"
+    assert main(["detect", str(video), "--config", config, "--annotate", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == len(warm)
+    found = sum(
+        sum(matched(s[1], [d["box"] for d in line["detections"] if d["label"] == "person"]))
+        for s, line in zip(scenes, lines, strict=True)
+    )
+    assert found >= 5
+    picture = cv2.imread(str(out))
+    expected = ThermalImage(ThermalSection(normalise="fixed", range_c=[5.0, 40.0])).to_rgb(warm[-1])
+    assert np.mean(np.abs(picture.astype(int) - expected[..., ::-1].astype(int))) < 25  # the fixed-range grey
