@@ -131,3 +131,69 @@ def test_a_panorama_across_its_seam_keeps_its_people(ssd, originals):
     dewarped, _ = recall(pipeline, scenes[:3], to_360, mapped)
     raw, _ = recall(ssd, scenes[:3], to_360, mapped)
     assert dewarped >= 0.8 and dewarped > raw, (dewarped, raw)
+
+
+SEAM_VIEWS = [{"name": "v30", "yaw": 30, "fov": 60}, {"name": "v60", "yaw": 60, "fov": 60}]
+
+
+def overlapping_pairs(tracks) -> int:
+    boxes = [t.box for t in tracks]
+    return sum(iou(a, b) >= 0.5 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_tracks_cross_the_seam_without_duplicates(ssd):
+    """Three seconds of people walking across the seam of two views: no more tracks than on the original."""
+    filters = {"person": {"min_score": 0.4}}  # the camera box's default detector threshold
+    fisheye = VisionPipeline(camera({"type": "fisheye", "views": SEAM_VIEWS}, filters=filters), ssd)
+    flat = VisionPipeline(
+        VisionConfig.model_validate({"camera": {"source": "x.avi"}, "motion": {"enabled": False}, "filters": filters}),
+        ssd,
+    )
+    ids, flat_ids = set(), set()
+    pairs = flat_pairs = 0
+    for frame in vtest_frames(limit=30):
+        image = fisheye_from_perspective(frame.rgb, 1600, 45.0)
+        fisheye.process(Frame(rgb=image, timestamp=frame.timestamp, index=frame.index))
+        flat.process(frame)
+        ids |= {t.id for t in fisheye.tracks}
+        flat_ids |= {t.id for t in flat.tracks}
+        pairs += overlapping_pairs(fisheye.tracks)
+        flat_pairs += overlapping_pairs(flat.tracks)  # people walking side by side overlap on the original too
+    assert len(ids) <= len(flat_ids) + 1, (len(ids), len(flat_ids))
+    assert pairs <= flat_pairs, (pairs, flat_pairs)
+
+
+def test_a_zone_drawn_on_a_view_raises_an_intrusion_and_one_elsewhere_does_not(ssd):
+    whole = [[0.02, 0.02], [0.98, 0.02], [0.98, 0.98], [0.02, 0.98]]
+    config = camera(
+        {"type": "fisheye", "views": SEAM_VIEWS + [{"name": "ahead", "yaw": 0, "fov": 40}]},
+        zones=[{"name": "path", "view": "v60", "polygon": whole}, {"name": "door", "view": "ahead", "polygon": whole}],
+        rules=[
+            {"name": "on-path", "type": "intrusion", "zone": "path"},
+            {"name": "at-door", "type": "intrusion", "zone": "door"},
+        ],
+    )
+    pipeline = VisionPipeline(config, ssd)
+    alerts = []
+    for frame in vtest_frames(limit=8):
+        image = fisheye_from_perspective(frame.rgb, 1600, 60.0)
+        alerts += pipeline.process(Frame(rgb=image, timestamp=frame.timestamp, index=frame.index))
+    assert [m["body"]["rule"] for m in alerts if m["kind"] == "alert"] == ["on-path"]
+    door = pipeline.rules.zones["door"].polygon  # the view straight ahead, redrawn on the fisheye's centre
+    assert all(abs(x - 0.5) < 0.15 and abs(y - 0.5) < 0.15 for x, y in door)
+
+
+def test_motion_gating_runs_only_the_views_that_see_something(ssd):
+    config = camera({"type": "fisheye", "views": FIVE_VIEWS})
+    gated = VisionPipeline(
+        config.model_copy(update={"motion": config.motion.model_copy(update={"enabled": True})}), ssd
+    )
+    frames = [
+        Frame(rgb=fisheye_from_perspective(f.rgb, 1600, 60.0), timestamp=f.timestamp, index=f.index)
+        for f in vtest_frames(limit=3)
+    ]
+    assert gated.look(frames[0]) is not None  # the first frame is a full pass: every view
+    still = Frame(rgb=frames[0].rgb, timestamp=0.2, index=1)
+    assert gated.look(still) is None  # nothing moved, no view run
+    moved = [gated.projection.views[i].name for i in gated.projection.views_seeing([(0.85, 0.4, 0.9, 0.5)], 1.0)]
+    assert moved == ["v30", "v60"]  # a box 60°..70° right of the axis: only the views that see it
