@@ -143,3 +143,47 @@ def test_a_y16_recording_keeps_its_temperatures_through_the_camera_and_detect(sc
     picture = cv2.imread(str(out))
     expected = ThermalImage(ThermalSection(normalise="fixed", range_c=[5.0, 40.0])).to_rgb(warm[-1])
     assert np.mean(np.abs(picture.astype(int) - expected[..., ::-1].astype(int))) < 25  # the fixed-range grey
+
+
+def test_a_thermal_camera_box_alerts_for_warm_people_only(site, receiver, mock_factory, ssd):
+    """The vision process opens a Y16 recording as it would a thermal camera (CONVERT_RGB off) and keeps its
+    temperatures: warm people raise a signed intrusion at the centre, the same people at room temperature
+    (a poster, a reflection) raise nothing, because the body-temperature band drops them."""
+    from agent.device.agent import Agent
+    from tests.agent.vision.scenes import MODEL_DIR
+    from tests.agent.vision.test_vision_service import BUTTON
+    from tests.conftest import wait_until
+
+    frames = list(vtest_frames(limit=20))
+    grey = [cv2.cvtColor(f.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) for f in frames]
+    background = np.median(np.stack(grey[::2]), axis=0)
+    clips = {"warm": [], "cold": []}
+    for frame, g in zip(frames, grey, strict=True):
+        body = np.zeros_like(g, dtype=bool)
+        h, w = g.shape
+        for d in ssd.detect(frame.rgb):
+            if d.label == "person" and d.score >= 0.5:
+                box = (slice(int(d.box[1] * h), int(d.box[3] * h) + 1), slice(int(d.box[0] * w), int(d.box[2] * w) + 1))
+                body[box] |= np.abs(g[box] - background[box]) > 20
+        scene = 10 + g / 255 * 12
+        clips["warm"].append(y16(np.where(body, 28 + g / 255 * 9, scene)))
+        clips["cold"].append(y16(np.where(body, 16 + g / 255 * 6, scene)))
+
+    def alerts(device):
+        messages = receiver.store.messages(kind="alert", device=device)
+        return [b for m in messages if (b := m.claims["body"]).get("rule")]
+
+    for name, clip in clips.items():
+        video = site.root / f"{name}.mkv"
+        write_y16_video(video, clip)
+        body = (
+            f'{BUTTON}\n[camera]\nsource = "{video}"\n[camera.thermal]\nnormalise = "fixed"\n'
+            f'range_c = [5.0, 40.0]\nbody_c = [28.0, 40.0]\n[detector]\nmodel_dir = "{MODEL_DIR}"\n'
+            '[motion]\nenabled = false\n[[rules]]\nname = "anyone"\ntype = "intrusion"\nhysteresis_s = 30\n'
+        )
+        with Agent(site.add_device(f"cam-{name}", kind="camera-box", body=body), pin_factory=mock_factory) as agent:
+            assert wait_until(lambda a=agent: a.vision.state == "ended", 30)
+            if name == "warm":
+                assert wait_until(lambda: alerts("cam-warm"), 10)
+    assert [(a["rule"], a["phase"], a["source"]) for a in alerts("cam-warm")] == [("anyone", "start", "camera")]
+    assert alerts("cam-cold") == []
