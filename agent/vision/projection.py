@@ -32,8 +32,6 @@ _CEILING = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 FOOTPRINT_CELLS = 48
 #: Points per box side mapped back to the source (a straight edge in a view is a curve there).
 EDGE_POINTS = 9
-#: A box this close to its view's border (fraction of the view) is taken as cut by the border.
-EDGE_MARGIN = 0.02
 
 
 def view_rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
@@ -55,6 +53,8 @@ class Projection:
         self._maps: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._footprints: dict[float, np.ndarray] = {}
         self._zones_aspect: float | None = None
+        self._axes: np.ndarray | None = None
+        self._half_fovs: np.ndarray | None = None
 
     def view_index(self, name: str) -> int:
         return self._index[name]
@@ -214,9 +214,20 @@ class Projection:
             for d in detector.detect(self.dewarp(image, index)):
                 box = self.box_to_source(index, d.box, w / h)
                 if box is not None:
-                    cut = min(d.box[0], d.box[1], 1 - d.box[2], 1 - d.box[3]) < EDGE_MARGIN
-                    found.append((index, Detection(d.label, d.class_id, d.score, box), cut))
+                    owned = self.owner(index, d.box) == index
+                    found.append((index, Detection(d.label, d.class_id, d.score, box), owned))
         return merge_across_views(found)
+
+    def owner(self, index: int, box: Box) -> int:
+        """The view that sees this box's centre most centrally (angle off its axis over its half field of view):
+        of the views that see an object, the one that sees it whole and least distorted."""
+        if self._axes is None:
+            self._axes = np.stack([view_rotation(v.yaw, v.pitch)[:, 2] for v in self.views])
+            self._half_fovs = np.radians([v.fov / 2 for v in self.views])
+        centre = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
+        ray = self.view_rays(self.views[index], centre)[0]
+        off_axis = np.arccos(np.clip(self._axes @ (ray / np.linalg.norm(ray)), -1.0, 1.0))
+        return int(np.argmin(off_axis / self._half_fovs))
 
 
 def _overlap(a: Box, b: Box) -> tuple[float, float]:
@@ -230,36 +241,31 @@ def _overlap(a: Box, b: Box) -> tuple[float, float]:
 
 
 def merge_across_views(
-    found: list[tuple[int, Detection, bool]], iou: float = 0.5, contained: float = 0.7
+    found: list[tuple[int, Detection, bool]], iou: float = 0.3, contained: float = 0.6
 ) -> list[Detection]:
-    """One box per object from ``(view, detection, cut)`` triples, ``cut`` when the box touches its view's edge.
+    """One box per object from ``(view, detection, owned)`` triples, ``owned`` when the detecting view is the one
+    that sees the box's centre most centrally (``Projection.owner``).
 
-    Boxes of one class from *different* views are the same object when they overlap well (IoU ≥ ``iou``),
-    or when one is cut by its view's edge and lies mostly inside the other (``contained``). The box kept is
-    an uncut one if there is one, else their union. Run before tracking, so a seam never makes two tracks;
-    boxes from one view are left as the detector's own NMS gave them (two people side by side stay two).
+    Each object is reported by the view it is most central in, where it is whole and least bent: owned
+    boxes are kept (one of two owned boxes of one class from different views that overlap by IoU ≥ 0.5,
+    the rare case of a centre right on the border, is dropped). A box seen by a view that does not own it is
+    kept only if it overlaps no kept box (IoU ≥ ``iou`` or mostly inside one, ``contained``): the owning view
+    missed it. Boxes of one view are left as the detector's own NMS gave them (two people side by side stay
+    two). Run before tracking, so a seam never makes two tracks.
     """
-    merged: list[tuple[set[int], Detection, bool]] = []
-    for view, d, cut in sorted(found, key=lambda item: (item[2], -item[1].score)):  # uncut boxes first
-        for i, (views, kept, kept_cut) in enumerate(merged):
-            if kept.label != d.label or view in views:
+    kept: list[tuple[int, Detection]] = []
+    for view, d, owned in sorted(found, key=lambda item: (not item[2], -item[1].score)):  # owned boxes first
+        same_object = False
+        for other_view, k in kept:
+            if k.label != d.label or other_view == view:
                 continue
-            over, inside = _overlap(kept.box, d.box)
-            if over >= iou or ((cut or kept_cut) and inside >= contained):
-                box = kept.box if not kept_cut else _union(kept.box, d.box)
-                merged[i] = (
-                    views | {view},
-                    Detection(kept.label, kept.class_id, max(kept.score, d.score), box),
-                    kept_cut and cut,
-                )
+            over, inside = _overlap(k.box, d.box)
+            if over >= 0.5 or (not owned and (over >= iou or inside >= contained)):
+                same_object = True
                 break
-        else:
-            merged.append(({view}, d, cut))
-    return [d for _, d, _ in merged]
-
-
-def _union(a: Box, b: Box) -> Box:
-    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+        if not same_object:
+            kept.append((view, d))
+    return [d for _, d in kept]
 
 
 VIEW_COLOUR = (255, 0, 255)
