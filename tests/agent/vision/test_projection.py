@@ -197,3 +197,24 @@ def test_motion_gating_runs_only_the_views_that_see_something(ssd):
     assert gated.look(still) is None  # nothing moved, no view run
     moved = [gated.projection.views[i].name for i in gated.projection.views_seeing([(0.85, 0.4, 0.9, 0.5)], 1.0)]
     assert moved == ["v30", "v60"]  # a box 60°..70° right of the axis: only the views that see it
+
+
+def test_each_object_is_reported_once_by_the_view_that_owns_it():
+    from agent.vision.decoders import Detection
+    from agent.vision.projection import merge_across_views
+
+    def person(x1, score=0.8):
+        return Detection("person", 0, score, (x1, 0.4, x1 + 0.04, 0.5))
+
+    found = [
+        (0, person(0.50), True),
+        (1, person(0.505, 0.9), False),  # the same person, seen by a view that does not own it: dropped
+        (1, person(0.70), True),
+        (0, person(0.702), False),
+        (0, person(0.52), True),  # a second person beside the first, same view: kept (the detector's NMS decides)
+        (1, person(0.90), False),  # only the non-owning view saw this one: kept
+        (2, person(0.301), True),  # a centre right on the border, owned by both views: one is kept
+        (3, person(0.30, 0.7), True),
+    ]
+    kept = merge_across_views(found)
+    assert sorted(round(d.box[0], 3) for d in kept) == [0.301, 0.5, 0.52, 0.7, 0.9]

@@ -83,3 +83,34 @@ def test_projection_settings_are_checked():
         )
     default = ProjectionSection(type="equirectangular")
     assert [v.yaw for v in default.views] == [0, 60, 120, 180, 240, 300]
+
+
+def test_a_fisheye_camera_box_alerts_on_a_zone_drawn_on_a_view(site, receiver, mock_factory):
+    """The vision process dewarps a fisheye recording and raises an intrusion in a zone drawn on one view;
+    a zone drawn on a view of the empty part of the lens stays quiet."""
+    from agent.device.agent import Agent
+    from tests.agent.vision.test_vision_service import BUTTON
+    from tests.conftest import wait_until
+
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    video = site.root / "fisheye.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (1200, 1200))
+    for frame in vtest_frames(limit=15):
+        writer.write(cv2.cvtColor(fisheye_from_perspective(frame.rgb, 1200, 60.0), cv2.COLOR_RGB2BGR))
+    writer.release()
+    whole = "polygon = [[0.02, 0.02], [0.98, 0.02], [0.98, 0.98], [0.02, 0.98]]\n"
+    body = (
+        f'{BUTTON}\n[camera]\nsource = "{video}"\n[camera.projection]\ntype = "fisheye"\n{VIEWS}'
+        '[[camera.projection.views]]\nname = "ahead"\nfov = 40.0\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n[motion]\nenabled = false\n'
+        f'[[zones]]\nname = "path"\nview = "right"\n{whole}[[zones]]\nname = "door"\nview = "ahead"\n{whole}'
+        '[[rules]]\nname = "on-path"\ntype = "intrusion"\nzone = "path"\n'
+        '[[rules]]\nname = "at-door"\ntype = "intrusion"\nzone = "door"\n'
+    )
+    with Agent(site.add_device("cam-360", kind="camera-box", body=body), pin_factory=mock_factory) as agent:
+        assert wait_until(lambda: agent.vision.state == "ended", 30)
+        assert wait_until(lambda: receiver.store.messages(kind="alert"), 10)
+    alerts = [m.claims["body"] for m in receiver.store.messages(kind="alert") if m.claims["body"].get("rule")]
+    assert [(a["rule"], a["zone"]) for a in alerts] == [("on-path", "path")]
+    boxes = [o["box"] for o in alerts[0]["objects"]]
+    assert boxes and all(box[0] > 0.6 for box in boxes)  # in fisheye coordinates: the right side of the lens
