@@ -17,32 +17,45 @@ import numpy as np
 SOURCE_HFOV = 60.0
 
 
-def _pinhole_turn(yaw_deg: float) -> np.ndarray:
-    """Pinhole directions → 360° camera directions (x right, y down, z forward)."""
-    a = math.radians(yaw_deg)
-    return np.array([[math.cos(a), 0.0, math.sin(a)], [0.0, 1.0, 0.0], [-math.sin(a), 0.0, math.cos(a)]])
+def _pinhole_turn(yaw_deg: float, pitch_deg: float = 0.0) -> np.ndarray:
+    """Pinhole directions → world directions (x right, y down, z forward): tilted up by pitch, turned right by yaw."""
+    a, b = math.radians(yaw_deg), math.radians(pitch_deg)
+    turn = np.array([[math.cos(a), 0.0, math.sin(a)], [0.0, 1.0, 0.0], [-math.sin(a), 0.0, math.cos(a)]])
+    tilt = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(b), -math.sin(b)], [0.0, math.sin(b), math.cos(b)]])
+    return turn @ tilt
+
+
+#: World → fisheye directions for a lens looking straight down, the top of its image towards yaw 0.
+CEILING = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 
 def _pinhole_focal(width: int) -> float:
     return (width / 2) / math.tan(math.radians(SOURCE_HFOV) / 2)
 
 
-def fisheye_from_perspective(rgb: np.ndarray, size: int, yaw: float, lens_fov: float = 180.0) -> np.ndarray:
-    """A square equidistant fisheye frame (lens circle touching the edges) showing ``rgb`` at ``yaw``."""
+def fisheye_from_perspective(
+    rgb: np.ndarray, size: int, yaw: float, lens_fov: float = 180.0, pitch: float = 0.0, ceiling: bool = False
+) -> np.ndarray:
+    """A square equidistant fisheye frame (lens circle touching the edges) showing ``rgb`` at ``yaw``/``pitch``;
+    the lens looks forward, or straight down (``ceiling``)."""
     h, w = rgb.shape[:2]
-    u, v = _fisheye_maps(w, h, size, yaw, lens_fov)
+    u, v = _fisheye_maps(w, h, size, yaw, lens_fov, pitch, ceiling)
     return cv2.remap(rgb, u, v, cv2.INTER_LINEAR, borderValue=(0, 0, 0))
 
 
 @functools.lru_cache(maxsize=4)
-def _fisheye_maps(w: int, h: int, size: int, yaw: float, lens_fov: float) -> tuple[np.ndarray, np.ndarray]:
+def _fisheye_maps(
+    w: int, h: int, size: int, yaw: float, lens_fov: float, pitch: float, ceiling: bool
+) -> tuple[np.ndarray, np.ndarray]:
     radius = size / 2
     py, px = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     dx, dy = px - size / 2, py - size / 2
     theta = np.hypot(dx, dy) / radius * math.radians(lens_fov) / 2
     phi = np.arctan2(dy, dx)
     rays = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
-    pin = rays @ _pinhole_turn(yaw)  # row vectors: R^T applied, 360° → pinhole
+    if ceiling:
+        rays = rays @ CEILING  # row vectors: fisheye → world
+    pin = rays @ _pinhole_turn(yaw, pitch)  # row vectors: R^T applied, world → pinhole
     f = _pinhole_focal(w)
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(pin[..., 2] > 1e-6, f * pin[..., 0] / pin[..., 2] + w / 2 - 0.5, -1)
@@ -72,10 +85,10 @@ def _panorama_maps(w: int, h: int, width: int, yaw: float) -> tuple[np.ndarray, 
     return u.astype(np.float32), v.astype(np.float32)
 
 
-def _perspective_rays(points: np.ndarray, w: int, h: int, yaw: float) -> np.ndarray:
+def _perspective_rays(points: np.ndarray, w: int, h: int, yaw: float, pitch: float = 0.0) -> np.ndarray:
     f = _pinhole_focal(w)
     rays = np.stack([(points[:, 0] * w - w / 2) / f, (points[:, 1] * h - h / 2) / f, np.ones(len(points))], axis=1)
-    return rays @ _pinhole_turn(yaw).T
+    return rays @ _pinhole_turn(yaw, pitch).T
 
 
 def _outline(box) -> np.ndarray:
@@ -87,9 +100,11 @@ def _outline(box) -> np.ndarray:
     )
 
 
-def box_in_fisheye(box, w: int, h: int, yaw: float, lens_fov: float = 180.0):
+def box_in_fisheye(box, w: int, h: int, yaw: float, lens_fov: float = 180.0, pitch: float = 0.0, ceiling=False):
     """Where a box of the perspective frame lands in the fisheye frame (normalised, around its outline)."""
-    rays = _perspective_rays(_outline(box), w, h, yaw)
+    rays = _perspective_rays(_outline(box), w, h, yaw, pitch)
+    if ceiling:
+        rays = rays @ CEILING.T
     theta = np.arctan2(np.hypot(rays[:, 0], rays[:, 1]), rays[:, 2])
     phi = np.arctan2(rays[:, 1], rays[:, 0])
     r = 0.5 * theta / (math.radians(lens_fov) / 2)

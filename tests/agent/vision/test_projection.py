@@ -218,3 +218,18 @@ def test_each_object_is_reported_once_by_the_view_that_owns_it():
     ]
     kept = merge_across_views(found)
     assert sorted(round(d.box[0], 3) for d in kept) == [0.301, 0.5, 0.52, 0.7, 0.9]
+
+
+def test_a_ceiling_fisheye_shows_people_upright_in_its_views(ssd, originals):
+    """Looking down, a fisheye shows people lying on their side, heads to the centre: the model finds
+    none of them on the raw frame; a view looking 40° down towards them shows them upright."""
+    views = [{"name": "east", "yaw": 90, "pitch": -40, "fov": 60}]
+    pipeline = VisionPipeline(camera({"type": "fisheye", "mount": "ceiling", "views": views}), ssd)
+    found = raw = total = 0
+    for frame, people in originals:
+        image = fisheye_from_perspective(frame.rgb, 2400, 90.0, pitch=-40.0, ceiling=True)
+        references = [box_in_fisheye(b, 768, 576, 90.0, pitch=-40.0, ceiling=True) for b in people]
+        found += sum(matched(references, [d.box for d in pipeline.look(Frame(rgb=image, timestamp=0.0, index=0))]))
+        raw += sum(matched(references, [d.box for d in ssd.detect(image) if d.label == "person"]))
+        total += len(references)
+    assert found / total >= 0.75 and raw / total <= 0.2, (found / total, raw / total)
