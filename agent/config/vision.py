@@ -194,6 +194,14 @@ class CameraSection(Section):
             raise ValueError("the source URL carries a login already: give it in username/password_file only")
         return value
 
+    @field_validator("thermal")
+    @classmethod
+    def _thermal_is_uvc(cls, value: ThermalSection | None, info: ValidationInfo) -> ThermalSection | None:
+        source = info.data.get("source") or ""
+        if value is not None and (source == "picamera2" or source.startswith("picamera2:")):
+            raise ValueError("a thermal camera is a UVC (V4L2) device or a Y16 recording, not picamera2")
+        return value
+
     @field_validator("password_file")
     @classmethod
     def _password_needs_user(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -99,6 +99,8 @@ def test_thermal_settings_are_checked():
         ThermalSection(radiometric=False, body_c=[28, 40])
     with pytest.raises(ValidationError, match=r"range_c must be \[low, high\] with low < high"):
         ThermalSection(range_c=[30, 20])
+    with pytest.raises(ValidationError, match="a thermal camera is a UVC .V4L2. device or a Y16 recording"):
+        thermal_config(radiometric=True).model_validate({"camera": {"source": "picamera2", "thermal": {}}})
 
 
 def write_y16_video(path, frames: list[np.ndarray]) -> None:
