@@ -9,7 +9,8 @@ Measures, in one run:
   scene (vtest's first frame held) and on vtest;
 * peak RSS of this process (the pipeline) and of the agent under load;
 * button press → PUBACK p99 while a camera box runs the pipeline flat out
-  (vision process on the other side of the process boundary).
+  (vision process on the other side of the process boundary);
+* person recall on vtest made into a fisheye frame: raw fisheye vs dewarped views (``fisheye``).
 
     python bench/pipeline.py [--frames 300] [--presses 200]
 """
@@ -138,6 +139,26 @@ def measure_cpu(frame_count: int) -> dict:
     }
 
 
+def measure_fisheye(frame_count: int) -> dict:
+    """Person recall on vtest made into a 180° fisheye (scene 30°..90° off the axis, out to the rim):
+    raw fisheye frame vs its dewarped views, both through the pipeline; people as the same model finds
+    them (score >= 0.5) on the original perspective frames. See tests/agent/vision/fisheye_scenes.py."""
+    sys.path.insert(0, str(REPO))
+    from tests.agent.vision.fisheye_scenes import fisheye_recall
+
+    frames = [f for i, f in enumerate(load_frames(frame_count)) if i % 10 == 0]
+    views = [{"name": f"yaw{yaw}", "yaw": yaw, "fov": 60} for yaw in (-60, -30, 0, 30, 60)]
+    figures = fisheye_recall(detector(), frames, yaw=60.0, views=views)
+    seam = fisheye_recall(detector(), frames, yaw=45.0, views=views)
+    return {
+        "recall_raw": figures["raw"],
+        "recall_dewarped": figures["dewarped"],
+        "recall_perspective": figures["perspective"],
+        "recall_dewarped_scene_across_two_views": seam["dewarped"],
+        "people": figures["people"],
+    }
+
+
 def press_to_puback_under_load(presses: int) -> dict:
     """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
     from gpiozero.pins.mock import MockFactory
@@ -210,6 +231,7 @@ def main() -> None:
         load = pool.submit(press_to_puback_under_load, args.presses).result()
     result = measure_fps(args.frames)
     result["cpu_s_per_video_min"] = measure_cpu(args.frames)
+    result["fisheye"] = measure_fisheye(args.frames)
     result["peak_rss_mb"] = load["vision_process_peak_rss_mb"]
     result.update(load)
     result["frames"] = args.frames

@@ -26,13 +26,15 @@ class Frame:
     """One picture: ``rgb`` (H×W×3 uint8) for detection, ``full`` for crops and evidence.
 
     ``full`` is the same array as ``rgb`` unless the backend has a separate
-    full-resolution stream (picamera2's main vs lores).
+    full-resolution stream (picamera2's main vs lores). ``raw`` is a thermal
+    camera's 16-bit frame (H×W uint16) as it came, so its temperatures are kept.
     """
 
     rgb: Any
     timestamp: float
     index: int
     full: Any = None
+    raw: Any = None
 
     def __post_init__(self) -> None:
         if self.full is None:

@@ -5,7 +5,9 @@ index N); IP cameras by URL (``rtsp://host/stream``, the login given apart as
 ``username``/``password``); files by path. The URL is shown only with its
 password replaced by ``***``.
 Thermal UVC cameras that deliver one 8- or 16-bit channel are converted to
-three-channel 8-bit RGB (16-bit is stretched to the frame's own range).
+three-channel 8-bit RGB (16-bit is stretched to the frame's own range); with
+``y16=True`` the camera is asked for Y16 unconverted and each 16-bit frame is
+also kept as it came (``Frame.raw``: radiometric cameras give temperatures).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class OpenCVCamera(Camera):
         rtsp_transport: str = "tcp",
         username: str | None = None,
         password: str | None = None,
+        y16: bool = False,
     ):
         try:
             self._target = url_with_login(str(source), username, password)
@@ -53,6 +56,7 @@ class OpenCVCamera(Camera):
         self.realtime = realtime
         self.loop = loop
         self.rtsp_transport = rtsp_transport
+        self.y16 = y16
         self._capture = None
         self._index = 0
         self._next_due = 0.0
@@ -95,6 +99,10 @@ class OpenCVCamera(Camera):
             ):
                 if value:
                     capture.set(prop, value)
+            if self.y16:
+                capture.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"Y16 "))
+        if self.y16:  # 16-bit counts as the camera (or a lossless GRAY16 recording) has them, not 8-bit
+            capture.set(cv2.CAP_PROP_CONVERT_RGB, 0)
         self._capture = capture
         self._next_due = time.monotonic()
 
@@ -127,9 +135,23 @@ class OpenCVCamera(Camera):
                 time.sleep(delay)
             else:
                 self._next_due = time.monotonic()
+        if self.y16:
+            image = self._as_y16(image)
         rgb = to_rgb(image)
         self._index += 1
-        return Frame(rgb=rgb, timestamp=time.monotonic(), index=self._index - 1)
+        raw = image if image.dtype.itemsize == 2 and image.ndim == 2 else None
+        return Frame(rgb=rgb, timestamp=time.monotonic(), index=self._index - 1, raw=raw)
+
+    def _as_y16(self, image):
+        """Some OpenCV builds hand an unconverted Y16 frame over as its raw bytes (1×N uint8): reshape it."""
+        import cv2
+        import numpy as np
+
+        if image.dtype == np.uint8 and image.ndim == 2 and image.shape[0] == 1:
+            w, h = int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if w * h * 2 == image.size:
+                return image.view("<u2").reshape(h, w)
+        return image
 
     def close(self) -> None:
         if self._capture is not None:

@@ -30,6 +30,132 @@ def _check_polygon(points: list[Point]) -> list[Point]:
 _URL_SOURCE = re.compile(r"^(rtsps?|https?)://[^/?#]+", re.IGNORECASE)
 
 
+class ViewSection(Section):
+    """One virtual perspective camera cut out of a 360° frame."""
+
+    name: Name
+    yaw: float = Field(
+        0.0,
+        ge=-360,
+        le=360,
+        description="Where the view looks, degrees to the right of the camera's forward direction "
+        "(ceiling mount: clockwise from the top of the fisheye image; panorama: from its centre).",
+    )
+    pitch: float = Field(0.0, ge=-90, le=90, description="Degrees above the horizon; negative looks down.")
+    fov: float = Field(80.0, ge=10, le=150, description="Horizontal field of view of the view, degrees.")
+    width: int = Field(480, ge=64, le=2048, description="View width in pixels.")
+    height: int = Field(360, ge=48, le=2048, description="View height in pixels.")
+
+
+def _default_views(data: dict) -> list[dict]:
+    """Overlapping views that cover what a 360° camera usually sees, when the config names none."""
+    if data.get("type") == "equirectangular":
+        return [{"name": f"yaw{yaw}", "yaw": yaw, "fov": 75.0} for yaw in range(0, 360, 60)]
+    if data.get("mount", "wall") == "ceiling":
+        return [{"name": f"yaw{yaw}", "yaw": yaw, "pitch": -40.0, "fov": 100.0} for yaw in (0, 90, 180, 270)]
+    half = float(data.get("fov", 180.0)) / 2
+    side = round(max(0.0, half - 40.0))
+    yaws = [-side, 0, side] if side >= 20 else [0]
+    return [{"name": f"yaw{yaw}", "yaw": yaw, "fov": 80.0} for yaw in yaws]
+
+
+class ProjectionSection(Section):
+    """How a 360° camera maps directions to pixels, and which perspective views the detector sees.
+
+    ``fisheye`` is the equidistant model (distance from the image centre proportional to the angle
+    from the optical axis), which most fisheye lenses follow closely; ``equirectangular`` is a
+    stitched panorama (longitude across, latitude down, horizon in the middle).
+    """
+
+    type: Literal["fisheye", "equirectangular"]
+    fov: float = Field(180.0, ge=90, le=280, description="Fisheye: field of view of the lens circle, degrees.")
+    centre: Point = Field(
+        (0.5, 0.5), description="Fisheye: centre of the lens circle, normalised to the frame (x of width, y of height)."
+    )
+    radius: float = Field(
+        0.5,
+        gt=0.05,
+        le=2.0,
+        description="Fisheye: radius of the lens circle (the edge of fov), fraction of frame height.",
+    )
+    mount: Literal["wall", "ceiling"] = Field(
+        "wall", description="Fisheye: optical axis horizontal (wall) or pointing straight down (ceiling)."
+    )
+    views: list[ViewSection] = Field(
+        default_factory=list,
+        description="Perspective views the detector runs on; default: overlapping views covering the lens.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_views(cls, data):
+        if isinstance(data, dict) and not data.get("views"):
+            data = {**data, "views": _default_views(data)}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProjectionSection:
+        fisheye_only = {"fov", "centre", "radius", "mount"} & self.model_fields_set
+        if self.type == "equirectangular" and fisheye_only:
+            raise ValueError(f"{', '.join(sorted(fisheye_only))}: fisheye settings, not for an equirectangular camera")
+        cx, cy = self.centre
+        if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0):
+            raise ValueError(f"centre ({cx}, {cy}) is outside the frame; it is normalised to 0..1")
+        names = [v.name for v in self.views]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"view names must be unique; repeated: {', '.join(doubled)}")
+        return self
+
+
+class ThermalSection(Section):
+    """A thermal camera's 16-bit frames (Y16 over UVC: PureThermal/Lepton and similar)."""
+
+    radiometric: bool = Field(
+        True, description="The 16-bit values are temperatures (Lepton TLinear: hundredths of a kelvin)."
+    )
+    kelvin_per_count: float = Field(0.01, gt=0, le=1, description="Radiometric: kelvin per 16-bit count.")
+    offset_k: float = Field(0.0, ge=-1000, le=1000, description="Radiometric: kelvin at count 0.")
+    normalise: Literal["fixed", "percentile"] = Field(
+        "percentile",
+        description="To 8 bits for the detector: a fixed range in °C (needs radiometric frames; the same "
+        "temperature always gives the same grey), or a stretch between two percentiles of each frame.",
+    )
+    range_c: tuple[float, float] = Field((0.0, 40.0), description="normalise = fixed: °C shown black and white.")
+    percentiles: tuple[float, float] = Field((1.0, 99.0), description="normalise = percentile: black and white.")
+    body_c: tuple[float, float] | None = Field(
+        (28.0, 40.0),
+        description="Radiometric: a person candidate is kept only if enough of its box is in this band of "
+        "apparent surface temperature (°C); unset to keep every person.",
+    )
+    body_fraction: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Share of a person box's pixels that must be in body_c (skin shows, clothes less).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ThermalSection:
+        for name in ("range_c", "percentiles") + (("body_c",) if self.body_c else ()):
+            low, high = getattr(self, name)
+            if not low < high:
+                raise ValueError(f"{name} must be [low, high] with low < high, got [{low}, {high}]")
+        low, high = self.percentiles
+        if low < 0 or high > 100:
+            raise ValueError(f"percentiles must lie within 0..100, got [{low}, {high}]")
+        if not self.radiometric:
+            if self.normalise == "fixed":
+                raise ValueError("normalise = 'fixed' needs radiometric frames; use 'percentile'")
+            if "body_c" in self.model_fields_set and self.body_c is not None:
+                raise ValueError("body_c needs radiometric frames (temperatures); unset it or set radiometric = true")
+        return self
+
+    @property
+    def gates_persons(self) -> bool:
+        return self.radiometric and self.body_c is not None
+
+
 class CameraSection(Section):
     source: str = Field(
         description="'picamera2', a V4L2 index or /dev/videoN, an rtsp:// or http:// URL, or a file. "
@@ -49,6 +175,10 @@ class CameraSection(Section):
     rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP cameras: RTP over TCP or UDP.")
     loop: bool = Field(False, description="Restart a video file at its end.")
     reconnect_max_s: float = Field(30.0, ge=1, le=600, description="Cap of the reconnect backoff.")
+    projection: ProjectionSection | None = Field(
+        None, description="A 360° camera: its projection and the perspective views the detector runs on."
+    )
+    thermal: ThermalSection | None = Field(None, description="A thermal camera delivering 16-bit (Y16) frames.")
 
     # Field validators, not a model validator: an error then shows its own value, never a source with a password.
     @field_validator("username")
@@ -62,6 +192,14 @@ class CameraSection(Section):
             raise ValueError("username and password_file are for rtsp:// and http(s):// camera sources only")
         if "@" in url.group(0):
             raise ValueError("the source URL carries a login already: give it in username/password_file only")
+        return value
+
+    @field_validator("thermal")
+    @classmethod
+    def _thermal_is_uvc(cls, value: ThermalSection | None, info: ValidationInfo) -> ThermalSection | None:
+        source = info.data.get("source") or ""
+        if value is not None and (source == "picamera2" or source.startswith("picamera2:")):
+            raise ValueError("a thermal camera is a UVC (V4L2) device or a Y16 recording, not picamera2")
         return value
 
     @field_validator("password_file")
@@ -102,6 +240,9 @@ class FilterSection(Section):
 class ZoneSection(Section):
     name: Name
     polygon: list[Point]
+    view: Name | None = Field(
+        None, description="360° cameras: the polygon is drawn on this view; unset: on the whole frame (panorama)."
+    )
     inertia: int = Field(3, ge=1, le=100, description="Consecutive frames inside before an object counts as in.")
     filters: dict[str, FilterSection] = Field(
         default_factory=dict, description="Per-class filters that apply in this zone, on top of the camera's."
@@ -201,6 +342,20 @@ class VisionConfig(VisionSettings):
     """Everything the vision process needs; passed to it as JSON."""
 
     camera: CameraSection
+
+    @model_validator(mode="after")
+    def _zone_views(self) -> VisionConfig:
+        projection = self.camera.projection
+        views = {v.name for v in projection.views} if projection else set()
+        for zone in self.zones:
+            if zone.view is None or zone.view in views:
+                continue
+            if projection is None:
+                raise ValueError(f"zone {zone.name!r} is drawn on view {zone.view!r}, but the camera has no projection")
+            raise ValueError(
+                f"zone {zone.name!r} is drawn on view {zone.view!r}, which is not defined; views: {', '.join(sorted(views))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> VisionConfig:

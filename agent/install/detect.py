@@ -22,10 +22,10 @@ def run_detect(
 
     from agent.config.device import load_agent_config
     from agent.config.vision import DetectorSection
-    from agent.vision.annotate import annotate, write_png
+    from agent.vision.annotate import write_png
     from agent.vision.detector import Detector
-    from hw.camera import CameraUnavailable
-    from hw.camera_opencv import OpenCVCamera
+    from hw.camera import CameraUnavailable, Frame
+    from hw.camera_opencv import OpenCVCamera, to_rgb
 
     config = load_agent_config(config_path) if config_path else None
     vision = config.vision_config() if config else None
@@ -36,19 +36,21 @@ def run_detect(
     detector = Detector.from_settings(settings, directory, model=model, min_score=threshold)
     if not file.exists():
         raise CameraError(f"{file}: no such file")
-    image = cv2.imread(str(file)) if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") else None
+    image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED) if file.suffix.lower() in _IMAGES else None
     frames = []
-    if image is not None:
-        frames = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)]
+    if image is not None:  # 16-bit PNGs from a thermal camera are kept as they are (their temperatures)
+        frames = [Frame(rgb=to_rgb(image), timestamp=0.0, index=0, raw=image if image.dtype == "uint16" else None)]
+    look = CameraLook(vision, detector)
     last = None
     try:
-        source = iter(frames) if frames else _video_frames(OpenCVCamera(str(file)))
-        for index, rgb in enumerate(source):
+        thermal = vision is not None and vision.camera.thermal is not None
+        source = iter(frames) if frames else _video_frames(OpenCVCamera(str(file), y16=thermal))
+        for index, frame in enumerate(source):
             if index >= max_frames:
                 break
             if index % every:
                 continue
-            detections = detector.detect(rgb)
+            rgb, detections = look(frame)
             print(
                 json.dumps(
                     {
@@ -67,14 +69,50 @@ def run_detect(
     if last is None:
         raise CameraError(f"{file}: no frames could be read")
     if annotate_path is not None:
-        write_png(annotate_path, annotate(last[0], last[1], vision))
+        write_png(annotate_path, look.picture(last[0], last[1]))
     return 0
+
+
+_IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class CameraLook:
+    """Detection as the camera box does it for this camera: its thermal conversion and body-temperature
+    gate, and for a 360° camera detection on its perspective views with boxes mapped back to the frame."""
+
+    def __init__(self, vision, detector):
+        from agent.vision.pipeline import camera_models
+
+        self.vision, self.detector = vision, detector
+        self.projection, self.thermal = camera_models(vision) if vision is not None else (None, None)
+
+    def __call__(self, frame) -> tuple:
+        if self.thermal is not None:
+            self.thermal.prepare(frame)
+        if self.projection is not None:
+            detections = self.projection.detect(frame.full, self.detector)
+        else:
+            detections = self.detector.detect(frame.full)
+        if self.thermal is not None:
+            detections = self.thermal.gate(detections, frame.raw)
+        return frame.full, detections
+
+    def picture(self, rgb, detections):
+        """The installer's picture: redacted, zones and boxes drawn; a 360° camera's views beneath."""
+        from agent.vision.annotate import annotate
+        from agent.vision.projection import views_picture
+
+        if self.projection is None:
+            return annotate(rgb, detections, self.vision)
+        h, w = rgb.shape[:2]
+        placed = self.vision.model_copy(update={"zones": self.projection.zones_in_source(self.vision.zones, w / h)})
+        return views_picture(annotate(rgb, detections, placed), self.projection)
 
 
 def _video_frames(camera):
     with camera:
         while (frame := camera.read()) is not None:
-            yield frame.rgb
+            yield frame
 
 
 def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frames: int = 5) -> int:
@@ -82,7 +120,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     import logging
 
     from agent.config.device import load_agent_config
-    from agent.vision.annotate import annotate, write_png
+    from agent.vision.annotate import write_png
     from agent.vision.detector import Detector
     from hw.camera import CameraUnavailable, open_camera, redact_url
 
@@ -92,6 +130,8 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
         raise ConfigError(f"{config_path} has no [camera] section: nothing to take a snapshot with")
     settings = vision.camera
     login = config.camera_login()
+    if settings.thermal is not None:
+        login["y16"] = True
     camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps, **login)
     try:
         with camera:
@@ -103,13 +143,16 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     if frame is None:
         raise CameraError(f"camera {redact_url(settings.source)} delivered no frame")
     detections = []
+    look = CameraLook(vision, None)
+    if look.thermal is not None:
+        look.thermal.prepare(frame)
     if detect:
         try:
-            detector = Detector.from_settings(vision.detector, config.model_dir)
-            detections = detector.detect(frame.rgb)
+            look.detector = Detector.from_settings(vision.detector, config.model_dir)
+            _, detections = look(frame)
         except ModelError as exc:
             logging.getLogger(__name__).warning("snapshot without detections: %s", exc)
-    write_png(out, annotate(frame.full if frame.full is not None else frame.rgb, detections, vision))
+    write_png(out, look.picture(frame.full, detections))
     print(
         json.dumps(
             {"out": str(out), "size": list(frame.rgb.shape[1::-1]), "detections": [d.as_dict() for d in detections]}

@@ -45,6 +45,7 @@ class VisionPipeline:
         self.tamper_rules = [self.rules.situations[r.name] for r in config.rules if r.type == "camera_tamper"]
         self.tamper = CameraTamperDetector() if self.tamper_rules else None
         self.track_labels = set(config.detector.track_labels)
+        self.projection, self.thermal = camera_models(config)
         self.tracks: list[Track] = []
         self._last_full = float("-inf")
         self._last_tamper_check = float("-inf")
@@ -77,8 +78,31 @@ class VisionPipeline:
         Safe to run on another thread while ``judge`` handles the previous frame:
         it only reads ``self.tracks``, which ``judge`` replaces whole.
         """
+        if self.thermal is not None:
+            self.thermal.prepare(frame)
+        if self.projection is not None:
+            return self._look_views(frame)
         regions = self._regions(frame, frame.timestamp)
         return self._detect(frame, regions) if regions else None
+
+    def _look_views(self, frame: Frame) -> list[Detection] | None:
+        """360° cameras: detection on the perspective views that see motion or a track (all of them on the
+        periodic pass), boxes mapped back to the source frame and merged across view seams."""
+        h, w = frame.rgb.shape[:2]
+        views = None
+        if self.motion is not None and frame.timestamp - self._last_full < self.config.motion.full_frame_every_s:
+            interest = self.motion.detect(frame.rgb)
+            if not interest:
+                return None
+            views = self.projection.views_seeing(interest + [t.box for t in self.tracks], w / h)
+        elif self.motion is not None:
+            self._last_full = frame.timestamp
+            self.motion.detect(frame.rgb)  # keeps the motion background current
+        found = self.projection.detect(frame.full, self.detector, views)
+        self.inference_ms_avg = 0.9 * self.inference_ms_avg + 0.1 * self.detector.last_invoke_ms
+        if self.thermal is not None:
+            found = self.thermal.gate(found, frame.raw)
+        return [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
 
     def judge(self, frame: Frame, detections: list[Detection] | None) -> list[dict[str, Any]]:
         """Second stage: camera tamper, tracking and rules."""
@@ -93,6 +117,8 @@ class VisionPipeline:
                 event = situation.step(reason is not None, {"reason": reason or "", **metrics}, now)
                 if event is not None:
                     messages.append(self._message(event, frame))
+        if self.projection is not None:  # zones drawn on a view, redrawn on the source frame
+            self.projection.place_zones(self.rules.zones, self.config.zones, frame.rgb.shape)
         if detections is None:
             self.frames_skipped += 1
         else:
@@ -141,6 +167,8 @@ class VisionPipeline:
                 if self.inference_ms_avg
                 else self.detector.last_invoke_ms
             )
+        if self.thermal is not None:
+            found = self.thermal.gate(found, frame.raw)
         kept = [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
         return kept
 
@@ -166,6 +194,21 @@ class VisionPipeline:
         if event.phase == "start" and rule.evidence and self.evidence is not None:
             body["evidence"] = self.evidence.save(frame.full, self.tracks, event.event_id)
         return {"kind": "alert" if event.phase == "start" else "event", "body": body}
+
+
+def camera_models(config: VisionConfig):
+    """The camera's projection (360°) and thermal conversion, when it declares them."""
+    camera = config.camera
+    projection = thermal = None
+    if camera.projection is not None:
+        from agent.vision.projection import Projection
+
+        projection = Projection(camera.projection)
+    if camera.thermal is not None:
+        from agent.vision.thermal import ThermalImage
+
+        thermal = ThermalImage(camera.thermal)
+    return projection, thermal
 
 
 class OverlappedRun:

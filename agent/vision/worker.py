@@ -110,6 +110,7 @@ def _run_camera_loop(config, pipeline, beats: _Heartbeat, camera_password: str |
         rtsp_transport=settings.rtsp_transport,
         username=settings.username,
         password=camera_password,
+        **({"y16": True} if settings.thermal is not None else {}),  # a thermal camera's 16-bit counts
     )
     failing, retry = False, Backoff(CAMERA_RETRY_FIRST_S, settings.reconnect_max_s)
     while not stop.is_set():
