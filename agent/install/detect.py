@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.errors import CameraError, ConfigError, ModelError
+from agent.errors import CameraError, ConfigError, ModelError, RedactionUnavailable
 
 
 def run_detect(
@@ -36,6 +36,7 @@ def run_detect(
     detector = Detector.from_settings(settings, directory, model=model, min_score=threshold)
     if not file.exists():
         raise CameraError(f"{file}: no such file")
+    redactor = _redactor(vision, directory, annotate_path) if annotate_path is not None else None
     image = cv2.imread(str(file)) if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") else None
     frames = []
     if image is not None:
@@ -67,8 +68,22 @@ def run_detect(
     if last is None:
         raise CameraError(f"{file}: no frames could be read")
     if annotate_path is not None:
-        write_png(annotate_path, annotate(last[0], last[1], vision))
+        write_png(annotate_path, annotate(last[0], last[1], redactor, vision))
     return 0
+
+
+def _redactor(vision, model_dir: Path, picture: Path):
+    """The redactor for an installer's picture; refuses (no picture written) when it cannot run."""
+    from agent.config.vision import VisionSettings
+    from agent.vision.redaction import Redactor
+
+    redactor = Redactor.for_camera(vision or VisionSettings(), Path(model_dir))
+    if redactor.unavailable:
+        raise RedactionUnavailable(
+            f"{picture} not written: {redactor.unavailable} (fetch it with "
+            f"'edge-agent models fetch {(vision or VisionSettings()).evidence.face_model}')"
+        )
+    return redactor
 
 
 def _video_frames(camera):
@@ -90,6 +105,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     vision = config.vision_config()
     if vision is None:
         raise ConfigError(f"{config_path} has no [camera] section: nothing to take a snapshot with")
+    redactor = _redactor(vision, config.model_dir, out)  # before the camera: no picture without it
     settings = vision.camera
     login = config.camera_login()
     camera = open_camera(settings.source, width=settings.width, height=settings.height, fps=settings.fps, **login)
@@ -109,10 +125,15 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
             detections = detector.detect(frame.rgb)
         except ModelError as exc:
             logging.getLogger(__name__).warning("snapshot without detections: %s", exc)
-    write_png(out, annotate(frame.full if frame.full is not None else frame.rgb, detections, vision))
+    write_png(out, annotate(frame.full if frame.full is not None else frame.rgb, detections, redactor, vision))
     print(
         json.dumps(
-            {"out": str(out), "size": list(frame.rgb.shape[1::-1]), "detections": [d.as_dict() for d in detections]}
+            {
+                "out": str(out),
+                "size": list(frame.rgb.shape[1::-1]),
+                "detections": [d.as_dict() for d in detections],
+                "faces_covered": redactor.last_faces,
+            }
         )
     )
     return 0

@@ -150,9 +150,7 @@ class FaceFinder:
                 : canvas.shape[0] - oy, : canvas.shape[1] - ox
             ]
             found = self.detector.detect(canvas)
-            return [
-                self._pixels(d.box, tile.x, tile.y, tile.side, tile.side, w, h) for d in found if d.label == "face"
-            ]
+            return [self._pixels(d.box, tile.x, tile.y, tile.side, tile.side, w, h) for d in found if d.label == "face"]
         found = self.detector.detect(crop)
         return [self._pixels(d.box, x1, y1, x2 - x1, y2 - y1, w, h) for d in found if d.label == "face"]
 
@@ -246,6 +244,21 @@ class Redactor:
             reason = f"face model for redaction unavailable: {exc}"
             log.error("%s; pictures will be withheld", reason)
             return cls(None, masks, head_fraction, unavailable=reason)
+
+    @classmethod
+    def for_camera(cls, config, model_dir: Path) -> Redactor:
+        """The redactor a camera's config describes: its ``[evidence]`` face settings and privacy masks."""
+        evidence = config.evidence
+        return cls.load(
+            evidence.face_model,
+            model_dir,
+            [m.polygon for m in config.privacy_masks],
+            evidence.head_fraction,
+            evidence.min_face_px,
+            evidence.face_min_score,
+            config.detector.runtime,
+            config.detector.num_threads,
+        )
 
     def redact(self, rgb: np.ndarray, person_boxes: list[tuple[float, float, float, float]]) -> np.ndarray:
         """A copy with masks filled, person heads and all faces covered; raises ``RedactionUnavailable``."""
