@@ -49,7 +49,8 @@ def on_a_face(hit, faces, scale: int) -> bool:
     x, y, w, h = hit
     cx, cy = x + w / 2, y + h / 2
     return any(
-        abs(cx - (fx + side / 2) * scale) < 0.6 * side * scale and abs(cy - (fy + side / 2) * scale) < 0.6 * side * scale
+        abs(cx - (fx + side / 2) * scale) < 0.6 * side * scale
+        and abs(cy - (fy + side / 2) * scale) < 0.6 * side * scale
         for fx, fy, side in faces
     )
 
