@@ -4,10 +4,13 @@ Every picture that leaves the pipeline (evidence, snapshots, installer pictures)
 ``Redactor.redact`` first. Faces are found by a dedicated face model (MediaPipe BlazeFace, run by the
 same LiteRT runtime as the person detector) on the full-size picture, at several scales: the picture
 shrunk into the model (faces that fill it), the whole picture, and overlapping tiles down to
-``min_face_px``. The head region of every person box, confirmed or not and whatever its class
-filter, is covered as well. Covering is a mosaic of a few blocks across each face, the block size
-scaled to the face, so nothing is recoverable at any size. Only boxes are used: no keypoints,
-no embeddings, nothing about a face is kept.
+``min_face_px`` (within a budget of model runs). Each face found is filled with one colour, the
+mean of its surroundings: nothing is recoverable at any size, and even a mosaic of three blocks
+still reads as a head to a face detector. The model then looks again around what it covered, and
+covers what it still finds. The head region of every person box, confirmed or not and whatever its
+class filter, is covered by a mosaic of a few blocks scaled to the person's width, so a face too
+small for the tiles is covered too. Only boxes are used: no keypoints, no embeddings, nothing about
+a face is kept.
 
 When the face model is missing or fails, ``redact`` raises ``RedactionUnavailable``: the caller
 writes no picture and says why.
@@ -124,14 +127,6 @@ class FaceFinder:
         for tile in tiles:
             faces.extend(self._in_square(rgb, tile))
         return faces
-
-    def find_in(self, rgb: np.ndarray, region: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
-        """Faces in one region (a person's head), zoomed so that a small head gets all the model's pixels."""
-        x1, y1, x2, y2 = region
-        side = max(x2 - x1, y2 - y1)
-        if side < 4:
-            return []
-        return self._in_square(rgb, Tile((x1 + x2 - side) // 2, (y1 + y2 - side) // 2, side))
 
     def _in_square(self, rgb: np.ndarray, tile: Tile) -> list[tuple[int, int, int, int]]:
         """Faces in a square that may reach past the picture: the outside is padded grey."""
@@ -275,12 +270,10 @@ class Redactor:
         try:
             faces = self.faces.find(rgb)
             for head in heads:
-                faces.extend(self.faces.find_in(rgb, head))
-            for head in heads:
                 mosaic(image, head, BLOCKS_ACROSS_HEAD)
             covered = self._cover(image, faces)
             for _ in range(VERIFY_ROUNDS):  # look again where faces were covered: a part left over is covered too
-                again = self.faces.find(image, near=covered) + [f for r in heads for f in self.faces.find_in(image, r)]
+                again = self.faces.find(image, near=covered)
                 if not again:
                     break
                 faces += again
