@@ -132,3 +132,30 @@ def test_people_the_filters_drop_still_have_their_heads_covered(ssd):
     frame = next(vtest_frames(limit=1))
     assert pipeline.look(frame) == []  # nothing tracked …
     assert len(pipeline.people_seen) >= 3  # … but every person seen is kept for redaction
+
+
+def test_the_vision_process_reports_a_redaction_fault_and_keeps_detecting(tmp_path):
+    """A camera box whose face model is missing says so once, at start; detection is not stopped by it."""
+    import queue
+    import threading
+
+    from agent.vision.worker import run_vision
+    from tests.agent.vision.scenes import MODEL_DIR, require_shared
+
+    require_shared("models/ssd_mobilenet_v1_coco_quant.tflite")
+    config = VisionConfig.model_validate(
+        {
+            "camera": {"source": "vtest.avi", "name": "plaza"},
+            "vision": {"nice": 0},
+            "zones": [{"name": "plaza", "polygon": PLAZA}],
+            "rules": [{"name": "plaza-intrusion", "type": "intrusion", "zone": "plaza", "evidence": True}],
+        }
+    )
+    out, stop = queue.Queue(), threading.Event()
+    stop.set()  # build the pipeline, report, and return without reading the camera
+    run_vision(config.model_dump_json(), str(MODEL_DIR), str(tmp_path / "evidence"), out, stop)
+    reports = [out.get_nowait() for _ in range(out.qsize())]
+    faults = [r for r in reports if r[0] == "fault" and r[1] == "redaction"]
+    assert len(faults) == 1 and "face model for redaction unavailable" in faults[0][2]
+    assert faults[0][2].endswith("evidence is withheld")
+    assert not any(r[0] == "fatal" for r in reports) and any(r[0] == "heartbeat" for r in reports)
