@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 FACE_RANGE_BY_SIDE: dict[int, tuple[float, float]] = {192: (10 / 192, 0.45), 128: (14 / 128, 0.95)}
 #: Boxes are widened by these fractions of the face box (left/right, top, bottom): hair, ears, chin.
 FACE_MARGIN = (0.25, 0.45, 0.2)
-#: Faces are filled solid: even a mosaic of three blocks still reads as a head to a face detector.
+#: Fill colour when a face has no surroundings to take one from (faces take the mean of a ring around them).
 FACE_FILL = (128, 128, 128)
 #: After covering, the face model looks again around what it covered, this many times at most.
 VERIFY_ROUNDS = 2
