@@ -66,3 +66,7 @@ ModelError = _ModelError
 
 class CameraError(AgentError, OSError):
     """A camera source could not be opened or stopped delivering frames."""
+
+
+class RedactionUnavailable(AgentError, RuntimeError):
+    """A picture cannot be redacted (face model missing or failing): it is withheld, never written unredacted."""

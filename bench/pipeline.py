@@ -11,6 +11,7 @@ Measures, in one run:
 * button press → PUBACK p99 while a camera box runs the pipeline flat out
   (vision process on the other side of the process boundary);
 * person recall on vtest made into a fisheye frame: raw fisheye vs dewarped views (``fisheye``).
+* face redaction per picture (``redaction_ms_per_image``: a 768x576 frame; 2x and 4x upscaled too).
 
     python bench/pipeline.py [--frames 300] [--presses 200]
 """
@@ -159,6 +160,49 @@ def measure_fisheye(frame_count: int) -> dict:
     }
 
 
+def face_model_dir() -> Path:
+    """The face model beside the shared models, else in the user's cache (fetched once from its manifest URL)."""
+    from models import find_model, verify_model_file
+    from models.errors import ModelError
+    from models.fetch import fetch_model
+
+    spec = find_model("blazeface-full-range")
+    cache = Path(os.environ.get("EDGE_AGENT_MODEL_CACHE", Path.home() / ".cache" / "edge-agent" / "models"))
+    for directory in (MODEL_DIR, cache):
+        try:
+            verify_model_file(spec, directory)
+            return directory
+        except ModelError:
+            pass
+    fetch_model(spec, cache, progress=False)
+    return cache
+
+
+def measure_redaction(count: int = 10) -> dict:
+    """Face redaction (tiles over the full frame, every person's head, the second look) per picture,
+    on vtest frames as they are (768x576) and upscaled 2x and 4x, with the SSD's person boxes."""
+    import cv2
+
+    from agent.vision.redaction import Redactor
+
+    redactor = Redactor.load("blazeface-full-range", face_model_dir(), num_threads=THREADS)
+    if redactor.unavailable:
+        raise RuntimeError(redactor.unavailable)
+    det = detector()
+    frames = load_frames(count * 20)[::20]
+    by_size = {}
+    for scale in (1, 2, 4):
+        pictures = [f.rgb if scale == 1 else cv2.resize(f.rgb, None, fx=scale, fy=scale) for f in frames]
+        people = [[d.box for d in det.detect(p) if d.label == "person"] for p in pictures]
+        redactor.redact(pictures[0], people[0])  # warm-up
+        start = time.perf_counter()
+        for picture, boxes in zip(pictures, people, strict=True):
+            redactor.redact(picture, boxes)
+        h, w = pictures[0].shape[:2]
+        by_size[f"{w}x{h}"] = round((time.perf_counter() - start) * 1000 / len(pictures), 1)
+    return by_size
+
+
 def press_to_puback_under_load(presses: int) -> dict:
     """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
     from gpiozero.pins.mock import MockFactory
@@ -232,6 +276,9 @@ def main() -> None:
     result = measure_fps(args.frames)
     result["cpu_s_per_video_min"] = measure_cpu(args.frames)
     result["fisheye"] = measure_fisheye(args.frames)
+    redaction = measure_redaction()
+    result["redaction_ms_per_image"] = next(iter(redaction.values()))  # a 768x576 camera frame
+    result["redaction_ms_by_size"] = redaction
     result["peak_rss_mb"] = load["vision_process_peak_rss_mb"]
     result.update(load)
     result["frames"] = args.frames

@@ -22,7 +22,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    family: Literal["ssd", "yolov8"] = Field(description="Output decoding: SSD post-processed or YOLOv8 raw.")
+    family: Literal["ssd", "yolov8", "blazeface"] = Field(
+        description="Output decoding: SSD post-processed, YOLOv8 raw, or BlazeFace face boxes (MediaPipe anchors)."
+    )
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     input_size: tuple[int, int] = Field(description="Width, height.")

@@ -68,10 +68,12 @@ run "$R$PREFIX/bin/pip" install "$SPEC"
 run install -d -m 0755 "$R/etc/edge-agent"
 run install -d -m 0700 "$R/etc/edge-agent/credentials"
 
-# 5. Models for camera boxes, verified against the manifest.
+# 5. Models for camera boxes (detector and face redaction), verified against the manifest.
 if [ "$KIND" = camera-box ]; then
   run install -d -m 0755 "$R/var/lib/edge-agent/models"
   run "$R$PREFIX/bin/edge-agent" models fetch ssd-mobilenet-v1-coco-quant --model-dir "$R/var/lib/edge-agent/models"
+  # the face model that redacts every picture (evidence, snapshots): without it none is written
+  run "$R$PREFIX/bin/edge-agent" models fetch blazeface-full-range --model-dir "$R/var/lib/edge-agent/models"
 fi
 
 # 6. systemd units (enabled; started after provisioning).

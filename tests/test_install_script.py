@@ -16,7 +16,7 @@ def test_dry_run_plans_a_camera_box(tmp_path):
     assert "would install python3-venv python3-lgpio mosquitto-clients python3-picamera2" in plan
     assert f"+ python3 -m venv --system-site-packages {tmp_path}/opt/edge-agent" in plan
     assert f"install {REPO}[detect]" in plan
-    assert "models fetch ssd-mobilenet-v1-coco-quant" in plan
+    assert "models fetch ssd-mobilenet-v1-coco-quant" in plan and "models fetch blazeface-full-range" in plan
     assert f"{tmp_path}/etc/systemd/system/edge-agent.service" in plan
     assert not any(tmp_path.iterdir())  # a dry run touches nothing
 

@@ -285,10 +285,23 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
     from models.fetch import verify_all
 
     results = verify_all(list(load_manifest().values()), _model_dir(args))
+    needed = _needed_models(args)
     for spec, state in results:
-        print(f"{'✓' if state == 'ok' else '✗'} {spec.name}: {state}")
-    wanted = [r for r in results if not r[0].test_only or r[1] != "missing"]
+        print(f"{'✓' if state == 'ok' else '✗'} {spec.name}: {state}{' (needed)' if spec.name in needed else ''}")
+    wanted = [r for r in results if r[1] != "missing" or r[0].name in needed]
     return 0 if all(state == "ok" for _, state in wanted) else 1
+
+
+def _needed_models(args: argparse.Namespace) -> set[str]:
+    """The detector and the face model the config names (the defaults without one); others may be absent."""
+    from agent.config.vision import DetectorSection, EvidenceSection
+
+    if args.config is None:
+        return {DetectorSection().model, EvidenceSection().face_model}
+    from agent.config.device import load_agent_config
+
+    vision = load_agent_config(args.config).vision_config()
+    return set() if vision is None else {vision.detector.model, vision.evidence.face_model}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -301,7 +301,18 @@ class EvidenceSection(Section):
     dir: str = Field("evidence", description="Where redacted JPEGs are kept, relative to state_dir.")
     retention_s: float = Field(86400.0, ge=60, le=30 * 86400, description="Deleted after this long.")
     jpeg_quality: int = Field(80, ge=30, le=95)
-    head_fraction: float = Field(0.35, ge=0.1, le=1.0, description="Upper part of each person box that is blurred.")
+    head_fraction: float = Field(
+        0.35, ge=0.1, le=1.0, description="Upper part of each person box that is covered (a mosaic scaled to it)."
+    )
+    face_model: str = Field(
+        "blazeface-full-range",
+        description="Face model (models/manifest.toml) that finds the faces to cover in every picture, "
+        "in the detector's model_dir; without it no picture is written or sent.",
+    )
+    min_face_px: float = Field(
+        16, ge=6, le=200, description="Smallest face, in pixels of the full-size frame, looked for in pictures."
+    )
+    face_min_score: float = Field(0.4, ge=0.05, le=0.95, description="Face model score above which a face is covered.")
 
 
 class VisionSection(Section):

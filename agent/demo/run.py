@@ -242,5 +242,28 @@ def _write_picture(config, video: Path, out: Path) -> None:
         frame = camera.read()
     vision = config.vision_config()
     detector = Detector.from_settings(vision.detector, config.model_dir)
-    write_png(out, annotate(frame.rgb, detector.detect(frame.rgb), vision))
-    _say(f"  annotated picture of what the camera box sees: {out.resolve()}")
+    redactor = _demo_redactor(vision, config.model_dir)
+    if redactor.unavailable:
+        _say(f"  no picture drawn: {redactor.unavailable}")
+        return
+    write_png(out, annotate(frame.rgb, detector.detect(frame.rgb), redactor, vision))
+    _say(f"  annotated picture of what the camera box sees, faces covered: {out.resolve()}")
+
+
+def _demo_redactor(vision, model_dir: Path):
+    """The face model from the model directory, else fetched once into the user's cache, like the detector."""
+    from agent.vision.redaction import Redactor
+    from models import find_model, verify_model_file
+    from models.fetch import fetch_model
+
+    spec = find_model(vision.evidence.face_model)
+    try:
+        verify_model_file(spec, model_dir)
+    except ModelError:
+        cache = Path.home() / ".cache/edge-agent/models"
+        try:
+            fetch_model(spec, cache, progress=False)
+            model_dir = cache
+        except ModelError as exc:
+            _say(f"  face model not fetched: {exc}")
+    return Redactor.for_camera(vision, model_dir)

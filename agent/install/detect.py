@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.errors import CameraError, ConfigError, ModelError
+from agent.errors import CameraError, ConfigError, ModelError, RedactionUnavailable
 
 
 def run_detect(
@@ -36,11 +36,12 @@ def run_detect(
     detector = Detector.from_settings(settings, directory, model=model, min_score=threshold)
     if not file.exists():
         raise CameraError(f"{file}: no such file")
+    redactor = _redactor(vision, directory, annotate_path) if annotate_path is not None else None
     image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED) if file.suffix.lower() in _IMAGES else None
     frames = []
     if image is not None:  # 16-bit PNGs from a thermal camera are kept as they are (their temperatures)
         frames = [Frame(rgb=to_rgb(image), timestamp=0.0, index=0, raw=image if image.dtype == "uint16" else None)]
-    look = CameraLook(vision, detector)
+    look = CameraLook(vision, detector, redactor)
     last = None
     try:
         thermal = vision is not None and vision.camera.thermal is not None
@@ -80,10 +81,10 @@ class CameraLook:
     """Detection as the camera box does it for this camera: its thermal conversion and body-temperature
     gate, and for a 360° camera detection on its perspective views with boxes mapped back to the frame."""
 
-    def __init__(self, vision, detector):
+    def __init__(self, vision, detector, redactor=None):
         from agent.vision.pipeline import camera_models
 
-        self.vision, self.detector = vision, detector
+        self.vision, self.detector, self.redactor = vision, detector, redactor
         self.projection, self.thermal = camera_models(vision) if vision is not None else (None, None)
 
     def __call__(self, frame) -> tuple:
@@ -103,10 +104,24 @@ class CameraLook:
         from agent.vision.projection import views_picture
 
         if self.projection is None:
-            return annotate(rgb, detections, self.vision)
+            return annotate(rgb, detections, self.redactor, self.vision)
         h, w = rgb.shape[:2]
         placed = self.vision.model_copy(update={"zones": self.projection.zones_in_source(self.vision.zones, w / h)})
-        return views_picture(annotate(rgb, detections, placed), self.projection)
+        return views_picture(annotate(rgb, detections, self.redactor, placed), self.projection)
+
+
+def _redactor(vision, model_dir: Path, picture: Path):
+    """The redactor for an installer's picture; refuses (no picture written) when it cannot run."""
+    from agent.config.vision import VisionSettings
+    from agent.vision.redaction import Redactor
+
+    redactor = Redactor.for_camera(vision or VisionSettings(), Path(model_dir))
+    if redactor.unavailable:
+        raise RedactionUnavailable(
+            f"{picture} not written: {redactor.unavailable} (fetch it with "
+            f"'edge-agent models fetch {(vision or VisionSettings()).evidence.face_model}')"
+        )
+    return redactor
 
 
 def _video_frames(camera):
@@ -128,6 +143,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     vision = config.vision_config()
     if vision is None:
         raise ConfigError(f"{config_path} has no [camera] section: nothing to take a snapshot with")
+    redactor = _redactor(vision, config.model_dir, out)  # before the camera: no picture without it
     settings = vision.camera
     login = config.camera_login()
     if settings.thermal is not None:
@@ -143,7 +159,7 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
     if frame is None:
         raise CameraError(f"camera {redact_url(settings.source)} delivered no frame")
     detections = []
-    look = CameraLook(vision, None)
+    look = CameraLook(vision, None, redactor)
     if look.thermal is not None:
         look.thermal.prepare(frame)
     if detect:
@@ -152,10 +168,15 @@ def run_snapshot(config_path: Path, out: Path, detect: bool = True, warmup_frame
             _, detections = look(frame)
         except ModelError as exc:
             logging.getLogger(__name__).warning("snapshot without detections: %s", exc)
-    write_png(out, look.picture(frame.full, detections))
+    write_png(out, look.picture(frame.full if frame.full is not None else frame.rgb, detections))
     print(
         json.dumps(
-            {"out": str(out), "size": list(frame.rgb.shape[1::-1]), "detections": [d.as_dict() for d in detections]}
+            {
+                "out": str(out),
+                "size": list(frame.rgb.shape[1::-1]),
+                "detections": [d.as_dict() for d in detections],
+                "faces_covered": redactor.last_faces,
+            }
         )
     )
     return 0

@@ -79,6 +79,7 @@ class SelfTest:
         if self.config.camera is not None:
             frame = self._camera()
             self._model(frame)
+            self._face_model(frame)
         if keys_ok:
             self._broker_round_trip()
         self._disk()
@@ -227,6 +228,20 @@ class SelfTest:
             "lower camera.fps or the resolution; check the network for IP cameras",
         )
         return first
+
+    def _face_model(self, frame) -> None:
+        """Pictures (evidence, snapshots) are redacted by the face model, or not written at all."""
+        from agent.vision.redaction import Redactor
+
+        vision = self.config.vision_config()
+        redactor = Redactor.for_camera(vision, self.config.model_dir)
+        if redactor.unavailable:
+            hint = f"edge-agent models fetch {vision.evidence.face_model}"
+            self.add("face model", False, redactor.unavailable + "; no picture can be written", hint)
+            return
+        if frame is not None:
+            redactor.redact(frame.full if frame.full is not None else frame.rgb, [])
+        self.add("face model", True, f"{vision.evidence.face_model}: sha256 ok, {redactor.last_ms:.0f} ms per picture")
 
     def _model(self, frame) -> None:
 

@@ -1,13 +1,20 @@
-"""Pictures for installers: what the model sees, where the zones are, what the masks hide."""
+"""Pictures for installers: what the model sees, where the zones are, what the masks hide.
+
+They are written to disk, so they get the same redaction as evidence (``Redactor``): nobody is
+recognisable, and when the redaction cannot run no picture is drawn at all.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from agent.config.vision import VisionConfig
+from agent.runtime.files import write_file_atomically
 from agent.vision.detector import Detection
-from agent.vision.evidence import redact
+from agent.vision.redaction import Redactor, person_boxes
 
 ZONE_COLOUR = (255, 200, 0)
 BOX_COLOUR = (0, 255, 0)
@@ -17,13 +24,15 @@ def _pixels(polygon, w: int, h: int) -> np.ndarray:
     return np.array([[round(x * w), round(y * h)] for x, y in polygon], dtype=np.int32)
 
 
-def annotate(rgb: np.ndarray, detections: list[Detection], config: VisionConfig | None = None) -> np.ndarray:
-    """A copy of the frame with privacy masks applied, heads blurred, zones outlined and detections boxed.
+def annotate(
+    rgb: np.ndarray, detections: list[Detection], redactor: Redactor, config: VisionConfig | None = None
+) -> np.ndarray:
+    """A redacted copy of the frame (masks, heads, faces) with zones outlined and detections boxed.
 
-    The picture is written to disk, so it gets the same redaction as evidence: nobody is recognisable.
+    Raises ``RedactionUnavailable`` when the redactor cannot run; the privacy masks are the redactor's
+    (``Redactor.load(..., masks=...)`` from the same config).
     """
-    masks = [m.polygon for m in config.privacy_masks] if config else []
-    image = redact(rgb, [d for d in detections if d.label == "person"], masks)
+    image = redactor.redact(rgb, person_boxes(detections))
     h, w = image.shape[:2]
     if config is not None:
         for zone in config.zones:
@@ -56,5 +65,8 @@ def annotate(rgb: np.ndarray, detections: list[Detection], config: VisionConfig 
 
 
 def write_png(path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write image {path}")
+    """Write a picture readable by its owner only (0600), whatever the umask."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode image {path}")
+    write_file_atomically(Path(path), png.tobytes(), 0o600)

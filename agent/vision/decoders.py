@@ -140,4 +140,75 @@ class Yolov8Decoder(OutputDecoder):
         return found
 
 
-DECODERS: dict[str, type[OutputDecoder]] = {"ssd": SsdPostProcessDecoder, "yolov8": Yolov8Decoder}
+#: MediaPipe's SSD anchor layouts for BlazeFace, by input side: (stride, anchors per cell) per feature map.
+#: From its face_detection_{short,full}_range graphs: every layer has one anchor of aspect ratio 1 plus an
+#: interpolated one (short range: layers of equal stride share a grid), all of fixed size 1x1.
+BLAZEFACE_GRIDS: dict[int, list[tuple[int, int]]] = {128: [(8, 2), (16, 6)], 192: [(4, 1)]}
+
+
+def blazeface_anchor_centres(side: int) -> np.ndarray:
+    """Anchor centres (x, y), normalised, in the model's output order: row by row, cell by cell."""
+    if side not in BLAZEFACE_GRIDS:
+        raise ModelError(f"no BlazeFace anchor layout is known for a {side}x{side} input; known: 128, 192")
+    centres = []
+    for stride, per_cell in BLAZEFACE_GRIDS[side]:
+        cells = -(-side // stride)
+        ys, xs = np.meshgrid((np.arange(cells) + 0.5) / cells, (np.arange(cells) + 0.5) / cells, indexing="ij")
+        grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        centres.append(np.repeat(grid, per_cell, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+class BlazeFaceDecoder(OutputDecoder):
+    """MediaPipe BlazeFace: regressors [1,N,16] (box offsets, then keypoints that are never read), scores [1,N,1].
+
+    Boxes are (dx, dy, w, h) in input pixels around fixed 1x1 anchors; scores are logits. Overlapping boxes
+    are merged by NMS. Only face boxes come out: no keypoints, nothing that could identify a face.
+    """
+
+    nms_iou = 0.3
+
+    def __init__(self, spec: ModelSpec, outputs: list[dict[str, Any]], labels: dict[int, str]):
+        super().__init__(spec, outputs, labels)
+        by_width = {int(d["shape"][-1]): d for d in outputs if len(d["shape"]) == 3}
+        if len(outputs) != 2 or 1 not in by_width or not any(w >= 4 for w in by_width if w != 1):
+            raise ModelError(f"BlazeFace model {spec.name!r} should have a [1,N,16] and a [1,N,1] output")
+        self.scores_index = by_width.pop(1)["index"]
+        (boxes,) = by_width.values()
+        self.boxes_index = boxes["index"]
+        self.side = spec.input_size[0]
+        self.anchors = blazeface_anchor_centres(self.side)
+        if len(self.anchors) != int(boxes["shape"][1]):
+            raise ModelError(
+                f"BlazeFace model {spec.name!r} gives {boxes['shape'][1]} boxes, "
+                f"the {self.side}x{self.side} anchor layout has {len(self.anchors)}"
+            )
+
+    def classes_in_model(self) -> int | None:
+        return 1
+
+    def decode(self, read: ReadOutput, min_score: float) -> list[Detection]:
+        logits = np.clip(read(self.scores_index)[0, :, 0], -80.0, 80.0)  # exp() stays finite
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        keep = np.flatnonzero(scores >= min_score)
+        if not len(keep):
+            return []
+        raw = read(self.boxes_index)[0, keep, :4] / self.side
+        centres = self.anchors[keep] + raw[:, :2]
+        sizes = raw[:, 2:4]
+        boxes = np.concatenate([centres - sizes / 2, sizes], axis=1)
+        chosen = cv2.dnn.NMSBoxes(boxes.tolist(), scores[keep].tolist(), min_score, self.nms_iou)
+        label = self.labels.get(0, "face")
+        found = []
+        for i in np.array(chosen).reshape(-1):
+            x, y, w, h = (float(v) for v in boxes[i])
+            box = tuple(float(np.clip(v, 0.0, 1.0)) for v in (x, y, x + w, y + h))
+            found.append(Detection(label, 0, float(scores[keep][i]), box))
+        return found
+
+
+DECODERS: dict[str, type[OutputDecoder]] = {
+    "ssd": SsdPostProcessDecoder,
+    "yolov8": Yolov8Decoder,
+    "blazeface": BlazeFaceDecoder,
+}

@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 
 from agent.config.vision import VisionConfig
+from agent.errors import RedactionUnavailable
 from agent.vision.camera_tamper import CameraTamperDetector
 from agent.vision.detector import Detection, Detector
 from agent.vision.evidence import EvidenceStore
@@ -47,6 +48,8 @@ class VisionPipeline:
         self.track_labels = set(config.detector.track_labels)
         self.projection, self.thermal = camera_models(config)
         self.tracks: list[Track] = []
+        self.people_seen: list[Detection] = []
+        self.evidence_withheld = 0
         self._last_full = float("-inf")
         self._last_tamper_check = float("-inf")
         self.frames = 0
@@ -66,6 +69,7 @@ class VisionPipeline:
             "runtime": self.detector.runtime,
             "model": self.detector.spec.name,
             "tracked_objects": len(self.tracks),
+            "evidence_withheld": self.evidence_withheld,
         }
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
@@ -169,7 +173,9 @@ class VisionPipeline:
             )
         if self.thermal is not None:
             found = self.thermal.gate(found, frame.raw)
-        kept = [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
+        merged = merge_detections(found)
+        self.people_seen = [d for d in merged if d.label == "person"]  # for redaction: whatever the filters say
+        kept = [d for d in merged if d.label in self.track_labels and self._detection_ok(d)]
         return kept
 
     def _detection_ok(self, detection: Detection) -> bool:
@@ -192,7 +198,11 @@ class VisionPipeline:
         }
         rule = self.rules.situations[event.rule].rule
         if event.phase == "start" and rule.evidence and self.evidence is not None:
-            body["evidence"] = self.evidence.save(frame.full, self.tracks, event.event_id)
+            try:  # every person box, tracked or not, confirmed or not, has its head covered
+                body["evidence"] = self.evidence.save(frame.full, self.tracks + self.people_seen, event.event_id)
+            except RedactionUnavailable as exc:
+                body["evidence_withheld"] = str(exc)
+                self.evidence_withheld += 1
         return {"kind": "alert" if event.phase == "start" else "event", "body": body}
 
 

@@ -47,6 +47,8 @@ def run_vision(
     except ModelError as exc:
         out.put(("fatal", "detector", str(exc)))
         return
+    if pipeline.evidence is not None and pipeline.evidence.redactor.unavailable:
+        out.put(("fault", "redaction", pipeline.evidence.redactor.unavailable + "; evidence is withheld"))
     beats = _Heartbeat(out, pipeline, priority)
     beats.send("starting")  # the first heartbeat: from here on the supervisor's stall timer runs
     _run_camera_loop(config, pipeline, beats, camera_password, stop)
@@ -78,17 +80,13 @@ def _build_pipeline(config, model_dir: Path, evidence_dir: Path):
     from agent.vision.detector import Detector
     from agent.vision.evidence import EvidenceStore
     from agent.vision.pipeline import VisionPipeline
+    from agent.vision.redaction import Redactor
 
     detector = Detector.from_settings(config.detector, model_dir)
     evidence = None
     if any(rule.evidence for rule in config.rules):
-        evidence = EvidenceStore(
-            evidence_dir,
-            config.evidence.retention_s,
-            config.evidence.jpeg_quality,
-            config.evidence.head_fraction,
-            [m.polygon for m in config.privacy_masks],
-        )
+        redactor = Redactor.for_camera(config, model_dir)  # when it cannot load, evidence is withheld, detection runs
+        evidence = EvidenceStore(evidence_dir, config.evidence.retention_s, redactor, config.evidence.jpeg_quality)
     return VisionPipeline(config, detector, evidence)
 
 

@@ -264,14 +264,17 @@ def test_databases_and_evidence_are_private_whatever_the_umask(umask, tmp_path):
     import numpy as np
 
     from agent.vision.evidence import EvidenceStore
+    from agent.vision.redaction import Redactor
+    from tests.agent.vision.scenes import face_model_dir
 
+    redactor = Redactor.load("blazeface-full-range", face_model_dir())
     old = os.umask(umask)
     try:
         with Outbox(tmp_path / "outbox.sqlite") as outbox:
             outbox.add("alert", True, alert)
             with ReceiverStore(tmp_path / "receiver.sqlite") as store:
                 store.insert(alert(1), 0.0)
-                evidence = EvidenceStore(tmp_path / "evidence", retention_s=3600)
+                evidence = EvidenceStore(tmp_path / "evidence", 3600, redactor)
                 evidence.save(np.zeros((48, 64, 3), np.uint8), [], "e1")
                 files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
                 modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}

