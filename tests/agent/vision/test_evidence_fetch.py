@@ -16,7 +16,7 @@ from agent.protocol.messages import EvidenceRequest
 from agent.protocol.sealing import centre_key_set, generate_encryption_key, parse_centre_keys, unseal
 from agent.protocol.signing import MessageSigner, generate_private_key, verify
 from tests.agent.broker_spy import BrokerSpy
-from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
+from tests.agent.vision.scenes import VIDEO, require_shared
 from tests.conftest import wait_until
 
 RULE = (
@@ -30,9 +30,11 @@ def fetch_evidence(site, ref, out):
     return main(["receiver", "fetch-evidence", "--config", config, "--device", "cam-ev", ref, "--out", str(out)])
 
 
-def test_centre_fetches_the_redacted_image_named_in_the_signed_alert(site, receiver, mock_factory, tmp_path, capsys):
+def test_centre_fetches_the_redacted_image_named_in_the_signed_alert(
+    site, receiver, mock_factory, tmp_path, capsys, model_dir_with_faces
+):
     require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
-    body = f'[camera]\nsource = "{VIDEO}"\nrealtime = true\n[detector]\nmodel_dir = "{MODEL_DIR}"\n{RULE}'
+    body = f'[camera]\nsource = "{VIDEO}"\nrealtime = true\n[detector]\nmodel_dir = "{model_dir_with_faces}"\n{RULE}'
     config = site.add_device("cam-ev", kind="camera-box", body=body)
     with BrokerSpy(site) as spy, Agent(config, pin_factory=mock_factory):
         assert wait_until(lambda: receiver.store.messages(kind="alert"), 40)

@@ -19,14 +19,16 @@ VIEWS = (
 )
 
 
-def test_detect_with_a_fisheye_config_finds_people_in_fisheye_coordinates(site, tmp_path, capsys, ssd):
+def test_detect_with_a_fisheye_config_finds_people_in_fisheye_coordinates(
+    site, tmp_path, capsys, ssd, model_dir_with_faces
+):
     require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
     frame = next(vtest_frames(limit=1))
     image = tmp_path / "fisheye.png"
     cv2.imwrite(str(image), cv2.cvtColor(fisheye_from_perspective(frame.rgb, 1600, 60.0), cv2.COLOR_RGB2BGR))
     body = (
         f'[camera]\nsource = "{image}"\n[camera.projection]\ntype = "fisheye"\n{VIEWS}'
-        f'[detector]\nmodel_dir = "{MODEL_DIR}"\nmin_score = 0.4\n'
+        f'[detector]\nmodel_dir = "{model_dir_with_faces}"\nmin_score = 0.4\n'
         '[[zones]]\nname = "path"\nview = "right"\npolygon = [[0.1, 0.3], [0.9, 0.3], [0.9, 0.9], [0.1, 0.9]]\n'
     )
     site.add_device("cam-360", kind="camera-box", body=body)
@@ -46,14 +48,14 @@ def test_detect_with_a_fisheye_config_finds_people_in_fisheye_coordinates(site, 
     assert (strip == (0, 200, 255)).all(axis=2).sum() > 100  # the zone, drawn on the "right" view
 
 
-def test_snapshot_of_a_fisheye_camera_shows_its_views(site, tmp_path, capsys):
+def test_snapshot_of_a_fisheye_camera_shows_its_views(site, tmp_path, capsys, model_dir_with_faces):
     require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
     video = tmp_path / "fisheye.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (800, 800))
     for frame in vtest_frames(limit=6):
         writer.write(cv2.cvtColor(fisheye_from_perspective(frame.rgb, 800, 60.0), cv2.COLOR_RGB2BGR))
     writer.release()
-    body = f'[camera]\nsource = "{video}"\n[camera.projection]\ntype = "fisheye"\n{VIEWS}[detector]\nmodel_dir = "{MODEL_DIR}"\n'
+    body = f'[camera]\nsource = "{video}"\n[camera.projection]\ntype = "fisheye"\n{VIEWS}[detector]\nmodel_dir = "{model_dir_with_faces}"\n'
     site.add_device("cam-360s", kind="camera-box", body=body)
     out = tmp_path / "aim.png"
     assert main(["snapshot", "--config", str(site.device_config_path("cam-360s")), "--out", str(out)]) == 0

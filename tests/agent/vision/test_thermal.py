@@ -114,10 +114,11 @@ def write_y16_video(path, frames: list[np.ndarray]) -> None:
     writer.release()
 
 
-def test_a_y16_recording_keeps_its_temperatures_through_the_camera_and_detect(scenes, site, tmp_path, capsys):
+def test_a_y16_recording_keeps_its_temperatures_through_the_camera_and_detect(
+    scenes, site, tmp_path, capsys, model_dir_with_faces
+):
     from agent.cli import main
     from hw.camera_opencv import OpenCVCamera
-    from tests.agent.vision.scenes import MODEL_DIR
 
     warm = [s[2] for s in scenes]
     video = tmp_path / "thermal.mkv"
@@ -129,7 +130,7 @@ def test_a_y16_recording_keeps_its_temperatures_through_the_camera_and_detect(sc
 
     body = (
         f'[camera]\nsource = "{video}"\n[camera.thermal]\nnormalise = "fixed"\nrange_c = [5.0, 40.0]\n'
-        f'[detector]\nmodel_dir = "{MODEL_DIR}"\nmin_score = 0.3\n'
+        f'[detector]\nmodel_dir = "{model_dir_with_faces}"\nmin_score = 0.3\n'
     )
     site.add_device("cam-heat", kind="camera-box", body=body)
     config = str(site.device_config_path("cam-heat"))
