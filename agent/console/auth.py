@@ -51,8 +51,15 @@ class LoginRefused(Exception):
     """Why a login failed, in words fit for the login page (never which of name or password was wrong)."""
 
 
+#: An address (all of a centre's operators may share one, behind the TLS proxy) is refused only after this
+#: many times the per-name attempts: guessing across names is stopped, one mistyping operator locks out only
+#: their own name.
+ADDRESS_FACTOR = 4
+
+
 class LoginLimiter:
-    """After ``attempts`` wrong passwords in a row for a name or from an address, refuse it for ``lockout_s``."""
+    """After ``attempts`` wrong passwords in a row for a name (or ADDRESS_FACTOR times as many from one
+    address, whatever the names), refuse it for ``lockout_s``."""
 
     def __init__(self, attempts: int, lockout_s: float, clock: Callable[[], float] = time.monotonic):
         self.attempts = attempts
@@ -65,10 +72,11 @@ class LoginLimiter:
         now = self.clock()
         with self._lock:
             for key in keys:
+                limit = self.attempts * (ADDRESS_FACTOR if key.startswith("address:") else 1)
                 count, last = self._failures.get(key, (0, 0.0))
-                if count >= self.attempts and now - last < self.lockout_s:
+                if count >= limit and now - last < self.lockout_s:
                     return True
-                if count >= self.attempts:  # the lockout is over: a fresh start
+                if count >= limit:  # the lockout is over: a fresh start
                     self._failures.pop(key, None)
         return False
 
@@ -76,7 +84,9 @@ class LoginLimiter:
         now = self.clock()
         with self._lock:
             for key in keys:
-                count, _ = self._failures.get(key, (0, 0.0))
+                count, last = self._failures.get(key, (0, 0.0))
+                if now - last > self.lockout_s:  # old mistakes do not add up over a shift
+                    count = 0
                 self._failures[key] = (count + 1, now)
 
     def succeeded(self, *keys: str) -> None:
