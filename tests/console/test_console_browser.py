@@ -150,7 +150,11 @@ def test_actions_without_the_csrf_token_or_the_role_are_refused(browser, console
 def test_a_device_killed_with_sigkill_shows_as_missing_on_the_fleet_page(browser, site):
     site.add_device("cp-k", body='[[buttons]]\nname = "help"\npin = 17\n[telemetry]\ninterval_s = 5\n')
     path = site.receiver_toml_path()
-    path.write_text(path.read_text().replace('credentials_dir = "credentials"', 'credentials_dir = "credentials"\nsupervision_s = 10'))
+    path.write_text(
+        path.read_text().replace(
+            'credentials_dir = "credentials"', 'credentials_dir = "credentials"\nsupervision_s = 10'
+        )
+    )
     config = load_receiver_config(path)
     argv = [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-k"))]
     with Receiver(config), Console(config, listen="127.0.0.1:0") as console:
