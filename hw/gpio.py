@@ -191,12 +191,18 @@ class TamperSwitch:
 
 
 class IndicatorState(enum.Enum):
-    """What the person at the button needs to know, in order of precedence."""
+    """What the person at the button needs to know, in order of precedence (the device decides which to show).
+
+    A press that could not be stored (FAULT) beats everything; then HELP_COMING (an operator took
+    charge: it implies the centre has the alert, so it beats PENDING and ACKNOWLEDGED and outlasts a
+    lost link); then PENDING, ACKNOWLEDGED, and IDLE, or FAULT when there is no path to the broker.
+    """
 
     IDLE = "idle"  # healthy, ready
     PENDING = "pending"  # alert accepted, not yet confirmed by the centre
     ACKNOWLEDGED = "acknowledged"  # the centre has it
-    FAULT = "fault"  # no path to the broker
+    HELP_COMING = "help_coming"  # an operator at the centre is sending help
+    FAULT = "fault"  # no path to the broker, or a press not stored
 
 
 # LED (on_s, off_s); None means steadily on.
@@ -204,12 +210,14 @@ LED_PATTERNS: dict[IndicatorState, tuple[float, float] | None] = {
     IndicatorState.IDLE: (0.05, 1.95),
     IndicatorState.PENDING: (0.1, 0.1),
     IndicatorState.ACKNOWLEDGED: None,
+    IndicatorState.HELP_COMING: (0.75, 0.25),  # long on, short off: a slow "heartbeat", unlike steady or 50/50
     IndicatorState.FAULT: (0.5, 0.5),
 }
 # Buzzer (on_s, off_s, count) played once when the state is entered.
 BUZZER_PATTERNS: dict[IndicatorState, tuple[float, float, int]] = {
     IndicatorState.PENDING: (0.15, 0.1, 1),
     IndicatorState.ACKNOWLEDGED: (0.1, 0.1, 3),
+    IndicatorState.HELP_COMING: (0.5, 0.25, 2),  # two long beeps, unlike the ack's three short ones
 }
 
 

@@ -51,19 +51,18 @@ class Keyring:
         device = parse_record(record, where)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{device.device_id}.json"
+        kept: dict[str, Any] = {
+            "device_id": device.device_id,
+            "site": device.site,
+            "kind": device.kind,
+            "jwk": public_jwk(device.key),
+        }
+        if device.position is not None:
+            kept["position"] = device.position.as_record()
+        if device.location:
+            kept["location"] = device.location
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "device_id": device.device_id,
-                    "site": device.site,
-                    "kind": device.kind,
-                    "jwk": public_jwk(device.key),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        tmp.write_text(json.dumps(kept, indent=2) + "\n")
         os.replace(tmp, path)  # changes the directory's mtime: every Keyring on it re-lists it
         return device
 

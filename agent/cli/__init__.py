@@ -190,6 +190,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
         camera=args.camera,
         force=args.force,
         csr=args.csr,
+        lat=args.lat,
+        lon=args.lon,
+        plan=args.plan,
+        plan_x=args.plan_x,
+        plan_y=args.plan_y,
     )
     record, config_path = provision(request)
     print(
@@ -453,6 +458,11 @@ def _add_install_commands(commands: argparse._SubParsersAction) -> None:
     prov.add_argument("--kind", required=True, choices=["call-point", "building-button", "camera-box"])
     prov.add_argument("--broker", required=True, help="mqtts://host[:port] (TLS) or mqtt://host[:port]")
     prov.add_argument("--location", default="", help="where the device is mounted, shown at the centre")
+    prov.add_argument("--lat", type=float, help="latitude, WGS84 degrees (-90..90), for the centre's map; with --lon")
+    prov.add_argument("--lon", type=float, help="longitude, WGS84 degrees (-180..180); with --lat")
+    prov.add_argument("--plan", help="name of the site plan that --plan-x/--plan-y are on (default 'site')")
+    prov.add_argument("--plan-x", type=float, help="x on the site plan, in the plan's units; with --plan-y")
+    prov.add_argument("--plan-y", type=float, help="y on the site plan; with --plan-x")
     prov.add_argument("--ca-file", type=Path, help="CA certificate of the broker")
     prov.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
     prov.add_argument("--key-file", type=Path, help="client certificate key for mutual TLS")

@@ -95,6 +95,9 @@ class IndicatorSection(Section):
     led_pin: PinName | None = Field(None, description="Status LED.")
     buzzer_pin: PinName | None = Field(None, description="Optional buzzer.")
     ack_display_s: float = Field(10.0, ge=1, le=600, description="How long 'acknowledged' is shown.")
+    help_display_s: float = Field(
+        600.0, ge=1, le=3600, description="How long 'help is coming' is shown (a new press ends it sooner)."
+    )
 
 
 class ControlSection(Section):

@@ -25,6 +25,7 @@ from agent.device.delivery import Delivery, DeliveryHooks
 from agent.device.evidence_server import EvidenceServer, require_sealing_key
 from agent.device.health import system_health
 from agent.device.outbox import Outbox, OutboxEntry
+from agent.device.response import HelpComing, names_responding
 from agent.device.statelock import StateDirLock
 from agent.errors import ConfigError, OutboxError, UplinkError
 from agent.mqtt.link import MqttLink, Will
@@ -129,12 +130,22 @@ class Agent:
             hooks=DeliveryHooks(published=self._on_published, acknowledged=self._on_acknowledged),
             clock=self.clock,
         )
+        self.help_coming = HelpComing(
+            self.device,
+            centre_keys.signing,
+            clock=self.clock,
+            hold_s=config.indicator.help_display_s,
+            on_change=self._refresh_indicator,
+        )
         self._wire_link()
         self.evidence_server = self._serve_evidence(centre_keys)
         self._open_pins(pin_factory)
         for entry in self.outbox.entries():
-            if entry.kind == "alert" and not entry.claims["body"].get("silent"):
-                self._pending_visible.add(entry.seq)
+            if entry.kind == "alert":
+                silent = entry.claims["body"].get("silent") is not False
+                self.help_coming.expect(entry.seq, entry.event_id, silent)
+                if not silent:
+                    self._pending_visible.add(entry.seq)
         self.vision = self._supervise_vision()
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
@@ -289,6 +300,8 @@ class Agent:
             "activation": settings.activation,
             "silent": settings.silent,
         }
+        if not settings.silent:  # a silent press changes nothing the person at the button could see
+            self.help_coming.new_press()
         return self._accept(HeldMessage("alert", body, test, self.clock.now(), button=settings.name))
 
     def _accept(self, message: HeldMessage) -> OutboxEntry | None:
@@ -341,6 +354,7 @@ class Agent:
         return entry
 
     def _press_stored(self, entry: OutboxEntry, message: HeldMessage) -> None:
+        self.help_coming.expect(entry.seq, entry.event_id, message.body["silent"])
         if not message.body["silent"]:
             with self._lock:
                 self._pending_visible.add(entry.seq)
@@ -413,7 +427,10 @@ class Agent:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.topic(self.site, self.device, "ack"):
-            self.delivery.handle_ack(payload)
+            if names_responding(payload):
+                self.help_coming.handle(payload)
+            else:
+                self.delivery.handle_ack(payload)
         elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
             self.evidence_server.submit(payload)
 
@@ -434,6 +451,8 @@ class Agent:
         with self._lock:
             if self._unstored:
                 return IndicatorState.FAULT  # a press we could not store yet: never pretend it is on its way
+            if self.help_coming.showing:  # the centre has the alert and an operator took charge of it
+                return IndicatorState.HELP_COMING
             if self._pending_visible:
                 return IndicatorState.PENDING
             if time.monotonic() < self._ack_shown_until:
@@ -496,6 +515,8 @@ class Agent:
                 test=message.test,
                 created=message.created,
             )
+            if message.button is not None:
+                self.help_coming.expect(seq, message.claims["event_id"], message.body["silent"])
         if not self.link.is_connected:
             return
         now = time.monotonic()
@@ -622,6 +643,7 @@ class Agent:
             "held_sent_directly": self._storage.sent_directly,
             "threads": {loop.name: loop.report() for loop in self._loops()},
             "bad_acks": dict(self.delivery.stats.bad_acks),
+            "help_coming": self.help_coming.report(),
             "tamper": None if self.tamper is None else ("open" if self.tamper.is_open else "closed"),
             "last_test_alert": self._last_test_alert,
             "vision": None

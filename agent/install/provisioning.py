@@ -29,7 +29,7 @@ from agent.config.device import AgentConfig, load_agent_config
 from agent.config.secrets import credential_files
 from agent.device.evidence_server import require_sealing_key
 from agent.errors import ConfigError, KeyFileError
-from agent.protocol.enrolment import enrolment_record
+from agent.protocol.enrolment import Position, enrolment_record, parse_position
 from agent.protocol.sealing import load_centre_keys
 from agent.protocol.signing import generate_private_key
 from agent.runtime.files import write_file_atomically
@@ -59,6 +59,21 @@ class ProvisionRequest:
     camera: str = "picamera2"
     force: bool = False
     csr: bool = False  # make the TLS client key here and put a CSR in the record (the key never leaves the box)
+    lat: float | None = None  # WGS84 degrees, for the centre's map
+    lon: float | None = None
+    plan: str | None = None  # a site plan's name, with x/y on it
+    plan_x: float | None = None
+    plan_y: float | None = None
+
+    def position(self) -> Position | None:
+        """The map position given, checked as the centre will check it; a ConfigError naming the flags."""
+        given = {"lat": self.lat, "lon": self.lon, "plan": self.plan, "x": self.plan_x, "y": self.plan_y}
+        if all(v is None for v in given.values()):
+            return None
+        try:
+            return parse_position({k: v for k, v in given.items() if v is not None}, "--lat/--lon/--plan-x/--plan-y")
+        except KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def parse_broker(url: str) -> tuple[str, int, bool]:
@@ -199,6 +214,7 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
     if request.csr and (request.cert_file is not None or not parse_broker(request.broker)[2]):
         raise ConfigError("--csr makes the client key here: it needs an mqtts:// broker and no --cert-file/--key-file")
     _check_tls_files(request)
+    position = request.position()
     credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_dir.mkdir(parents=True, exist_ok=True)
     text = Template((TEMPLATES / f"{request.kind}.toml").read_text()).substitute(
@@ -241,7 +257,9 @@ def provision(request: ProvisionRequest) -> tuple[dict, Path]:
     problem = reload_systemd(unit_dir) if root == Path("/") else None
     if problem is not None:
         log.warning("%s", problem)
-    record = enrolment_record(request.device_id, request.site, request.kind, key)
+    record = enrolment_record(
+        request.device_id, request.site, request.kind, key, position=position, location=request.location
+    )
     record["fingerprint"] = ":".join(record["kid"][i : i + 4] for i in range(0, 16, 4))
     if csr is not None:
         record["csr"] = csr

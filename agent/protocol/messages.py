@@ -7,6 +7,7 @@ Topics::
     <prefix>/<site>/<device>/telemetry  heartbeats                              QoS 1
     <prefix>/<site>/<device>/status     retained online/offline (last will)     QoS 1
     <prefix>/<site>/<device>/ack        the centre's signed acknowledgements    QoS 1
+                                        and "responding" (help is coming)       QoS 1
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
     <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
 
@@ -98,6 +99,28 @@ class AckClaims(Strict):
     sent: float = UnixTime
     reply_to_sent: float | None = Field(None, ge=0, le=2**34, description="The answered copy's own send time.")
     duplicate: bool = False
+
+
+#: A "responding" message older (or further ahead) than this by the device's corrected clock is refused.
+RESPONDING_MAX_AGE_S = 300.0
+
+
+class RespondingClaims(Strict):
+    """The centre tells a device that help is coming for one of its alerts (an operator took charge of it).
+
+    Sent on the device's ``ack`` topic, signed with the centre's key. It names the alert (``seq`` and
+    ``event_id``) and never who responds: operator names and other personal data stay at the centre.
+    ``id`` makes each message single-use on the device; ``sent`` bounds it in time.
+    """
+
+    v: Literal[1] = SCHEMA_VERSION
+    kind: Literal["responding"]
+    centre: str = Field(min_length=1, max_length=128)
+    device: str = Name
+    seq: int = Sequence
+    event_id: uuid.UUID
+    id: uuid.UUID
+    sent: float = UnixTime
 
 
 def check_json_depth(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:

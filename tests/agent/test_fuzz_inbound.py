@@ -35,7 +35,10 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
 )
-CLAIM_FIELDS = ["v", "device", "site", "seq", "event_id", "created", "sent", "kind", "test", "body", "receiver"]
+CLAIM_FIELDS = [
+    *("v", "device", "site", "seq", "event_id", "created", "sent", "kind", "test", "body", "receiver"),
+    *("centre", "id"),
+]
 
 
 def b64url(data: bytes) -> str:
@@ -160,6 +163,52 @@ def test_after_the_fuzzing_a_genuine_ack_retires_its_alert(delivery, centre_key)
     ack = {**GENUINE_ACK, "seq": entry.seq, "event_id": entry.event_id}
     delivery.handle_ack(MessageSigner(centre_key).sign(ack).encode())
     assert wait_until(lambda: delivery.outbox.entries() == [], 5)
+
+
+# The device: "help is coming" arrives on the same ack topic; the router and its check never raise.
+
+GENUINE_RESPONDING = {
+    "v": 1,
+    "kind": "responding",
+    "centre": "centre-1",
+    "device": "cp-1",
+    "seq": 1,
+    "event_id": GENUINE_ALERT["event_id"],
+    "id": "00000000-0000-4000-8000-000000000004",
+    "sent": 1.7e9,
+}
+
+
+@pytest.fixture(scope="module")
+def help_coming(centre_key):
+    from agent.device.clock import CentreClock
+    from agent.device.response import HelpComing
+
+    watch = HelpComing("cp-1", centre_key, clock=CentreClock(), hold_s=60)
+    watch.expect(1, GENUINE_ALERT["event_id"], silent=False)
+    return watch
+
+
+@FUZZ
+@given(data=st.data())
+def test_help_is_coming_refuses_anything_hostile_with_a_reason(help_coming, centre_key, data):
+    from agent.device.response import names_responding
+
+    payload = data.draw(hostile_payloads(centre_key, GENUINE_RESPONDING) | hostile_payloads(centre_key, GENUINE_ACK))
+    assert names_responding(payload) in (True, False)  # the router never raises; the check refuses it either way
+    refused = sum(help_coming.refused.values())
+    assert help_coming.handle(payload) is False
+    assert sum(help_coming.refused.values()) == refused + 1
+    assert set(help_coming.refused) <= {
+        *("malformed", "bad_signature", "algorithm_not_allowed"),
+        *("wrong_device", "stale", "unknown_alert", "silent", "replayed"),
+    }
+
+
+def test_after_the_fuzzing_a_genuine_responding_message_is_shown(help_coming, centre_key):
+    genuine = {**GENUINE_RESPONDING, "id": "00000000-0000-4000-8000-000000000005", "sent": time.time()}
+    assert help_coming.handle(MessageSigner(centre_key).sign(genuine).encode()) is True
+    assert help_coming.showing
 
 
 # End to end: a burst of hostile messages on every inbound topic of both sides, then a real press.

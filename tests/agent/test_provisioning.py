@@ -271,3 +271,38 @@ def test_selftest_reports_evidence_rules_without_the_centres_encryption_key(site
     assert not checks["centre key"]["ok"]
     assert "rule(s) grouping set evidence = true" in checks["centre key"]["detail"]
     assert checks["centre key"]["hint"] == "copy the key set 'edge-agent receiver init' printed there"
+
+
+def test_provision_puts_the_map_position_and_location_in_the_record(site, broker, tmp_path, centre_jwk, capsys):
+    geo = ("--lat", "59.9139", "--lon", "10.7522")
+    code, out = provision(broker, tmp_path / "geo", centre_jwk, capsys, extra=geo)
+    assert code == 0, out.err
+    record = json.loads(out.out)
+    assert record["position"] == {"lat": 59.9139, "lon": 10.7522} and record["location"] == "Storgata 1"
+    on_plan = ("--plan", "ground-floor", "--plan-x", "120", "--plan-y", "45.5")
+    code, out = provision(broker, tmp_path / "plan", centre_jwk, capsys, device="cp-43", extra=on_plan)
+    assert code == 0, out.err
+    record_file = tmp_path / "record.json"
+    record_file.write_text(out.out)
+    assert main(["receiver", "enroll", str(record_file), "--config", str(site.receiver_toml_path())]) == 0
+    (device,) = [d for d in site.keyring.devices() if d.device_id == "cp-43"]
+    assert (device.position.plan, device.position.x, device.position.y) == ("ground-floor", 120.0, 45.5)
+    assert device.position.lat is None and device.location == "Storgata 1"
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (("--lat", "95", "--lon", "10"), "outside"),
+        (("--lat", "59.9"), "both lat and lon"),
+        (("--lat", "nan", "--lon", "10"), "not a finite number"),
+        (("--plan", "roof"), "no x and y"),
+        (("--plan-x", "1"), "both x and y"),
+    ],
+)
+def test_provision_refuses_a_bad_position_before_writing_anything(
+    broker, tmp_path, centre_jwk, capsys, flags, complaint
+):
+    code, out = provision(broker, tmp_path, centre_jwk, capsys, extra=flags)
+    assert code == 2 and complaint in out.err
+    assert not (tmp_path / "etc/edge-agent").exists()

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from hw.gpio import AlertButton, IndicatorState, StatusIndicator, TamperSwitch
+from hw.gpio import BUZZER_PATTERNS, LED_PATTERNS, AlertButton, IndicatorState, StatusIndicator, TamperSwitch
 from tests.conftest import wait_until
-from tests.led import wait_blinks, wait_steady_on
+from tests.led import LedWatch, assert_blinks, wait_blinks, wait_steady_on
 
 
 def press(pin, hold_s: float = 0.0):
@@ -123,3 +123,14 @@ def test_idle_led_is_a_short_flash_every_two_seconds(mock_factory):
     with StatusIndicator(led_pin=5) as indicator:
         indicator.show(IndicatorState.IDLE)
         wait_blinks(mock_factory.pin(5), 0.05, 1.95, cycles=1)
+
+
+def test_help_coming_has_its_own_led_and_buzzer_pattern(mock_factory):
+    assert len({str(p) for p in LED_PATTERNS.values()}) == len(LED_PATTERNS) == len(IndicatorState)
+    assert len(set(BUZZER_PATTERNS.values())) == len(BUZZER_PATTERNS)
+    with StatusIndicator(led_pin=5, buzzer_pin=6) as indicator:
+        buzzer = LedWatch(mock_factory.pin(6))
+        indicator.show(IndicatorState.HELP_COMING)
+        wait_blinks(mock_factory.pin(5), 0.75, 0.25, cycles=2)  # long on, short off
+        assert_blinks(buzzer.intervals(), 0.5, 0.25, cycles=1)  # two long beeps
+        assert indicator.state is IndicatorState.HELP_COMING
