@@ -100,6 +100,9 @@ class ConsoleSection(Section):
     clock_fault_s: float = Field(
         30.0, ge=1, le=86400, description="A device whose clock is off by more than this is marked on its alerts."
     )
+    plans_dir: ConfigRelativePath | None = Field(
+        None, description="Site-plan images for the map: <plan>.png, device x/y in its pixels (from provisioning)."
+    )
     queue_closed_shown: int = Field(20, ge=0, le=1000, description="How many recently closed alerts the queue lists.")
 
     @field_validator("listen")

@@ -26,6 +26,7 @@ class FleetRow:
     camera: str | None
     outstanding: list[int]
     enrolled: bool
+    location: str = ""
 
     @property
     def needs_look(self) -> bool:
@@ -90,6 +91,7 @@ def _row(
         camera=str(vision.get("state")) if isinstance(vision, dict) else None,
         outstanding=gaps,
         enrolled=info is not None,
+        location=info.location if info else "",
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import io
 import logging
 import math
+import re
 import secrets
 import struct
 import time
@@ -26,13 +27,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from agent.console.auth import LoginRefused, Session, same_token
 from agent.console.fleet import device_marks, fleet_rows
+from agent.console.map import map_layers
 from agent.console.state import OUTCOMES
 
 if TYPE_CHECKING:
@@ -276,6 +278,30 @@ def create_app(console: Console) -> Starlette:
     async def fleet_fragment(request: Request, session: Session) -> Response:
         return render(request, "_fleet.html", session, **await run_in_threadpool(fleet_context))
 
+    def map_context() -> dict[str, Any]:
+        rows = fleet_rows(console.store, console.state, console.keyring, console.config.receiver.supervision_s)
+        devices = {d.device_id: d for d in console.keyring.devices()}
+        unplaced = [r.device for r in rows if r.device not in devices or devices[r.device].position is None]
+        return {"layers": map_layers(rows, devices, settings.plans_dir), "unplaced": unplaced}
+
+    @page("view")
+    async def map_page(request: Request, session: Session) -> Response:
+        return render(request, "map.html", session, **await run_in_threadpool(map_context))
+
+    @page("view", fragment=True)
+    async def map_fragment(request: Request, session: Session) -> Response:
+        return render(request, "_map.html", session, **await run_in_threadpool(map_context))
+
+    @page("view")
+    async def plan_image(request: Request, session: Session) -> Response:
+        name = request.path_params["plan"]
+        if settings.plans_dir is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            return PlainTextResponse("no such plan", status_code=404)
+        path = settings.plans_dir / f"{name}.png"
+        if not path.is_file():
+            return PlainTextResponse("no such plan", status_code=404)
+        return FileResponse(path, media_type="image/png")
+
     @page("audit")
     async def audit(request: Request, session: Session) -> Response:
         entries = await run_in_threadpool(console.state.audit_log, 500)
@@ -320,6 +346,9 @@ def create_app(console: Console) -> Starlette:
         Route("/alerts/{device}/{seq}/close", close, methods=["POST"]),
         Route("/fleet", fleet),
         Route("/fragment/fleet", fleet_fragment),
+        Route("/map", map_page),
+        Route("/fragment/map", map_fragment),
+        Route("/plans/{plan}.png", plan_image),
         Route("/audit", audit),
         Route("/events", events),
         Route("/static/alert.wav", sound),

@@ -6,6 +6,7 @@ same store. Set EDGE_AGENT_SCREENSHOTS=1 to write the README's screenshots into 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from agent.centre.receiver import Receiver
 from agent.config.centre import load_receiver_config
 from agent.console.server import Console
 from agent.device.agent import Agent
+from agent.protocol.enrolment import Position, enrolment_record
+from agent.protocol.signing import load_private_key
 from hw.gpio import IndicatorState
 from tests.conftest import REPO, wait_until
 from tests.console.conftest import ACCOUNTS, add_accounts, csrf_of, live, log_in
@@ -147,17 +150,33 @@ def test_actions_without_the_csrf_token_or_the_role_are_refused(browser, console
     assert console.state.alert(alert.device, alert.seq).taken_by == "ana"
 
 
-def test_a_device_killed_with_sigkill_shows_as_missing_on_the_fleet_page(browser, site):
-    site.add_device("cp-k", body='[[buttons]]\nname = "help"\npin = 17\n[telemetry]\ninterval_s = 5\n')
-    path = site.receiver_toml_path()
-    path.write_text(
-        path.read_text().replace(
-            'credentials_dir = "credentials"', 'credentials_dir = "credentials"\nsupervision_s = 10'
-        )
+def enrol_at(site, device_id: str, body: str, position: Position, location: str):
+    """A device enrolled with a position and mounted location, as ``provision --lat/--lon`` records them."""
+    config = site.add_device(device_id, body=body, enroll=False)
+    key = load_private_key(config.secret_dirs[0] / config.identity.private_key_file)
+    site.keyring.enroll(enrolment_record(device_id, site.site, "call-point", key, position=position, location=location))
+    return config
+
+
+def test_a_device_killed_with_sigkill_shows_as_missing_on_the_fleet_page_and_the_map(browser, site, mock_factory):
+    heartbeat = "[telemetry]\ninterval_s = 5\n"
+    enrol_at(
+        site, "cp-k", f'[[buttons]]\nname = "help"\npin = 17\n{heartbeat}', Position(48.8566, 2.3522), "Rue de Rivoli"
     )
+    neighbours = [
+        enrol_at(site, f"cp-{n}", f'[[buttons]]\nname = "help"\npin = {pin}\n{heartbeat}', Position(lat, lon), where)
+        for n, pin, lat, lon, where in ((2, 23, 48.8606, 2.3376, "Louvre"), (3, 24, 48.8530, 2.3499, "Notre-Dame"))
+    ]
+    path = site.receiver_toml_path()
+    text = path.read_text().replace(
+        'credentials_dir = "credentials"', 'credentials_dir = "credentials"\nsupervision_s = 10'
+    )
+    path.write_text(text)
     config = load_receiver_config(path)
     argv = [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-k"))]
-    with Receiver(config), Console(config, listen="127.0.0.1:0") as console:
+    with Receiver(config), Console(config, listen="127.0.0.1:0") as console, contextlib.ExitStack() as running:
+        for neighbour in neighbours:  # two call points that stay up, in this process on mock pins
+            running.enter_context(Agent(neighbour, pin_factory=mock_factory))
         add_accounts(console.state)
         console.start()
         device = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,9 +190,13 @@ def test_a_device_killed_with_sigkill_shows_as_missing_on_the_fleet_page(browser
             killed = time.monotonic()
             row = sam.wait_for_selector("tr[data-device=cp-k][data-state=missing]", timeout=30000)
             print(f"SIGKILL → missing on the fleet page: {time.monotonic() - killed:.1f} s (supervision 10 s)")
-            assert "MISSING" in row.inner_text()
+            assert "MISSING" in row.inner_text() and "Rue de Rivoli" in row.inner_text()
             assert "1 missing" in sam.inner_text("h1")
             screenshot(sam, "fleet")
+            sam.goto(console.url + "map")
+            assert sam.locator("g.map-device[data-device=cp-k][data-state=missing]").count() == 1
+            assert sam.locator("g.map-device[data-state=online]").count() == 2
+            screenshot(sam, "map")
         finally:
             if device.poll() is None:
                 device.kill()
