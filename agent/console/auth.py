@@ -19,8 +19,8 @@ from agent.console.state import ROLES, ConsoleState
 
 #: What each role may do; checked on the server for every request, whatever the page shows.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "operator": frozenset({"view", "handle"}),
-    "supervisor": frozenset({"view", "handle", "audit"}),
+    "operator": frozenset({"view", "handle", "evidence"}),
+    "supervisor": frozenset({"view", "handle", "evidence", "audit"}),
     "installer": frozenset({"view"}),
 }
 assert set(PERMISSIONS) == set(ROLES)

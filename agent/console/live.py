@@ -70,6 +70,7 @@ class ChangeFeed:
     def __init__(self, watcher: SqliteWatcher | PostgresWatcher):
         self.watcher = watcher
         self.version = 0
+        self.closing = False  # set on shutdown: every waiting event stream ends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._stop = threading.Event()
@@ -111,6 +112,11 @@ class ChangeFeed:
         except TimeoutError:
             pass
         return self.version
+
+    def end_streams(self) -> None:
+        """Wake every waiting page stream so it sees ``closing`` and ends (the server can then stop at once)."""
+        self.closing = True
+        self._changed()
 
     def close(self) -> None:
         self._stop.set()

@@ -98,6 +98,20 @@ class Console:
             return "taken; the device shows that help is coming"
         return "taken; nothing sent to the device (silent, duress or not a button alert)"
 
+    def view_evidence(self, alert: AlertView, operator: str) -> tuple[bytes | None, str]:
+        """(the alert's image, "") or (None, why not); either way audited: who asked for which image."""
+        from agent.console.evidence import EvidenceViewer
+        from agent.errors import AgentError
+
+        ref = str((alert.body.get("evidence") or {}).get("ref", "-"))
+        try:
+            data = EvidenceViewer(self.config, self.keyring).image(alert)
+        except AgentError as exc:  # EvidenceError, a missing key file: the operator is told, the attempt audited
+            self.state.audit(self.clock(), operator, "evidence-failed", f"{ref}: {exc}", alert)
+            return None, str(exc)
+        self.state.audit(self.clock(), operator, "evidence-viewed", f"{ref} ({len(data)} bytes, sha256 checked)", alert)
+        return data, ""
+
     # --- running
 
     def start(self) -> str:
@@ -146,6 +160,7 @@ class Console:
 
     def close(self) -> None:
         if self._server is not None:
+            self.feed.end_streams()
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

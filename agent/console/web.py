@@ -8,6 +8,7 @@ checked here, on the server, whatever the page offers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import math
@@ -264,6 +265,17 @@ def create_app(console: Console) -> Starlette:
         )
         return _back_to(context["alert"], "closed" if closed else "it was already closed")
 
+    @page("evidence")
+    async def evidence(request: Request, session: Session) -> Response:
+        if await checked_form(request, session) is None:
+            return refused_csrf()
+        context = await run_in_threadpool(alert_context, request)
+        if context is None:
+            return not_found()
+        data, problem = await run_in_threadpool(console.view_evidence, context["alert"], session.operator)
+        image = None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode()
+        return render(request, "evidence.html", session, image=image, problem=problem, **context)
+
     # --- fleet and audit
 
     def fleet_context() -> dict[str, Any]:
@@ -316,6 +328,8 @@ def create_app(console: Console) -> Starlette:
             yield f"retry: 1000\nevent: hello\ndata: {seen}\n\n"
             while console.sessions.find(session.token) is not None:
                 now = await console.feed.next_change(seen, KEEPALIVE_S)
+                if console.feed.closing:
+                    return
                 if now == seen:
                     yield ": keep-alive\n\n"
                     continue
@@ -344,6 +358,7 @@ def create_app(console: Console) -> Starlette:
         Route("/fragment/alerts/{device}/{seq}", alert_fragment),
         Route("/alerts/{device}/{seq}/take", take, methods=["POST"]),
         Route("/alerts/{device}/{seq}/close", close, methods=["POST"]),
+        Route("/alerts/{device}/{seq}/evidence", evidence, methods=["POST"]),
         Route("/fleet", fleet),
         Route("/fragment/fleet", fleet_fragment),
         Route("/map", map_page),
