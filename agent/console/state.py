@@ -133,6 +133,20 @@ class ConsoleState:
         open_rows, closed_rows = self.store.run_all([(_OPEN, (QUEUE_LIMIT,)), (_CLOSED, (closed_shown,))])
         return [_view(row) for row in open_rows], [_view(row) for row in closed_rows]
 
+    def queue_signature(self) -> tuple:
+        """Changes whenever the queue's content does (a new alert, a take or close, a sequence gap), cheaply.
+
+        Telemetry and other fleet changes leave it alone, so open queues are not fetched again for them.
+        """
+        rows = self.store.run_all(
+            [
+                ("SELECT count(*), max(received_at) FROM messages WHERE kind IN ('alert', 'tamper')", ()),
+                ("SELECT count(*), max(taken_at), max(closed_at) FROM alert_handling", ()),
+                ("SELECT count(*) FROM outstanding", ()),
+            ]
+        )
+        return tuple(tuple(r[0]) for r in rows)
+
     def alert(self, device: str, seq: int) -> AlertView | None:
         (rows,) = self.store.run_all([(_ONE, (device, seq))])
         return _view(rows[0]) if rows else None

@@ -208,10 +208,20 @@ def create_app(console: Console) -> Starlette:
         context = await run_in_threadpool(queue_context)
         return render(request, "queue.html", session, **context)
 
+    fragment_cache: dict[str, tuple[int, bytes]] = {}  # the queue fragment is the same for everyone
+    fragment_lock = asyncio.Lock()
+
     @page("view", fragment=True)
     async def queue_fragment(request: Request, session: Session) -> Response:
-        context = await run_in_threadpool(queue_context)
-        return render(request, "_queue.html", session, **context)
+        """Rendered once per change however many consoles ask (keyed by the feed's version read first)."""
+        async with fragment_lock:  # twenty consoles asking at once: one renders, the others take its page
+            version = console.feed.version
+            cached = fragment_cache.get("queue")
+            if cached is None or cached[0] != version:
+                context = await run_in_threadpool(queue_context)
+                html = render(request, "_queue.html", session, **context).body
+                cached = fragment_cache["queue"] = (version, bytes(html))
+        return Response(cached[1], media_type="text/html")
 
     # --- one alert
 
@@ -321,10 +331,22 @@ def create_app(console: Console) -> Starlette:
 
     # --- live updates and assets
 
+    signature_lock = asyncio.Lock()
+    signature: list = [-1, None]  # [feed version, queue signature]: computed once per change for all streams
+
+    async def queue_signature(version: int):
+        async with signature_lock:
+            if signature[0] != version:
+                signature[:] = [version, await run_in_threadpool(console.state.queue_signature)]
+            return signature[1]
+
     @page("view", fragment=True)
     async def events(request: Request, session: Session) -> Response:
+        """ "change" on every commit seen; "queue" only when the queue's content changed (pages pick one)."""
+
         async def stream():
             seen = console.feed.version
+            queue_seen = await queue_signature(seen)
             yield f"retry: 1000\nevent: hello\ndata: {seen}\n\n"
             while console.sessions.find(session.token) is not None:
                 now = await console.feed.next_change(seen, KEEPALIVE_S)
@@ -335,6 +357,10 @@ def create_app(console: Console) -> Starlette:
                     continue
                 seen = now
                 yield f"event: change\ndata: {seen}\n\n"
+                queue_now = await queue_signature(now)
+                if queue_now != queue_seen:
+                    queue_seen = queue_now
+                    yield f"event: queue\ndata: {seen}\n\n"
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # nginx: pass each event on at once
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

@@ -58,6 +58,7 @@
   if (!linkState) { return; }  // not logged in
   var events = new EventSource("/events");
   events.addEventListener("hello", function () { linkState.className = "link-state up"; refresh(); });
-  events.addEventListener("change", refresh);
+  // The queue and alert pages follow "queue" (alerts and their handling); fleet and map every "change".
+  events.addEventListener((live && live.dataset.events) || "change", refresh);
   events.onerror = function () { linkState.className = "link-state down"; };
 })();
