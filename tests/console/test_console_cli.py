@@ -13,7 +13,12 @@ def test_user_add_hashes_the_password_from_a_file_and_refuses_a_second_account_o
     secret = tmp_path / "pw"
     secret.write_text("a long enough password\n")
     config = str(site.receiver_toml_path())
-    assert main(["centre", "user", "add", "ana", "--role", "supervisor", "--config", config, "--password-file", str(secret)]) == 0
+    assert (
+        main(
+            ["centre", "user", "add", "ana", "--role", "supervisor", "--config", config, "--password-file", str(secret)]
+        )
+        == 0
+    )
     assert "added supervisor ana" in capsys.readouterr().out
     with open_store(site.receiver_config) as store:
         stored, role = ConsoleState(store).operator("ana")
