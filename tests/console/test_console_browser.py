@@ -107,6 +107,11 @@ def test_a_test_alert_looks_different_and_never_rings_a_duress_alert_stands_out(
     duress = ana.wait_for_selector("tr.alert-row.real.silent", timeout=5000)
     assert "SILENT / DURESS" in duress.inner_text()
     assert ana.evaluate("document.body.dataset.rang") == "1"
+    ana.locator("tr.alert-row.silent a").click()
+    ana.click("#take-form button")  # taken at the centre; nothing goes back that would reveal it
+    assert "nothing sent to the device" in ana.inner_text("#notice") or console.responder is None
+    assert agent.indicator_state() is not getattr(IndicatorState, "HELP_COMING", None)
+    ana.goto(console.url)
     if SCREENSHOTS:
         press(mock_factory.pin(17))
         ana.wait_for_selector("tr.alert-row.real:not(.silent)", timeout=5000)

@@ -11,6 +11,7 @@ import pytest
 
 from agent.centre.store import ReceiverStore, StoreError
 from agent.console.auth import LoginLimiter, LoginRefused, Sessions, hash_password
+from agent.console.fleet import device_marks
 from agent.console.live import ChangeFeed, PostgresWatcher, SqliteWatcher
 from agent.console.state import ConsoleState
 from agent.console.web import alert_sound
@@ -127,3 +128,16 @@ def test_the_alert_sound_is_a_short_wav_made_here():
     with wave.open(io.BytesIO(alert_sound())) as wav:
         assert (wav.getnchannels(), wav.getframerate()) == (1, 16000)
         assert 0.3 < wav.getnframes() / wav.getframerate() < 1.5
+
+
+def test_alerts_from_a_device_with_a_wrong_clock_or_a_gap_are_marked(state):
+    store = state.store
+    store.insert(alert_claims(seq=5, prev=3), 10.0)
+    store.follow_chain("cp-1", 5, 3, 10.0)  # seq 3 was named but never arrived
+    store.run_all([("INSERT INTO devices (device, site, clock_skew_s) VALUES (?, ?, ?)", ("cp-1", "site-a", -95.0))])
+    marks = device_marks(store, clock_fault_s=30)
+    assert marks.clock_fault == {"cp-1": -95.0} and marks.gaps == {"cp-1": [3]}
+    assert device_marks(store, clock_fault_s=120).clock_fault == {}
+    before = state.queue_signature()
+    store.follow_chain("cp-1", 3, 0, 11.0)  # the gap fills: the queue's marks change
+    assert state.queue_signature() != before
