@@ -337,6 +337,8 @@ def cmd_centre_console(args: argparse.Namespace) -> int:
     console = Console(load_receiver_config(args.config), listen=args.listen)
     host, port = console.address
     print(f"console on http://{host}:{port}/ (stop with Ctrl-C)", file=sys.stderr)
+    # uvicorn handles SIGINT/SIGTERM while it runs, then passes the signal on to these: a clean exit 0.
+    stop_on_signals(lambda: None)
     try:
         console.serve()
     finally:

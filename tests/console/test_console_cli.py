@@ -39,3 +39,36 @@ def test_user_add_refuses_weak_passwords_and_odd_names(site, tmp_path, capsys, n
     argv = ["centre", "user", "add", name, "--config", str(site.receiver_toml_path()), "--password-file", str(secret)]
     assert main(argv) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_the_console_command_serves_on_its_address_and_stops_cleanly_on_sigterm(site):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import REPO, wait_until
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "agent.cli", "centre", "console", "--config", str(site.receiver_toml_path())]
+    process = subprocess.Popen([*argv, "--listen", f"127.0.0.1:{port}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+
+        def serving() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/login", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(serving, 30, interval=0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
