@@ -103,6 +103,10 @@ class ConsoleSection(Section):
     plans_dir: ConfigRelativePath | None = Field(
         None, description="Site-plan images for the map: <plan>.png, device x/y in its pixels (from provisioning)."
     )
+    map_tiles_url: str | None = Field(
+        None,
+        description="The city's tile server, e.g. https://tiles.city.example/{z}/{x}/{y}.png; unset: a plain drawing.",
+    )
     queue_closed_shown: int = Field(20, ge=0, le=1000, description="How many recently closed alerts the queue lists.")
 
     @field_validator("listen")
@@ -110,6 +114,23 @@ class ConsoleSection(Section):
     def _host_and_port(cls, value: str) -> str:
         split_listen_address(value)
         return value
+
+    @field_validator("map_tiles_url")
+    @classmethod
+    def _tile_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("https://", "http://")) or not all(f"{{{k}}}" in value for k in "zxy"):
+            raise ValueError(f"{value!r}: give an http(s) URL with {{z}}, {{x}} and {{y}} in it")
+        return value
+
+    @property
+    def tiles_origin(self) -> str | None:
+        """scheme://host[:port] of the tile server (the pages may load images from there, nowhere else)."""
+        if self.map_tiles_url is None:
+            return None
+        scheme, _, rest = self.map_tiles_url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}"
 
     @property
     def address(self) -> tuple[str, int]:

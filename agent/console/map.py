@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.console.fleet import FleetRow
@@ -38,11 +38,18 @@ class MapLayer:
     image: str | None = None  # URL of the plan's image, when there is one
     width: float = WIDTH
     height: float = HEIGHT
+    tiles: list[tuple[str, float, float]] = field(default_factory=list)  # (URL, x, y) of each 256 px tile
 
 
-def map_layers(rows: Iterable[FleetRow], devices: dict[str, EnrolledDevice], plans_dir: Path | None) -> list[MapLayer]:
-    """One layer for lat/lon positions, one per site plan; devices without a position are left out."""
+def map_layers(
+    rows: Iterable[FleetRow],
+    devices: dict[str, EnrolledDevice],
+    plans_dir: Path | None,
+    tiles_url: str | None = None,
+) -> list[MapLayer]:
+    """One layer for lat/lon positions (over the city's tiles when ``tiles_url`` is set), one per site plan."""
     geo: list[tuple[FleetRow, float, float]] = []
+    latlon: list[tuple[FleetRow, float, float]] = []
     plans: dict[str, list[tuple[FleetRow, float, float]]] = {}
     for row in rows:
         position = devices[row.device].position if row.device in devices else None
@@ -50,9 +57,15 @@ def map_layers(rows: Iterable[FleetRow], devices: dict[str, EnrolledDevice], pla
             continue
         if position.lat is not None and position.lon is not None:
             geo.append((row, position.lon * math.cos(math.radians(position.lat)), -position.lat))
+            latlon.append((row, position.lat, position.lon))
         if position.plan is not None and position.x is not None and position.y is not None:
             plans.setdefault(position.plan, []).append((row, position.x, position.y))
-    layers = [MapLayer("Map (plain projection of lat/lon)", _fitted(geo))] if geo else []
+    if not geo:
+        layers = []
+    elif tiles_url:
+        layers = [tiled_layer(latlon, tiles_url)]
+    else:
+        layers = [MapLayer("Map (plain projection of lat/lon)", _fitted(geo))]
     for plan, placed in sorted(plans.items()):
         size = _png_size(plans_dir / f"{plan}.png") if plans_dir is not None else None
         if size is None:
@@ -70,6 +83,38 @@ def _fitted(placed: list[tuple[FleetRow, float, float]]) -> list[MapPoint]:
     scale = (WIDTH - 2 * MARGIN) / span
     cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
     return [_point(row, WIDTH / 2 + (x - cx) * scale, HEIGHT / 2 + (y - cy) * scale) for row, x, y in placed]
+
+
+TILE = 256
+MAX_ZOOM = 19
+
+
+def mercator(lat: float, lon: float, zoom: int) -> tuple[float, float]:
+    """Web Mercator pixel coordinates at ``zoom`` (what every tile server cuts its tiles by)."""
+    size = TILE * 2**zoom
+    sin = min(max(math.sin(math.radians(lat)), -0.9999), 0.9999)
+    return (lon + 180.0) / 360.0 * size, (0.5 - math.log((1 + sin) / (1 - sin)) / (4 * math.pi)) * size
+
+
+def tiled_layer(placed: list[tuple[FleetRow, float, float]], url: str) -> MapLayer:
+    """The devices over the city's tile server: the closest zoom that shows them all, the tiles that cover it."""
+    zoom = 0
+    for candidate in range(MAX_ZOOM, -1, -1):
+        xs, ys = zip(*(mercator(lat, lon, candidate) for _, lat, lon in placed), strict=True)
+        if max(xs) - min(xs) <= WIDTH - 2 * MARGIN and max(ys) - min(ys) <= HEIGHT - 2 * MARGIN:
+            zoom = candidate
+            break
+    pixels = [(row, *mercator(lat, lon, zoom)) for row, lat, lon in placed]
+    left = (max(p[1] for p in pixels) + min(p[1] for p in pixels)) / 2 - WIDTH / 2
+    top = (max(p[2] for p in pixels) + min(p[2] for p in pixels)) / 2 - HEIGHT / 2
+    last = 2**zoom - 1
+    tiles = [
+        (url.format(z=zoom, x=x, y=y), x * TILE - left, y * TILE - top)
+        for x in range(max(0, int(left // TILE)), min(last, int((left + WIDTH) // TILE)) + 1)
+        for y in range(max(0, int(top // TILE)), min(last, int((top + HEIGHT) // TILE)) + 1)
+    ]
+    points = [_point(row, x - left, y - top) for row, x, y in pixels]
+    return MapLayer(f"Map (zoom {zoom})", points, tiles=tiles)
 
 
 def _point(row: FleetRow, x: float, y: float) -> MapPoint:

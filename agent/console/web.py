@@ -63,8 +63,12 @@ _HEADERS = {
 class SecurityHeaders:
     """Adds ``_HEADERS`` to every response (plain ASGI, so event streams pass through untouched)."""
 
-    def __init__(self, app):
+    def __init__(self, app, tiles_origin: str | None = None):
         self.app = app
+        self.headers = dict(_HEADERS)
+        if tiles_origin:  # the city's tile server is the one place images may come from besides the console
+            policy = self.headers["Content-Security-Policy"]
+            self.headers["Content-Security-Policy"] = policy.replace("img-src 'self'", f"img-src 'self' {tiles_origin}")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -74,7 +78,7 @@ class SecurityHeaders:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in _HEADERS.items():
+                for name, value in self.headers.items():
                     if name not in headers and not (static and name == "Cache-Control"):
                         headers[name] = value
             await send(message)
@@ -304,7 +308,8 @@ def create_app(console: Console) -> Starlette:
         rows = fleet_rows(console.store, console.state, console.keyring, console.config.receiver.supervision_s)
         devices = {d.device_id: d for d in console.keyring.devices()}
         unplaced = [r.device for r in rows if r.device not in devices or devices[r.device].position is None]
-        return {"layers": map_layers(rows, devices, settings.plans_dir), "unplaced": unplaced}
+        layers = map_layers(rows, devices, settings.plans_dir, settings.map_tiles_url)
+        return {"layers": layers, "unplaced": unplaced}
 
     @page("view")
     async def map_page(request: Request, session: Session) -> Response:
@@ -395,7 +400,9 @@ def create_app(console: Console) -> Starlette:
         Route("/static/alert.wav", sound),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)], lifespan=lifespan)
+    return Starlette(
+        routes=routes, middleware=[Middleware(SecurityHeaders, tiles_origin=settings.tiles_origin)], lifespan=lifespan
+    )
 
 
 def _back_to(alert, notice: str) -> Response:
