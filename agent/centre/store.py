@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from agent.config.centre import ReceiverConfig
 
 #: The schema version this code knows; a database at a newer one is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SQLITE_V1 = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -62,6 +62,22 @@ CREATE TABLE IF NOT EXISTS device_events (
     detail TEXT NOT NULL
 )
 """
+
+# Version 2: the console's records. Who handles an alert (a row appears when someone acts on it), an
+# append-only audit log (triggers refuse UPDATE and DELETE), and the operators' accounts (argon2 hashes).
+_SQLITE_V2 = (
+    "CREATE TABLE IF NOT EXISTS alert_handling (device TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " state TEXT NOT NULL, taken_by TEXT, taken_at REAL, closed_by TEXT, closed_at REAL,"
+    " outcome TEXT, note TEXT, PRIMARY KEY (device, seq))",
+    "CREATE TABLE IF NOT EXISTS audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+    " actor TEXT NOT NULL, action TEXT NOT NULL, device TEXT, seq INTEGER, detail TEXT NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TABLE IF NOT EXISTS operators (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
+    " role TEXT NOT NULL, created_at REAL NOT NULL)",
+)
 
 
 class StoreError(AgentError, OSError):
@@ -122,7 +138,7 @@ class ReceiverStore:
 
     def _migrations(self) -> list[Callable[[], None]]:
         """Step n brings the schema from version n to n + 1 (inside one transaction)."""
-        return [self._sqlite_v1]
+        return [self._sqlite_v1, self._sqlite_v2]
 
     def _sqlite_v1(self) -> None:
         for statement in _SQLITE_V1.split(";"):
@@ -130,6 +146,10 @@ class ReceiverStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
         if "clock_skew_s" not in columns:  # a database from before clocks were watched
             self._db.execute("ALTER TABLE devices ADD COLUMN clock_skew_s REAL")
+
+    def _sqlite_v2(self) -> None:
+        for statement in _SQLITE_V2:
+            self._db.execute(statement)
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, or refuse a database a newer receiver has migrated.

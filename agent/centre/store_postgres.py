@@ -62,6 +62,58 @@ CREATE TABLE IF NOT EXISTS device_events (
 CREATE INDEX IF NOT EXISTS device_events_by_age ON device_events (at)
 """
 
+# Version 2: the console's records (see store._SQLITE_V2), and a NOTIFY on every commit that changes
+# what a console shows, so consoles update from the database itself, whoever wrote.
+_POSTGRES_V2 = """
+CREATE TABLE IF NOT EXISTS alert_handling (
+    device TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    taken_by TEXT,
+    taken_at DOUBLE PRECISION,
+    closed_by TEXT,
+    closed_at DOUBLE PRECISION,
+    outcome TEXT,
+    note TEXT,
+    PRIMARY KEY (device, seq)
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    device TEXT,
+    seq BIGINT,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE OR REPLACE FUNCTION edge_audit_append_only() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit log is append-only';
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION edge_audit_append_only();
+CREATE OR REPLACE FUNCTION edge_console_notify() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('edge_console', TG_TABLE_NAME);
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS messages_notify ON messages;
+CREATE TRIGGER messages_notify AFTER INSERT ON messages FOR EACH STATEMENT EXECUTE FUNCTION edge_console_notify();
+DROP TRIGGER IF EXISTS devices_notify ON devices;
+CREATE TRIGGER devices_notify AFTER INSERT OR UPDATE ON devices
+    FOR EACH STATEMENT EXECUTE FUNCTION edge_console_notify();
+DROP TRIGGER IF EXISTS alert_handling_notify ON alert_handling;
+CREATE TRIGGER alert_handling_notify AFTER INSERT OR UPDATE ON alert_handling
+    FOR EACH STATEMENT EXECUTE FUNCTION edge_console_notify();
+"""
+
 
 class PostgresConnection:
     """A psycopg connection that speaks the stores' SQL (``?`` placeholders) and fails with StoreError."""
@@ -169,10 +221,13 @@ class PostgresStore(ReceiverStore):
             return self._db.execute_all(statements)
 
     def _migrations(self) -> list[Callable[[], None]]:
-        return [self._postgres_v1]
+        return [self._postgres_v1, self._postgres_v2]
 
     def _postgres_v1(self) -> None:
         self._db.execute(_POSTGRES_V1)
+
+    def _postgres_v2(self) -> None:
+        self._db.execute(_POSTGRES_V2)
 
     def _has_table(self, name: str) -> bool:
         return self._db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]

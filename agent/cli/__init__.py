@@ -18,6 +18,8 @@ from agent.cli.centre import (
     cmd_centre_ca_init,
     cmd_centre_ca_issue,
     cmd_centre_ca_revoke,
+    cmd_centre_console,
+    cmd_centre_user_add,
     cmd_receiver_devices,
     cmd_receiver_enroll,
     cmd_receiver_fetch_evidence,
@@ -413,7 +415,7 @@ def _add_receiver_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     """The centre's device CA and the mosquitto configuration for one identity per device."""
-    centre = commands.add_parser("centre", help="the centre's device CA and broker configuration")
+    centre = commands.add_parser("centre", help="the centre's device CA, broker configuration, console and accounts")
     sub = centre.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
 
     def with_ca(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -445,6 +447,20 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     broker.add_argument("--prefix", help="topic prefix (default: the receiver config's, else 'edge')")
     broker.add_argument("--receiver-name", default="centre-receiver", help="the receiver's certificate name")
     broker.set_defaults(func=cmd_centre_broker_config)
+
+    console = sub.add_parser("console", help="the operators' web console (alert queue, handling, fleet)")
+    console.add_argument("--config", type=Path, required=True, help="the receiver's config (its [console] section)")
+    console.add_argument("--listen", help='"host:port" instead of [console] listen')
+    console.set_defaults(func=cmd_centre_console)
+    user = sub.add_parser("user", help="the console's operator accounts")
+    user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = user_sub.add_parser("add", help="create an account (password asked twice, or --password-file)")
+    add.add_argument("name", help="the operator's login name")
+    add.add_argument("--role", choices=["operator", "supervisor", "installer"], default="operator")
+    add.add_argument("--config", type=Path, required=True, help="the receiver's config (its database)")
+    add.add_argument("--password-file", type=Path, help="read the password from this file's first line")
+    add.add_argument("--replace", action="store_true", help="set the password and role of an existing account")
+    add.set_defaults(func=cmd_centre_user_add)
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:

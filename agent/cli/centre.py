@@ -325,3 +325,64 @@ def cmd_centre_broker_config(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+# edge-agent centre console / user …: the operators' web console and its accounts.
+
+
+def cmd_centre_console(args: argparse.Namespace) -> int:
+    from agent.config.centre import load_receiver_config
+    from agent.console.server import Console
+
+    console = Console(load_receiver_config(args.config), listen=args.listen)
+    host, port = console.address
+    print(f"console on http://{host}:{port}/ (stop with Ctrl-C)", file=sys.stderr)
+    # uvicorn handles SIGINT/SIGTERM while it runs, then passes the signal on to these: a clean exit 0.
+    stop_on_signals(lambda: None)
+    try:
+        console.serve()
+    finally:
+        console.close()
+    return 0
+
+
+def _read_new_password(args: argparse.Namespace) -> str:
+    """From --password-file (first line), else asked twice on the terminal; never from the command line."""
+    import getpass
+
+    if args.password_file is not None:
+        try:
+            lines = Path(args.password_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.password_file}: {exc.strerror}") from None
+        password = lines[0] if lines else ""
+    else:
+        password = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ; nothing changed")
+    if len(password) < 10:
+        raise ConfigError("a password needs at least 10 characters; nothing changed")
+    return password
+
+
+def cmd_centre_user_add(args: argparse.Namespace) -> int:
+    import re
+    import time
+
+    from agent.centre.store import open_store
+    from agent.config.centre import load_receiver_config
+    from agent.console.auth import hash_password
+    from agent.console.state import ConsoleState
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
+        raise ConfigError(
+            f"{args.name!r}: a name is 1-64 letters, digits and . _ @ - (starting with a letter or digit)"
+        )
+    config = load_receiver_config(args.config)
+    password_hash = hash_password(_read_new_password(args))
+    with open_store(config) as store:
+        done = ConsoleState(store).add_operator(args.name, password_hash, args.role, time.time(), replace=args.replace)
+    if not done:
+        raise ConfigError(f"an account {args.name!r} exists; give --replace to set its password and role")
+    print(f"{'updated' if args.replace else 'added'} {args.role} {args.name}")
+    return 0

@@ -82,8 +82,64 @@ class ReceiverSection(Section):
         return None if self.metrics_listen is None else split_listen_address(self.metrics_listen)
 
 
+class ConsoleSection(Section):
+    """The operators' web console (``edge-agent centre console``), reading the receiver's store."""
+
+    listen: str = Field(
+        "127.0.0.1:8080",
+        description='"host:port" to serve on; localhost unless a reverse proxy with TLS sits in front (see README).',
+    )
+    secure_cookies: bool = Field(
+        False, description="Mark session cookies Secure: set when the console is reached over HTTPS (a TLS proxy)."
+    )
+    session_idle_s: float = Field(
+        8 * 3600, ge=60, le=7 * 86400, description="A session unused this long is logged out (one shift)."
+    )
+    login_attempts: int = Field(5, ge=1, le=100, description="Wrong passwords in a row before logins are refused.")
+    lockout_s: float = Field(300.0, ge=1, le=86400, description="How long logins are refused after that.")
+    clock_fault_s: float = Field(
+        30.0, ge=1, le=86400, description="A device whose clock is off by more than this is marked on its alerts."
+    )
+    plans_dir: ConfigRelativePath | None = Field(
+        None, description="Site-plan images for the map: <plan>.png, device x/y in its pixels (from provisioning)."
+    )
+    map_tiles_url: str | None = Field(
+        None,
+        description="The city's tile server, e.g. https://tiles.city.example/{z}/{x}/{y}.png; unset: a plain drawing.",
+    )
+    queue_closed_shown: int = Field(20, ge=0, le=1000, description="How many recently closed alerts the queue lists.")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        split_listen_address(value)
+        return value
+
+    @field_validator("map_tiles_url")
+    @classmethod
+    def _tile_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("https://", "http://")) or not all(f"{{{k}}}" in value for k in "zxy"):
+            raise ValueError(f"{value!r}: give an http(s) URL with {{z}}, {{x}} and {{y}} in it")
+        return value
+
+    @property
+    def tiles_origin(self) -> str | None:
+        """scheme://host[:port] of the tile server (the pages may load images from there, nowhere else)."""
+        if self.map_tiles_url is None:
+            return None
+        scheme, _, rest = self.map_tiles_url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return split_listen_address(self.listen)
+
+
 class ReceiverConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
+    console: ConsoleSection = Field(default_factory=ConsoleSection)
     mqtt: MqttSection
 
     @property

@@ -139,6 +139,24 @@ class CentreView:
         _say(f"  centre ! device {event.site}/{event.device} {event.event}: {event.detail}")
 
 
+def open_console(site: LocalSite):
+    """The operators' console on the demo's store, with a one-off account; None (and why) without the centre extra."""
+    import secrets
+
+    try:
+        from agent.console.auth import hash_password
+        from agent.console.server import Console
+    except ImportError as exc:
+        _say(f"(console left out: {exc.name} is not installed; pip install -e '.[centre]')")
+        return None
+    console = Console(site.receiver_config, listen="127.0.0.1:0")
+    password = secrets.token_urlsafe(9)
+    console.state.add_operator("demo", hash_password(password), "supervisor", time.time())
+    url = console.start()
+    _say(f"operators' console: {url}  (log in as 'demo', password {password}; open while the demo runs)")
+    return console
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -177,6 +195,7 @@ def run_demo(seconds: float = 20.0, video: Path | None = None, out: Path = Path(
                 Receiver(site.receiver_config, on_verdict=view.verdict, on_device_event=view.device_event) as receiver,
                 Agent(call_point, pin_factory=factory) as agent,
             ):
+                console = open_console(site)
                 boxes = [Agent(camera_box, pin_factory=MockFactory())] if camera_box else []
                 for box in boxes:
                     box.start()
@@ -185,6 +204,8 @@ def run_demo(seconds: float = 20.0, video: Path | None = None, out: Path = Path(
                 finally:
                     for box in boxes:
                         box.close()
+                    if console is not None:
+                        console.close()
         except KeyboardInterrupt:
             _say("stopped (Ctrl-C); everything closed cleanly")
             return 130

@@ -1,0 +1,1 @@
+"""The supervision centre's web console: the alert queue, handling, the fleet; beside the receiver."""
