@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import secrets
 import string
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -106,9 +105,7 @@ def sia_dcs(code: str, partition: int, zone: int) -> str:
     return f"Nri{partition}/{code}{zone:03d}"
 
 
-def build_message(
-    message_type: str, seq: int, route: Route, data: str, at: float, key: bytes | None = None
-) -> bytes:
+def build_message(message_type: str, seq: int, route: Route, data: str, at: float, key: bytes | None = None) -> bytes:
     """One complete DC-09 frame (LF … CR); ``data`` is what goes inside ``[#acct|…]`` (empty for NULL)."""
     if message_type not in MESSAGE_TYPES:
         raise ValueError(f"unknown DC-09 message type {message_type!r}")

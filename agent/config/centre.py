@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from agent.config.base import Name, Section
 from agent.config.fields import ConfigRelativePath
+from agent.config.forward import ForwardSection
 from agent.config.loading import load_model
 from agent.config.mqtt import MqttSection
 
@@ -85,6 +86,7 @@ class ReceiverSection(Section):
 class ReceiverConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
     mqtt: MqttSection
+    forward: ForwardSection = Field(default_factory=ForwardSection, description="Where verified events go on to.")
 
     @property
     def secret_dirs(self) -> tuple[Path, ...]:
