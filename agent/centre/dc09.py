@@ -106,7 +106,7 @@ def sia_dcs(code: str, partition: int, zone: int) -> str:
 
 
 def build_message(message_type: str, seq: int, route: Route, data: str, at: float, key: bytes | None = None) -> bytes:
-    """One complete DC-09 frame (LF … CR); ``data`` is what goes inside ``[#acct|…]`` (empty for NULL)."""
+    """One complete DC-09 frame (LF … CR); ``data`` is the event after ``[#acct|`` (empty for NULL)."""
     if message_type not in MESSAGE_TYPES:
         raise ValueError(f"unknown DC-09 message type {message_type!r}")
     block = (f"#{route.account}|{data}" if data else "") + "]" + dc09_timestamp(at)

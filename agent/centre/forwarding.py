@@ -86,11 +86,11 @@ def event_code(claims: MessageClaims, arc: ArcSection) -> int:
 
 
 def event_data(arc: ArcSection, entry: ArcAccount, code: int, restore: bool = False) -> str:
-    """The data DC-09 carries for one event, in the ARC's format."""
+    """The event as DC-09 carries it after ``#acct|``, in the ARC's format."""
     if arc.protocol == "ADM-CID":
-        return f"#{entry.account}|" + contact_id(3 if restore else 1, code, entry.partition, entry.zone)
+        return contact_id(3 if restore else 1, code, entry.partition, entry.zone)
     new, restored = SIA_CODES.get(code, ("UA", "UH"))
-    return f"#{entry.account}|" + sia_dcs(restored if restore else new, entry.partition, entry.zone)
+    return sia_dcs(restored if restore else new, entry.partition, entry.zone)
 
 
 def message_forwards(arc: ArcSection, claims: MessageClaims) -> list[Forward]:
