@@ -4,7 +4,8 @@ Accepted alerts, tamper and test messages, and "device missing"/"device back" ev
 to each configured ARC's account and Contact ID code (``docs/dc09.md``) and queued in the same
 transaction that stores them (``enqueue`` / ``enqueue_device_events``), so the queue row commits
 with the message or not at all. Test alerts always map to the test code, never to an alarm.
-Telemetry, status and other device events are not forwarded.
+Telemetry, status and other device events are not forwarded. The DC-09 modules (and the ``crc``
+package, in the ``centre`` extra) are imported only when an ARC is configured.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent.centre.dc09 import KEY_SIZES, contact_id, sia_dcs
 from agent.centre.forward_queue import Forward, ForwardQueue
-from agent.centre.forwarder import ArcForwarder
 from agent.config.forward import ArcAccount, ArcSection
 from agent.config.secrets import read_secret
 from agent.errors import ConfigError
@@ -61,7 +60,7 @@ def load_key(arc: ArcSection, dirs: tuple) -> bytes | None:
         key = bytes.fromhex(text)
     except ValueError:
         raise ConfigError(f"forward.arc {arc.name} key_file: not hex digits") from None
-    if len(key) not in KEY_SIZES:
+    if len(key) not in (16, 24, 32):
         raise ConfigError(f"forward.arc {arc.name} key_file: {len(key) * 8} bits; AES needs 128, 192 or 256")
     return key
 
@@ -87,6 +86,8 @@ def event_code(claims: MessageClaims, arc: ArcSection) -> int:
 
 def event_data(arc: ArcSection, entry: ArcAccount, code: int, restore: bool = False) -> str:
     """The event as DC-09 carries it after ``#acct|``, in the ARC's format."""
+    from agent.centre.dc09 import contact_id, sia_dcs
+
     if arc.protocol == "ADM-CID":
         return contact_id(3 if restore else 1, code, entry.partition, entry.zone)
     new, restored = SIA_CODES.get(code, ("UA", "UH"))
@@ -98,9 +99,10 @@ def message_forwards(arc: ArcSection, claims: MessageClaims) -> list[Forward]:
     if entry is None:
         return []
     code = event_code(claims, arc)
+    restore = claims.kind == "tamper" and claims.body.get("enclosure") == "closed"  # the tamper switch closed again
     what = f"{code} {'test ' if claims.test else ''}{claims.kind} from {claims.site}/{claims.device} seq {claims.seq}"
     source = f"msg:{claims.device}:{claims.seq}"
-    return [Forward(arc.name, source, entry.account, arc.protocol, event_data(arc, entry, code), what)]
+    return [Forward(arc.name, source, entry.account, arc.protocol, event_data(arc, entry, code, restore), what)]
 
 
 def device_event_forwards(arc: ArcSection, event: DeviceEvent) -> list[Forward]:
@@ -124,10 +126,19 @@ class Forwarding:
         self.queue = ForwardQueue(store)
         self.clock = clock
         holder = f"{config.receiver.id}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.forwarders = [
-            ArcForwarder(arc, self.queue, load_key(arc, config.secret_dirs), holder, clock) for arc in self.arcs
-        ]
+        self.forwarders = [] if not self.arcs else self._forwarders(config, holder)
         self.unmapped = 0  # events with no account at some ARC
+
+    def _forwarders(self, config: ReceiverConfig, holder: str) -> list:
+        try:
+            from agent.centre.forwarder import ArcForwarder
+        except ImportError as exc:
+            raise ConfigError(
+                f"forward.arc is set but {exc.name} is not installed: pip install 'edge-agent[centre]'"
+            ) from None
+        return [
+            ArcForwarder(arc, self.queue, load_key(arc, config.secret_dirs), holder, self.clock) for arc in self.arcs
+        ]
 
     def start(self) -> None:
         for forwarder in self.forwarders:
