@@ -192,7 +192,14 @@ class ForwardQueue:
 
     def next_seq(self, arc: str) -> int:
         """The next DC-09 sequence number for ``arc`` (0001-9999, then 0001 again), kept in the database."""
-        rows = self._write([("UPDATE forward_arcs SET seq = seq % 9999 + 1 WHERE arc = ? RETURNING seq", (arc,))])
+        rows = self._write(
+            [
+                (
+                    "UPDATE forward_arcs SET seq = CASE WHEN seq >= 9999 THEN 1 ELSE seq + 1 END WHERE arc = ? RETURNING seq",
+                    (arc,),
+                )
+            ]
+        )
         return int(rows[0][0][0])
 
     def assign_seq(self, arc: str, row_id: int) -> int:

@@ -140,6 +140,30 @@ def store(tmp_path):
         yield opened
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path):
+    """Opens a store (each call: another connection) on one database of the parametrised backend."""
+    opened = []
+    dsn = []
+
+    def reopen():
+        if request.param == "sqlite":
+            store = ReceiverStore(tmp_path / "receiver.sqlite")
+        else:
+            from agent.centre.store_postgres import PostgresStore
+            from tests.centre.test_store_backends import fresh_database
+
+            if not dsn:
+                dsn.append(fresh_database(request.getfixturevalue("postgres")))
+            store = PostgresStore(dsn[0])
+        opened.append(store)
+        return store
+
+    yield reopen
+    for store in opened:
+        store.close()
+
+
 def delivered(forwarding: Forwarding) -> list[tuple]:
     return [row for row in forwarding.queue.rows("arc-1") if row[5] is not None]
 
@@ -165,7 +189,7 @@ def test_events_reach_the_arc_and_are_marked_delivered_on_its_ack(tmp_path, stor
         forwarding.close()
 
 
-def test_stopping_and_restarting_the_arc_and_the_receiver_mid_burst_loses_nothing(tmp_path, store, arcs):
+def test_stopping_and_restarting_the_arc_and_the_receiver_mid_burst_loses_nothing(tmp_path, open_store, arcs):
     """Every event arrives at least once, in order per account; a copy only ever follows itself.
 
     DC-09 has the transmitter send an unacknowledged message again under the same sequence number,
@@ -177,6 +201,7 @@ def test_stopping_and_restarting_the_arc_and_the_receiver_mid_burst_loses_nothin
     config = receiver_config(tmp_path, arc_toml(arc.address, key=True), AES128)
     zones = [(account, zone) for zone in range(1, 31) for account in ("1234", "5678")]
     received: list = []
+    store = open_store()
     forwarding = Forwarding(config, store)
     forwarding.start()
     try:
@@ -192,7 +217,8 @@ def test_stopping_and_restarting_the_arc_and_the_receiver_mid_burst_loses_nothin
         arc.stop()
     received += arc.got()
     arc = arcs(accounts, port=port)
-    forwarding = Forwarding(config, store)  # a new receiver process on the same database
+    store.close()
+    forwarding = Forwarding(config, open_store())  # a new receiver process on the same database
     forwarding.start()
     try:
         assert wait_until(lambda: len(delivered(forwarding)) == len(zones), 20)
@@ -272,3 +298,25 @@ def test_null_messages_supervise_the_path_when_it_is_quiet(tmp_path, store, arcs
     finally:
         forwarding.close()
     assert arc.got() == []  # supervision only: no alarm
+
+
+def test_receivers_sharing_a_database_send_each_event_once(tmp_path, open_store, arcs):
+    """Only the holder of an ARC's lease sends for it; when it stops, another receiver takes over."""
+    arc = arcs([("1234", None)])
+    config = receiver_config(tmp_path, arc_toml(arc.address))
+    first_store, second_store = open_store(), open_store()
+    first, second = Forwarding(config, first_store), Forwarding(config, second_store)
+    first.start()
+    second.start()
+    try:
+        queue_events(first, first_store, [("1234", zone) for zone in range(1, 11)])
+        assert wait_until(lambda: len(delivered(second)) == 10, 10)
+        (state,) = second.queue.status()
+        sender, other = (first, second) if state.holder == first.forwarders[0].holder else (second, first)
+        sender.close()  # the sender stops: it gives up its lease, the other takes over
+        queue_events(other, other.store, [("1234", zone) for zone in range(11, 16)])
+        assert wait_until(lambda: len(delivered(other)) == 15, 10)
+    finally:
+        first.close()
+        second.close()
+    assert [int(e.ri) for e in arc.got()] == list(range(1, 16))  # each once, in order
