@@ -13,7 +13,7 @@ The schema is one migration step (``migrate_sqlite`` / ``migrate_postgres``) aft
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 SQLITE_FORWARD_QUEUE = """
@@ -144,6 +144,8 @@ _PENDING = (
     "SELECT id, account, protocol, data, what, queued_at, dc09_seq, attempts, next_at FROM forward_queue"
     " WHERE arc = ? AND delivered_at IS NULL{skip} ORDER BY id LIMIT ?"
 )
+_NEXT_SEQ = "UPDATE forward_arcs SET seq = CASE WHEN seq >= 9999 THEN 1 ELSE seq + 1 END WHERE arc = ? RETURNING seq"
+_SET_SEQ = "UPDATE forward_queue SET dc09_seq = ? WHERE id = ?"
 _STATUS = (
     "SELECT a.arc, a.connected, a.path, a.last_ack_at, a.last_nak_at, a.last_nak, a.fault, a.holder, a.lease_until,"
     " (SELECT count(*) FROM forward_queue q WHERE q.arc = a.arc AND q.delivered_at IS NULL),"
@@ -192,22 +194,19 @@ class ForwardQueue:
 
     def next_seq(self, arc: str) -> int:
         """The next DC-09 sequence number for ``arc`` (0001-9999, then 0001 again), kept in the database."""
-        rows = self._write(
-            [
-                (
-                    "UPDATE forward_arcs SET seq = CASE WHEN seq >= 9999 THEN 1 ELSE seq + 1 END WHERE arc = ? RETURNING seq",
-                    (arc,),
-                )
-            ]
-        )
-        return int(rows[0][0][0])
-
-    def assign_seq(self, arc: str, row_id: int) -> int:
-        """Give a row its sequence number when it is first sent; it keeps it for every copy."""
         with self.store.transaction():
-            seq = self.next_seq(arc)
-            self.store.run_all([("UPDATE forward_queue SET dc09_seq = ? WHERE id = ?", (seq, row_id))])
-        return seq
+            return int(self.store.run_all([(_NEXT_SEQ, (arc,))])[0][0][0])
+
+    def assign_seqs(self, arc: str, rows: Sequence[QueuedForward]) -> list[QueuedForward]:
+        """Give rows never sent their sequence numbers (one commit for all); each keeps its number for every copy."""
+        fresh = [row for row in rows if row.dc09_seq is None]
+        if not fresh:
+            return list(rows)
+        with self.store.transaction():
+            seqs = [int(answer[0][0]) for answer in self.store.run_all([(_NEXT_SEQ, (arc,))] * len(fresh))]
+            self.store.run_all([(_SET_SEQ, (seq, row.id)) for seq, row in zip(seqs, fresh, strict=True)])
+        assigned = {row.id: seq for seq, row in zip(seqs, fresh, strict=True)}
+        return [replace(row, dc09_seq=assigned[row.id]) if row.id in assigned else row for row in rows]
 
     def delivered(self, arc: str, row_id: int, now: float) -> None:
         """The ARC acknowledged the row: it is done (kept for the record until retention)."""
@@ -249,8 +248,9 @@ class ForwardQueue:
         )
         return [tuple(row) for row in self.store.run_all([(sql, (arc,))])[0]]
 
-    def prune(self, older_than: float) -> None:
-        self._write([("DELETE FROM forward_queue WHERE delivered_at < ?", (older_than,))])
+    def prune(self, arc: str, older_than: float) -> None:
+        """Forget rows the ARC acknowledged before ``older_than`` (the receiver's retention)."""
+        self._write([("DELETE FROM forward_queue WHERE arc = ? AND delivered_at < ?", (arc, older_than))])
 
     def _write(self, statements: list[tuple[str, tuple]]) -> list[list[tuple]]:
         with self.store.transaction():

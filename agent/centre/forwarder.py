@@ -99,8 +99,10 @@ class ArcForwarder:
         key: bytes | None,
         holder: str,
         clock: Callable[[], float] = time.time,
+        retention_s: float = 90 * 86400,
     ):
         self.settings = settings
+        self.retention_s = retention_s  # delivered rows are kept this long, for the record
         self.name = settings.name
         self.queue = queue
         self.key = key
@@ -120,6 +122,7 @@ class ArcForwarder:
         self._naks = 0
         self._last_sent = time.monotonic()
         self._lease_until = 0.0
+        self._next_prune = 0.0  # monotonic
         self._stop = threading.Event()
         self._wake = threading.Event()
         accounts = [a.account for a in settings.accounts]
@@ -165,7 +168,7 @@ class ArcForwarder:
         if time.monotonic() < self._connect_after:
             return self._connect_after - time.monotonic()
         self._blocked = {account: until for account, until in self._blocked.items() if until > now}
-        rows = self.queue.pending(self.name, list(self._blocked))
+        rows = self.queue.assign_seqs(self.name, self.queue.pending(self.name, list(self._blocked)))
         for row in rows:
             if self._stop.is_set():
                 return 0
@@ -178,6 +181,9 @@ class ArcForwarder:
                 return POLL_S  # the path failed: the backoff decides when to try again
         if time.monotonic() - self._last_sent >= self.settings.null_interval_s:
             self._supervise()
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 3600
+            self.queue.prune(self.name, now - self.retention_s)
         return 0 if len(rows) >= 100 else POLL_S
 
     def _hold_lease(self, now: float) -> bool:
@@ -193,7 +199,7 @@ class ArcForwarder:
 
     def _deliver(self, row: QueuedForward, retried: bool = False) -> bool:
         """Send one row and act on the answer; True once it is acknowledged."""
-        seq = row.dc09_seq or self.queue.assign_seq(self.name, row.id)
+        seq = row.dc09_seq or self.queue.assign_seqs(self.name, [row])[0].dc09_seq
         route = Route(self.settings.receiver_number, self.settings.line_number, row.account)
         frame = build_message(row.protocol, seq, route, row.data, self._now(), self.key)
         try:

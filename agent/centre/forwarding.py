@@ -137,7 +137,15 @@ class Forwarding:
                 f"forward.arc is set but {exc.name} is not installed: pip install 'edge-agent[centre]'"
             ) from None
         return [
-            ArcForwarder(arc, self.queue, load_key(arc, config.secret_dirs), holder, self.clock) for arc in self.arcs
+            ArcForwarder(
+                arc,
+                self.queue,
+                load_key(arc, config.secret_dirs),
+                holder,
+                self.clock,
+                config.receiver.retention_days * 86400,
+            )
+            for arc in self.arcs
         ]
 
     def start(self) -> None:
