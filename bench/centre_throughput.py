@@ -247,9 +247,7 @@ def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list
         # Share of one core each process used while timed: tells a CPU-bound receiver from a waiting one.
         "cores_used": {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in cpu_after},
         # Receiver CPU per stored message: what one receiver process would do with a core to itself.
-        "receiver_cpu_ms_per_msg": round(
-            sum(cpu_after[r] - cpu_before[r] for r in centre.ids) * 1000 / len(sent), 3
-        ),
+        "receiver_cpu_ms_per_msg": round(sum(cpu_after[r] - cpu_before[r] for r in centre.ids) * 1000 / len(sent), 3),
         "lost": lost,
         "duplicated": duplicated,
     }

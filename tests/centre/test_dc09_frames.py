@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from crc import Calculator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.centre.dc09 import (
+    CRC16_ARC,
     FrameError,
     FrameReader,
     Route,
@@ -35,6 +37,9 @@ def parsed_by_pysiaalarm(message: bytes, key_text: str | None) -> SIAEvent:
 
 def test_crc_is_crc16_arc_as_pysiaalarm_computes_it():
     assert crc16(b"123456789") == 0xBB3D  # the CRC-16/ARC check value
+    reference = Calculator(CRC16_ARC)
+    for data in (b"", b"\x00", bytes(range(256)), b'"NULL"0001R0L0#1234[]'):
+        assert crc16(data) == reference.checksum(data)
     body = '"SIA-DCS"0001R1L1#1234[#1234|Nri1/PA001]'
     assert f"{crc16(body.encode()):04X}" == SIAEvent._crc_calc(body)
 
