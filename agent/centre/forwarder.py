@@ -119,7 +119,9 @@ class ArcForwarder:
         self._reconnect = Backoff(settings.retry_first_s, settings.retry_max_s)
         self._connect_after = 0.0  # monotonic
         self._blocked: dict[str, float] = {}  # account -> when its head may be tried again (wall clock)
-        self._naks = 0
+        self._naks: Counter[str] = Counter()  # NAKs in a row, by account
+        self._path_fault: str | None = None  # the path: unreachable, or answers we cannot read
+        self._refusals: dict[str, str] = {}  # account -> why the ARC keeps refusing its oldest event
         self._last_sent = time.monotonic()
         self._lease_until = 0.0
         self._next_prune = 0.0  # monotonic
@@ -209,9 +211,10 @@ class ArcForwarder:
             return False
         if reply.kind in ("ACK", "RSP"):
             self.queue.delivered(self.name, row.id, self.clock())
-            self._naks = 0
-            if self.fault and not self.fault.startswith("cannot reach"):
-                self._set_fault(None)
+            self._naks.pop(row.account, None)
+            if self._refusals.pop(row.account, None) is not None or self._path_fault:
+                self._path_fault = None
+                self._show_fault()
             return True
         if reply.kind == "NAK" and not retried and self._learn_clock(reply):
             return self._deliver(row, retried=True)  # timestamps corrected: once more at once
@@ -230,10 +233,12 @@ class ArcForwarder:
         self.queue.failed(row.id, why, now + delay)
         self._blocked[row.account] = now + delay
         if reply.kind == "NAK":
-            self._naks += 1
+            self._naks[row.account] += 1
             self.queue.note_state(self.name, now, last_nak_at=now, last_nak=f"account {row.account} seq {row.dc09_seq}")
-        if reply.kind == "DUH" or self._naks >= NAKS_FOR_FAULT:
-            self._set_fault(f"{why}; account {row.account}: {row.what}")
+        if reply.kind == "DUH" or self._naks[row.account] >= NAKS_FOR_FAULT:
+            if row.account not in self._refusals:
+                self._refusals[row.account] = f"{why}; account {row.account}: {row.what}"
+                self._show_fault()
 
     def _learn_clock(self, reply: Reply) -> bool:
         """True if a NAK says our clock is off (its own time differs by more than the window): now corrected."""
@@ -261,6 +266,9 @@ class ArcForwarder:
             return
         if reply.kind in ("ACK", "RSP"):
             self.queue.note_state(self.name, self.clock(), last_ack_at=self.clock())
+            if self._path_fault:
+                self._path_fault = None
+                self._show_fault()
 
     def _exchange(self, frame: bytes, seq: int) -> Reply:
         link = self._connected()
@@ -295,13 +303,12 @@ class ArcForwarder:
                 continue
             self._reconnect.reset()
             self._set_path(path)
-            if self.fault and self.fault.startswith("cannot reach"):
-                self._set_fault(None)
             return self._link
         self.counts["path_failures"] += 1
         self._connect_after = time.monotonic() + self._reconnect.next()
-        self._set_fault("cannot reach the ARC: " + "; ".join(problems))
-        raise PathFailed(self.fault)
+        self._path_fault = "cannot reach the ARC: " + "; ".join(problems)
+        self._show_fault()
+        raise PathFailed(self._path_fault)
 
     def _path_failed(self, path: str, reason: str) -> None:
         self.counts["path_failures"] += 1
@@ -309,7 +316,8 @@ class ArcForwarder:
         self._drop_link()
         self._prefer = 1 if path == "primary" and len(self._paths) > 1 else 0
         if "unreadable" in reason:
-            self._set_fault(reason)
+            self._path_fault = reason
+            self._show_fault()
         self._connect_after = time.monotonic() + (
             0 if len(self._paths) > 1 and path == "primary" else self._reconnect.next()
         )
@@ -327,6 +335,13 @@ class ArcForwarder:
         if path:
             log.info("ARC %s: connected on the %s path", self.name, path)
         self.queue.note_state(self.name, self.clock(), connected=int(path is not None), path=path)
+
+    def _show_fault(self) -> None:
+        """The path's fault first; else the accounts the ARC refuses (it may refuse one and take the others)."""
+        refusals = list(self._refusals.values())
+        if len(refusals) > 1:
+            refusals = [f"{refusals[0]} (and {len(refusals) - 1} more account(s))"]
+        self._set_fault(self._path_fault or (refusals[0] if refusals else None))
 
     def _set_fault(self, fault: str | None) -> None:
         """Log a fault once when it starts and once when it ends; keep it for operators."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.centre.dc09 import contact_id
+from agent.centre.dc09 import contact_id, sia_dcs
 from agent.centre.forward_queue import Forward
 from agent.centre.forwarding import Forwarding
 from agent.centre.store import ReceiverStore
@@ -320,3 +320,31 @@ def test_receivers_sharing_a_database_send_each_event_once(tmp_path, open_store,
         first.close()
         second.close()
     assert [int(e.ri) for e in arc.got()] == list(range(1, 16))  # each once, in order
+
+
+def test_a_duh_holds_back_only_its_own_account(tmp_path, store, arcs, caplog):
+    """pysiaalarm answers DUH to a code it does not know: that account waits, the others go on in order."""
+    arc = arcs([("1234", None), ("5678", None)])
+    config = receiver_config(tmp_path, arc_toml(arc.address))
+    forwarding = Forwarding(config, store)
+    forwarding.start()
+    try:
+        with store.transaction():
+            forwarding.queue.enqueue(
+                [
+                    Forward("arc-1", "duh", "1234", "SIA-DCS", sia_dcs("XB", 1, 1), "an unknown SIA code"),
+                    Forward("arc-1", "after-duh", "1234", "ADM-CID", contact_id(1, 120, 1, 2), "behind it"),
+                    *[Forward("arc-1", f"other:{z}", "5678", "ADM-CID", contact_id(1, 120, 1, z), "") for z in (3, 4)],
+                ],
+                time.time(),
+            )
+        forwarding.forwarders[0].wake()
+        assert wait_until(lambda: len(delivered(forwarding)) == 2, 10)
+        assert wait_until(lambda: (forwarding.forwarders[0].fault or "").startswith("DUH"), 5)
+        time.sleep(0.3)  # deliberate: a retry or two of the refused event, while the other account is served
+    finally:
+        forwarding.close()
+    assert len([r for r in caplog.records if "FAULT" in r.getMessage()]) == 1  # the other account's ACKs do not clear it
+    assert [(e.account, e.ri) for e in arc.got()] == [("5678", "003"), ("5678", "004")]
+    rows = {row[2]: row for row in forwarding.queue.rows("arc-1")}
+    assert rows[sia_dcs("XB", 1, 1)][6].startswith("DUH") and rows[contact_id(1, 120, 1, 2)][4] == 0
