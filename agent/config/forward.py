@@ -122,8 +122,22 @@ class ArcSection(Section):
         return ArcAccount(site=site, account=self.default_account)
 
 
+class HomeAssistantSection(Section):
+    """A plain JSON feed of verified events with Home Assistant MQTT discovery (never the signed originals)."""
+
+    enabled: bool = Field(False, description="Publish the feed (on the receiver's broker, under its own client id).")
+    discovery_prefix: str = Field(
+        "homeassistant", pattern=r"^[A-Za-z0-9_-]+$", description="Home Assistant's discovery prefix."
+    )
+    topic_prefix: str = Field("edge-feed", pattern=r"^[A-Za-z0-9_-]+$", description="Where states and events go.")
+    include_silent: bool = Field(
+        False, description="Also publish silent (duress) alerts; off: a silent alert never shows in home automation."
+    )
+
+
 class ForwardSection(Section):
     arc: list[ArcSection] = Field(default_factory=list, description="Alarm receiving centres fed over SIA DC-09.")
+    home_assistant: HomeAssistantSection = Field(default_factory=HomeAssistantSection)
 
     @field_validator("arc")
     @classmethod

@@ -344,7 +344,9 @@ def test_a_duh_holds_back_only_its_own_account(tmp_path, store, arcs, caplog):
         time.sleep(0.3)  # deliberate: a retry or two of the refused event, while the other account is served
     finally:
         forwarding.close()
-    assert len([r for r in caplog.records if "FAULT" in r.getMessage()]) == 1  # the other account's ACKs do not clear it
+    assert (
+        len([r for r in caplog.records if "FAULT" in r.getMessage()]) == 1
+    )  # the other account's ACKs do not clear it
     assert [(e.account, e.ri) for e in arc.got()] == [("5678", "003"), ("5678", "004")]
     rows = {row[2]: row for row in forwarding.queue.rows("arc-1")}
     assert rows[sia_dcs("XB", 1, 1)][6].startswith("DUH") and rows[contact_id(1, 120, 1, 2)][4] == 0
