@@ -35,6 +35,7 @@ CLOCK_TOLERANCE_S = 20.0
 #: NAKs in a row (with the clock agreeing) before the ARC is said to refuse us.
 NAKS_FOR_FAULT = 2
 POLL_S = 0.5
+CONNECT_TIMEOUT_S = 5.0
 
 
 class PathFailed(Exception):
@@ -54,7 +55,7 @@ class ArcLink:
     def open(cls, path: str, address: str, timeout: float) -> ArcLink:
         return cls(path, socket.create_connection(split_host_port(address), timeout=timeout))
 
-    def exchange(self, frame: bytes, seq: int, key: bytes | None, timeout: float) -> Reply:
+    def exchange(self, frame: bytes, seq: int, account: str, key: bytes | None, timeout: float) -> Reply:
         """Send a frame; the ARC's answer to it (a NAK answers whatever came last), or PathFailed."""
         try:
             self.sock.sendall(frame)
@@ -78,8 +79,8 @@ class ArcLink:
                 except FrameError as exc:
                     problem = f"unreadable answer on the {self.path} path ({exc})"
                     continue
-                if reply.kind == "NAK" or reply.seq == seq:
-                    return reply  # anything else answers an earlier frame: ignored
+                if reply.kind == "NAK" or (reply.seq == seq and reply.account in (None, account)):
+                    return reply  # anything else answers an earlier frame (or someone else): ignored
         raise PathFailed(problem)
 
     def close(self) -> None:
@@ -108,7 +109,8 @@ class ArcForwarder:
         self.key = key
         self.holder = holder
         self.clock = clock
-        self.guard = LoopGuard(f"arc-{settings.name}")
+        # One step may wait for two connects (5 s each) and an answer: not a stuck loop.
+        self.guard = LoopGuard(f"arc-{settings.name}", stall_s=settings.ack_timeout_s + 2 * CONNECT_TIMEOUT_S + 5)
         self.counts: Counter[str] = Counter()  # answers by kind, path failures, faults
         self.fault: str | None = None
         self.path: str | None = None
@@ -172,6 +174,7 @@ class ArcForwarder:
         self._blocked = {account: until for account, until in self._blocked.items() if until > now}
         rows = self.queue.assign_seqs(self.name, self.queue.pending(self.name, list(self._blocked)))
         for row in rows:
+            self.guard.beat()
             if self._stop.is_set():
                 return 0
             if row.account in self._blocked:
@@ -205,7 +208,7 @@ class ArcForwarder:
         route = Route(self.settings.receiver_number, self.settings.line_number, row.account)
         frame = build_message(row.protocol, seq, route, row.data, self._now(), self.key)
         try:
-            reply = self._exchange(frame, seq)
+            reply = self._exchange(frame, seq, row.account)
         except PathFailed as exc:
             self.queue.failed(row.id, str(exc), self.clock())
             return False
@@ -218,10 +221,10 @@ class ArcForwarder:
             return True
         if reply.kind == "NAK" and not retried and self._learn_clock(reply):
             return self._deliver(row, retried=True)  # timestamps corrected: once more at once
-        self._refused(row, reply)
+        self._refused(row, seq, reply)
         return False
 
-    def _refused(self, row: QueuedForward, reply: Reply) -> None:
+    def _refused(self, row: QueuedForward, seq: int, reply: Reply) -> None:
         """A NAK or DUH: this account's head waits (longer each time), the others go on."""
         now = self.clock()
         delay = min(self.settings.retry_max_s, self.settings.retry_first_s * 2 ** min(row.attempts, 20))
@@ -234,7 +237,7 @@ class ArcForwarder:
         self._blocked[row.account] = now + delay
         if reply.kind == "NAK":
             self._naks[row.account] += 1
-            self.queue.note_state(self.name, now, last_nak_at=now, last_nak=f"account {row.account} seq {row.dc09_seq}")
+            self.queue.note_state(self.name, now, last_nak_at=now, last_nak=f"account {row.account} seq {seq}")
         if reply.kind == "DUH" or self._naks[row.account] >= NAKS_FOR_FAULT:
             if row.account not in self._refusals:
                 self._refusals[row.account] = f"{why}; account {row.account}: {row.what}"
@@ -259,7 +262,9 @@ class ArcForwarder:
         seq = self.queue.next_seq(self.name)
         route = Route(self.settings.receiver_number, self.settings.line_number, self._null_account)
         try:
-            reply = self._exchange(build_message("NULL", seq, route, "", self._now(), self.key), seq)
+            reply = self._exchange(
+                build_message("NULL", seq, route, "", self._now(), self.key), seq, self._null_account
+            )
         except PathFailed:
             return
         if reply.kind == "NAK" and self._learn_clock(reply):
@@ -270,10 +275,10 @@ class ArcForwarder:
                 self._path_fault = None
                 self._show_fault()
 
-    def _exchange(self, frame: bytes, seq: int) -> Reply:
+    def _exchange(self, frame: bytes, seq: int, account: str) -> Reply:
         link = self._connected()
         try:
-            reply = link.exchange(frame, seq, self.key, self.settings.ack_timeout_s)
+            reply = link.exchange(frame, seq, account, self.key, self.settings.ack_timeout_s)
         except PathFailed as exc:
             self._path_failed(link.path, str(exc))
             raise
@@ -297,7 +302,7 @@ class ArcForwarder:
         problems = []
         for path, address in order:
             try:
-                self._link = ArcLink.open(path, address, min(self.settings.ack_timeout_s, 5.0))
+                self._link = ArcLink.open(path, address, min(self.settings.ack_timeout_s, CONNECT_TIMEOUT_S))
             except OSError as exc:
                 problems.append(f"{path} {address}: {exc.strerror or exc}")
                 continue
@@ -312,12 +317,11 @@ class ArcForwarder:
 
     def _path_failed(self, path: str, reason: str) -> None:
         self.counts["path_failures"] += 1
-        log.warning("ARC %s: %s", self.name, reason)
+        log.debug("ARC %s: %s", self.name, reason)  # the fault below is logged when it starts and ends
         self._drop_link()
         self._prefer = 1 if path == "primary" and len(self._paths) > 1 else 0
-        if "unreadable" in reason:
-            self._path_fault = reason
-            self._show_fault()
+        self._path_fault = reason
+        self._show_fault()
         self._connect_after = time.monotonic() + (
             0 if len(self._paths) > 1 and path == "primary" else self._reconnect.next()
         )

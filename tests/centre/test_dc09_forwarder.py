@@ -350,3 +350,58 @@ def test_a_duh_holds_back_only_its_own_account(tmp_path, store, arcs, caplog):
     assert [(e.account, e.ri) for e in arc.got()] == [("5678", "003"), ("5678", "004")]
     rows = {row[2]: row for row in forwarding.queue.rows("arc-1")}
     assert rows[sia_dcs("XB", 1, 1)][6].startswith("DUH") and rows[contact_id(1, 120, 1, 2)][4] == 0
+
+
+class SilentArc:
+    """A TCP server that takes connections and frames and never answers (a hung ARC)."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.received = 0
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._swallow, args=(connection,), daemon=True).start()
+
+    def _swallow(self, connection: socket.socket) -> None:
+        while True:
+            try:
+                data = connection.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += data.count(b"\r")
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self._connections:
+            connection.close()
+
+
+def test_a_silent_primary_fails_over_to_the_backup(tmp_path, store, arcs):
+    silent = SilentArc()
+    backup = arcs([("1234", None)])
+    config = receiver_config(tmp_path, arc_toml(silent.address, backup=backup.address, ack_timeout_s=0.3))
+    forwarding = Forwarding(config, store)
+    forwarding.start()
+    try:
+        queue_events(forwarding, store, [("1234", 1), ("1234", 2)])
+        assert wait_until(lambda: len(delivered(forwarding)) == 2, 10)
+        assert silent.received >= 1  # it was asked first, and said nothing
+        assert [e.ri for e in backup.got()] == ["001", "002"]
+        (state,) = forwarding.queue.status()
+        assert (state.path, state.fault) == ("backup", None)  # the ACK on the backup cleared the fault
+        first = forwarding.queue.rows("arc-1")[0]
+        assert first[4] == 1 and first[6] is None  # one failed attempt (silence), then delivered
+    finally:
+        forwarding.close()
+        silent.close()
