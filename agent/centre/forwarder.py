@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Another receiver may take over an ARC this long after the holder stopped renewing.
 LEASE_S = 30.0
-#: DC-09's timestamp window is −20/+40 s: a NAK whose clock differs from ours by more means ours is off.
+#: DC-09 accepts timestamps up to 40 s old and 20 s ahead: a NAK whose clock differs from ours by more than
+#: 20 s says ours is off.
 CLOCK_TOLERANCE_S = 20.0
 #: NAKs in a row (with the clock agreeing) before the ARC is said to refuse us.
 NAKS_FOR_FAULT = 2

@@ -128,6 +128,7 @@ class Forwarding:
         holder = f"{config.receiver.id}-{os.getpid()}-{secrets.token_hex(3)}"
         self.forwarders = [] if not self.arcs else self._forwarders(config, holder)
         self.unmapped = 0  # events with no account at some ARC
+        self._warned: set[tuple[str, str, str]] = set()
 
     def _forwarders(self, config: ReceiverConfig, holder: str) -> list:
         try:
@@ -168,16 +169,17 @@ class Forwarding:
         for verdict, recorded in judged:
             claims = verdict.claims
             if verdict.outcome == "accepted" and claims is not None and claims.kind in FORWARDED_KINDS:
-                forwards += self._each_arc(lambda arc, c=claims: message_forwards(arc, c))
+                forwards += self._each_arc(lambda arc, c=claims: message_forwards(arc, c), claims.site, claims.device)
             if recorded.back is not None:
-                forwards += self._each_arc(lambda arc, e=recorded.back: device_event_forwards(arc, e))
+                back = recorded.back
+                forwards += self._each_arc(lambda arc, e=back: device_event_forwards(arc, e), back.site, back.device)
         self._queue(forwards)
 
     def enqueue_device_events(self, events: Sequence[DeviceEvent]) -> None:
         """Queue "device missing"/"back" events: inside the transaction that records them."""
         forwards: list[Forward] = []
         for event in events:
-            forwards += self._each_arc(lambda arc, e=event: device_event_forwards(arc, e))
+            forwards += self._each_arc(lambda arc, e=event: device_event_forwards(arc, e), event.site, event.device)
         self._queue(forwards)
 
     @contextlib.contextmanager
@@ -189,12 +191,17 @@ class Forwarding:
         with self.store.transaction():
             yield
 
-    def _each_arc(self, forwards_at: Callable[[ArcSection], list[Forward]]) -> list[Forward]:
+    def _each_arc(self, forwards_at: Callable[[ArcSection], list[Forward]], site: str, device: str) -> list[Forward]:
         found = []
         for arc in self.arcs:
             mapped = forwards_at(arc)
             if not mapped:
                 self.unmapped += 1
+                if arc.account_for(site, device) is None and (arc.name, site, device) not in self._warned:
+                    self._warned.add((arc.name, site, device))  # once per device, not at every event
+                    log.warning(
+                        "ARC %s: no account for %s/%s (nor a default_account): not forwarded", arc.name, site, device
+                    )
             found += mapped
         return found
 
