@@ -49,6 +49,11 @@ class HomeAssistantFeed:
         self.availability = f"{self.prefix}/status"
         self._announced: set[tuple[str, str]] = set()
         self.failures = 0
+        self.retained: dict[str, bytes] = {}  # the last retained payload published on each topic
+        self.announced = threading.Event()  # discovery for the enrolled devices has been sent (once connected)
+        self._lock = threading.Lock()
+        self._unacked: set[int] = set()  # publishes the broker has not confirmed yet
+        self._early: set[int] = set()  # confirmations that beat publish() returning its mid
         self.link = MqttLink(
             config.mqtt.model_copy(update={"fallback": []}),
             client_id=f"receiver-{config.receiver.id}-home-assistant",
@@ -57,6 +62,7 @@ class HomeAssistantFeed:
             session_expiry_s=0,
         )
         # On paho's thread: only start the work (it reads the registry) elsewhere.
+        self.link.on_published = self._confirmed
         self.link.on_connected = lambda session_present: threading.Thread(
             target=self._announce_all, name="home-assistant-announce", daemon=True
         ).start()
@@ -95,6 +101,7 @@ class HomeAssistantFeed:
             self._announce_enrolled()
         except (OSError, sqlite3.Error) as exc:  # the database is busy or gone: the next connect tries again
             log.warning("home automation feed: cannot read the fleet: %s", exc)
+        self.announced.set()
 
     def _announce_enrolled(self) -> None:
         self._publish(self.availability, "online", retain=True)
@@ -172,10 +179,33 @@ class HomeAssistantFeed:
     def _publish(self, topic: str, payload: dict | str, retain: bool = False) -> None:
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload, sort_keys=True).encode()
         try:
-            self.link.publish(topic, data, qos=1, retain=retain)
+            mid = self.link.publish(topic, data, qos=1, retain=retain)
         except UplinkError as exc:
             self.failures += 1
             log.warning("home automation feed: %s", exc)
+            return
+        with self._lock:
+            if retain:
+                self.retained[topic] = data
+            if mid in self._early:
+                self._early.discard(mid)
+            else:
+                self._unacked.add(mid)
+
+    def _confirmed(self, mid: int, ok: bool, reason: str) -> None:
+        """paho's thread: the broker took (or refused) a publish."""
+        with self._lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._early.add(mid)
+        if not ok:
+            self.failures += 1
+
+    def settled(self) -> bool:
+        """True when the broker has confirmed everything published so far (retained ones are then on it)."""
+        with self._lock:
+            return not self._unacked
 
 
 def alert_event(claims: MessageClaims, include_silent: bool) -> dict | None:

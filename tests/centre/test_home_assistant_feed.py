@@ -77,9 +77,11 @@ def test_home_assistant_finds_retained_discovery_and_gets_plain_events(site, fee
         assert wait_until(lambda: len(receiver.store.messages(kind="alert")) == 3, 10)
         assert wait_until(lambda: receiver.store.messages(kind="tamper"), 10)
         assert wait_until(lambda: len(receiver.store.messages(kind="status")) >= 1, 10)
+        oid = f"{site.site}_cp-1".replace(".", "_")
+        states = (f"edge-feed/{oid}/tamper", f"edge-feed/{oid}/connectivity")
+        assert wait_until(lambda: all(t in feed.retained for t in states) and feed.settled(), 10)
         listener = HomeAssistantListener(broker)  # Home Assistant starts now: all it has is what was retained
         try:
-            oid = f"{site.site}_cp-1".replace(".", "_")
             assert wait_until(lambda: listener.on(f"homeassistant/event/edge_agent/{oid}_alert/config"), 10)
             (event_config, retained), *_ = listener.on(f"homeassistant/event/edge_agent/{oid}_alert/config")
             event_config = json.loads(event_config)
@@ -120,7 +122,8 @@ def test_home_assistant_finds_retained_discovery_and_gets_plain_events(site, fee
 def test_enrolled_devices_are_announced_before_they_say_anything(site, verdicts, broker):
     site.add_device("cp-9", body=BUTTONS)  # enrolled, never heard from
     started = start_feeding_receiver(site, verdicts)
-    next(started)
+    _, feed = next(started)
+    assert feed.announced.wait(10) and wait_until(feed.settled, 10)
     listener = HomeAssistantListener(broker)
     try:
         oid = f"{site.site}_cp-9".replace(".", "_")
