@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -230,7 +231,7 @@ class ForwardingCollector:
 
         try:
             states = self._forwarding.queue.status()
-        except OSError as exc:
+        except (sqlite3.Error, OSError) as exc:  # a scrape must not fail because the database is busy or closed
             log.warning("metrics: cannot read the forwarding state: %s", exc)
             return
         now = self._forwarding.clock()
