@@ -142,3 +142,42 @@ def test_the_reader_never_raises_or_hoards(chunks):
         for found in reader.feed(chunk):
             assert b"\r" not in found
     assert len(reader._buffer) <= 1026
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=6), st.sampled_from([None, b"0123456789ABCDEF"]))
+def test_a_hostile_arc_gets_an_answer_matched_or_a_path_failure(chunks, key):
+    """Whatever a hostile ARC writes back, the link returns a reply to our frame, a NAK, or PathFailed."""
+    import socket
+
+    from agent.centre.forwarder import ArcLink, PathFailed
+
+    ours, theirs = socket.socketpair()
+    try:
+        link = ArcLink("primary", ours)
+        theirs.sendall(b"".join(chunks))
+        theirs.shutdown(socket.SHUT_WR)  # it has said all it will say
+        try:
+            reply = link.exchange(b"\n0000", 42, "1234", key, timeout=0.5)
+        except PathFailed:
+            return
+        assert reply.kind == "NAK" or (reply.seq == 42 and reply.account in (None, "1234"))
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_hostile_arc_cannot_ack_for_another_account_or_sequence():
+    import socket
+
+    from agent.centre.forwarder import ArcLink, PathFailed
+
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(frame('"ACK"0042R0L0#9999[]') + frame('"ACK"0041R0L0#1234[]'))
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(PathFailed, match="closed the connection"):
+            ArcLink("primary", ours).exchange(b"\n0000", 42, "1234", None, timeout=2)
+    finally:
+        ours.close()
+        theirs.close()
