@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.centre.forwarding import Forwarding
 from agent.centre.keyring import Keyring
 from agent.centre.metrics import receiver_metrics
 from agent.centre.registry import DeviceEvent, Sighting
@@ -268,6 +269,8 @@ class Receiver:
         self.on_device_event = on_device_event
         self.registry = self.store.registry(settings.supervision_s)
         self.metrics = receiver_metrics(settings.metrics_address, self.registry, self.keyring)
+        self.forwarding = Forwarding(config, self.store, clock)  # [[forward.arc]]: on to alarm receiving centres
+        self.forwarding.add_metrics(self.metrics)
         # One connection per broker: a device may be on any of them (it fails over in order).
         self.links = [self._connect_to(host, port) for host, port in config.mqtt.brokers]
         self.link = self.links[0]
@@ -313,6 +316,7 @@ class Receiver:
 
     def start(self) -> None:
         self.metrics.start()
+        self.forwarding.start()
         self.guard.start(self._work)
         self.screener.start(self._screen_inbound)
         for link in self.links:
@@ -329,11 +333,12 @@ class Receiver:
             log.error("receiver worker did not drain its inbox; stopping without it")
         self.screener.join(timeout=5)
         self.guard.join(timeout=5)
+        self.forwarding.close()
         self.store.close()
 
     def problems(self) -> list[str]:
         """For the watchdog: empty while the worker runs and paho's network thread is alive."""
-        found = [p for p in (self.guard.problem(), self.screener.problem()) if p]
+        found = [p for p in (self.guard.problem(), self.screener.problem()) if p] + self.forwarding.problems()
         if not all(link.network_thread_alive for link in self.links):
             found.append("MQTT network thread not running")
         return found
@@ -402,7 +407,10 @@ class Receiver:
         generation = self.keyring.generation()
         if self._enrolled[0] != generation:  # listed again since: enrolments or revocations
             self._enrolled = (generation, [(d.device_id, d.site) for d in self.keyring.devices()])
-        for event in self.registry.check(self._enrolled[1], self.clock()):
+        with self.forwarding.atomic():  # a device-missing event and its forwarding rows commit together
+            events = self.registry.check(self._enrolled[1], self.clock())
+            self.forwarding.enqueue_device_events(events)
+        for event in events:
             self._report(event)
 
     def _prune(self) -> None:
@@ -467,7 +475,9 @@ class Receiver:
         self, screened: Sequence[Verdict | Pending], arrivals: list[float]
     ) -> list[tuple[Verdict, Recorded]]:
         """Store the batch, then its registry and chain rows: all inside the caller's transaction."""
-        return self._record(self.checker.settle_all(screened), arrivals)
+        judged = self._record(self.checker.settle_all(screened), arrivals)
+        self.forwarding.enqueue(judged)  # to the ARCs: queued in this transaction, so committed with the messages
+        return judged
 
     def _record(self, verdicts: list[Verdict], arrivals: list[float]) -> list[tuple[Verdict, Recorded]]:
         """The registry's and the chain's rows for committed-to-be verdicts: written now, acted on after the commit."""

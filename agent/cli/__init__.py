@@ -26,6 +26,7 @@ from agent.cli.centre import (
     cmd_receiver_init,
     cmd_receiver_run,
 )
+from agent.cli.forwarders import cmd_receiver_forwarders
 from agent.cli.output import print_json, stop_on_signals
 from agent.errors import AgentError, ConfigError, ModelError
 
@@ -393,6 +394,11 @@ def _add_receiver_commands(commands: argparse._SubParsersAction) -> None:
     devices = sub.add_parser("devices", parents=[config_after], help="the fleet: state, last seen, health")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(func=cmd_receiver_devices)
+    forwarders = sub.add_parser(
+        "forwarders", parents=[config_after], help="alarm receiving centres: connected, queue, last ACK/NAK, fault"
+    )
+    forwarders.add_argument("--json", action="store_true")
+    forwarders.set_defaults(func=cmd_receiver_forwarders)
     evidence = sub.add_parser(
         "fetch-evidence", parents=[config_after], help="ask a device for the evidence image of one of its alerts"
     )

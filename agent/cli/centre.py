@@ -14,14 +14,18 @@ from agent.errors import ConfigError
 def cmd_receiver_run(args: argparse.Namespace) -> int:
     import threading
 
+    from agent.centre.home_assistant import attach_feed
     from agent.centre.receiver import Receiver
     from agent.config.centre import load_receiver_config
     from agent.runtime.sdnotify import HealthWatchdog, SystemdNotifier
 
     receiver = Receiver(load_receiver_config(args.config))
+    feed = attach_feed(receiver)  # [forward.home_assistant]: None when off
     done = threading.Event()
     stop_on_signals(done.set)
     receiver.start()
+    if feed is not None:
+        feed.start()
     notifier = SystemdNotifier()
     notifier.notify("READY=1", "STATUS=receiving")
     watchdog = HealthWatchdog(receiver.problems, notifier, "receiving")
@@ -29,6 +33,8 @@ def cmd_receiver_run(args: argparse.Namespace) -> int:
     done.wait()
     watchdog.stop()
     notifier.notify("STOPPING=1")
+    if feed is not None:
+        feed.close()
     receiver.close()
     return 0
 

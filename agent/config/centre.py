@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from agent.config.base import Name, Section
 from agent.config.fields import ConfigRelativePath
+from agent.config.forward import ForwardSection
 from agent.config.loading import load_model
 from agent.config.mqtt import MqttSection
 
@@ -141,6 +142,7 @@ class ReceiverConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
     console: ConsoleSection = Field(default_factory=ConsoleSection)
     mqtt: MqttSection
+    forward: ForwardSection = Field(default_factory=ForwardSection, description="Where verified events go on to.")
 
     @property
     def secret_dirs(self) -> tuple[Path, ...]:

@@ -80,6 +80,10 @@ def credential_files(config: Section) -> list[tuple[str, str]]:
             value = getattr(section, field_name)
             if isinstance(value, Section):
                 walk(value, f"{prefix}{field_name}.")
+            elif isinstance(value, list):  # e.g. [[forward.arc]]: each entry by its name
+                for n, item in enumerate(value):
+                    if isinstance(item, Section):
+                        walk(item, f"{prefix}{field_name}.{getattr(item, 'name', n)}.")
             elif field_name.endswith("_file") and isinstance(value, str) and "/" not in value:
                 found.append((prefix + field_name, value))
 
