@@ -197,6 +197,7 @@ class IndicatorState(enum.Enum):
     PENDING = "pending"  # alert accepted, not yet confirmed by the centre
     ACKNOWLEDGED = "acknowledged"  # the centre has it
     FAULT = "fault"  # no path to the broker
+    SAFE_MODE = "safe-mode"  # buttons work, but the configuration did not validate: running a fallback
 
 
 # LED (on_s, off_s); None means steadily on.
@@ -205,6 +206,7 @@ LED_PATTERNS: dict[IndicatorState, tuple[float, float] | None] = {
     IndicatorState.PENDING: (0.1, 0.1),
     IndicatorState.ACKNOWLEDGED: None,
     IndicatorState.FAULT: (0.5, 0.5),
+    IndicatorState.SAFE_MODE: (0.8, 0.2),  # long on, short off: unlike any other state, never taken for steady
 }
 # Buzzer (on_s, off_s, count) played once when the state is entered.
 BUZZER_PATTERNS: dict[IndicatorState, tuple[float, float, int]] = {

@@ -116,16 +116,16 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config.device import load_agent_config
     from agent.device.agent import Agent
+    from agent.device.safe_mode import load_for_start
 
-    config = load_agent_config(args.config)
+    starting = load_for_start(args.config)  # a file that does not validate: safe mode, buttons still working
     pin_factory = None
     if args.mock_pins:
         from gpiozero.pins.mock import MockFactory
 
         pin_factory = MockFactory()
-    agent = Agent(config, pin_factory=pin_factory)
+    agent = Agent(starting.config, pin_factory=pin_factory, starting=starting)
     stop_on_signals(agent.close)
     agent.start()
     agent.wait()

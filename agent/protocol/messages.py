@@ -9,6 +9,7 @@ Topics::
     <prefix>/<site>/<device>/ack        the centre's signed acknowledgements    QoS 1
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
     <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
+    <prefix>/<site>/<device>/config     the centre's pushed configuration, retained (signed; see config_doc)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
 set. ``created`` is when the event happened; ``sent`` is when this copy was
@@ -30,7 +31,7 @@ from agent.errors import SignatureInvalid
 
 SCHEMA_VERSION = 1
 Kind = Literal["alert", "tamper", "test", "telemetry", "status", "event"]
-CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence")
+CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence", "config")
 CHANNEL_OF_KIND: dict[str, str] = {
     "alert": "alert",
     "test": "event",
