@@ -18,6 +18,7 @@ from agent.cli.centre import (
     cmd_centre_ca_init,
     cmd_centre_ca_issue,
     cmd_centre_ca_revoke,
+    cmd_centre_config_push,
     cmd_receiver_devices,
     cmd_receiver_enroll,
     cmd_receiver_fetch_evidence,
@@ -427,6 +428,21 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     broker.add_argument("--prefix", help="topic prefix (default: the receiver config's, else 'edge')")
     broker.add_argument("--receiver-name", default="centre-receiver", help="the receiver's certificate name")
     broker.set_defaults(func=cmd_centre_broker_config)
+
+    config = sub.add_parser("config", help="push a signed configuration to devices")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    push = config_sub.add_parser("push", help="sign FILE (device TOML or a part of it) and publish it, retained")
+    push.add_argument("file", type=Path, help="TOML: the whole device config or some sections (zones, rules, …)")
+    push.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
+    target = push.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="one device id")
+    target.add_argument("--site", help="every enrolled device of a site")
+    target.add_argument("--group", help="every enrolled device of a kind (call-point, building-button, camera-box)")
+    push.add_argument("--version", type=int, help="default: time in ms, above any version pushed before")
+    push.add_argument("--expires-in", type=float, default=720, help="hours the push stays valid (default 720)")
+    push.add_argument("--gate", type=float, default=60, help="seconds for the device's test alert to be acknowledged")
+    push.add_argument("--timeout", type=float, default=15, help="seconds to wait for the broker")
+    push.set_defaults(func=cmd_centre_config_push)
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:

@@ -68,6 +68,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
                 shown,
                 seen,
                 telemetry.get("version", "-"),
+                telemetry.get("config_version", "-"),
+                "yes" if telemetry.get("safe_mode") else ("no" if telemetry else "-"),
                 telemetry.get("outbox_depth", "-"),
                 telemetry.get("cpu_temperature_c", "-"),
                 clock_shown(state),
@@ -76,7 +78,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
             ]
         )
     if args.json:
-        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c"]
+        keys = ["site", "device", "kind", "state", "last_seen", "version", "config_version", "safe_mode"]
+        keys += ["outbox_depth", "temperature_c"]
         keys += ["clock_off_s", "outstanding", "enrolled"]
         print_json([dict(zip(keys, row, strict=True)) for row in rows])
     else:
@@ -90,6 +93,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
                     "state",
                     "last seen",
                     "version",
+                    "config",
+                    "safe mode",
                     "outbox",
                     "temp °C",
                     "clock off",
@@ -324,4 +329,57 @@ def cmd_centre_broker_config(args: argparse.Namespace) -> int:
         f"key_file {Path(args.out) / 'receiver-key.pem'}; mosquitto must be able to read server-key.pem",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_centre_config_push(args: argparse.Namespace) -> int:
+    """Sign a configuration document and publish it, retained, to each selected device's config topic."""
+    import time
+
+    from agent.centre.config_push import PushBook, push, read_document, select
+    from agent.centre.keyring import Keyring
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import secret_file
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    if args.config is None:
+        raise ConfigError("centre config push: --config RECEIVER.toml is required (the centre's key and broker)")
+    config = load_receiver_config(args.config)
+    document = read_document(args.file)
+    selection = select(Keyring(config.keyring_path).devices(), args.device, args.site, args.group)
+    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+    book = PushBook(config.receiver.state_dir)
+    now = time.time()
+    version = args.version if args.version is not None else book.next_version(selection.devices, now)
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-config",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise UplinkError(problem)
+    try:
+        topics = push(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            MessageSigner(load_private_key(key)),
+            selection,
+            document,
+            version=version,
+            expires_in_s=args.expires_in * 3600,
+            gate_s=args.gate,
+            timeout_s=args.timeout,
+        )
+    finally:
+        link.close()
+    book.record(selection.devices, version, selection.selector, str(args.file), now)
+    print(f"pushed {args.file} as version {version} ({selection.selector}) to {len(topics)} device(s), retained:")
+    for topic in topics:
+        print(f"  {topic}")
+    print("each device reports applied / rejected / rolled_back in a config_update event", file=sys.stderr)
     return 0
