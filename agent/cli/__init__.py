@@ -117,19 +117,35 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import threading
+
     from agent.device.agent import Agent
     from agent.device.safe_mode import load_for_start
 
-    starting = load_for_start(args.config)  # a file that does not validate: safe mode, buttons still working
     pin_factory = None
     if args.mock_pins:
         from gpiozero.pins.mock import MockFactory
 
         pin_factory = MockFactory()
-    agent = Agent(starting.config, pin_factory=pin_factory, starting=starting)
-    stop_on_signals(agent.close)
-    agent.start()
-    agent.wait()
+    stop = threading.Event()
+    running: list[Agent] = []
+
+    def stop_agent() -> None:
+        stop.set()
+        for agent in running:
+            agent.close()
+
+    stop_on_signals(stop_agent)
+    while not stop.is_set():  # again when a pushed change needs a restart (the agent stops itself for it)
+        starting = load_for_start(args.config)  # a file that does not validate: safe mode, buttons still working
+        agent = Agent(starting.config, pin_factory=pin_factory, starting=starting, restartable=True)
+        running[:] = [agent]
+        agent.start()
+        if stop.is_set():  # a signal came while it was starting
+            agent.close()
+        agent.wait()
+        if not agent.restart_requested:
+            break
     return 0
 
 

@@ -92,12 +92,16 @@ class Agent:
         on_published: Callable[[OutboxEntry, float], None] | None = None,
         on_acknowledged: Callable[[OutboxEntry, float], None] | None = None,
         starting: StartingConfig | None = None,
+        restartable: bool = False,
     ):
         self.config = config
         #: Why the agent runs a fallback configuration (safe mode); empty when the file validated.
         self.safe_mode: list[str] = list(starting.safe_mode) if starting else []
         self.config_version = starting.version if starting else 0  # of the centre's pushed settings in force
         self.config_source = starting.source if starting else "file"
+        #: ``edge-agent run`` starts the agent again when it stops with this set (a pushed change needs a restart).
+        self.restartable = restartable
+        self.restart_requested = False
         self.device = config.device.id
         self.site = config.device.site
         self.started_at = time.monotonic()
@@ -110,6 +114,7 @@ class Agent:
         self._unstored: list[HeldMessage] = []  # accepted, not yet on disk: retried in order
         self._held_changed = threading.Event()
         self._stopping = threading.Event()
+        self._closed = threading.Event()  # close() has finished: pins, state directory and outbox are free again
         self._closers: list[Callable[[], None]] = []
         self.clock = CentreClock()  # local time, corrected by the centre's signed answers
         self._storage = StorageTrouble()
@@ -281,10 +286,11 @@ class Agent:
         for closer in reversed(self._closers):
             closer()
         log.info("agent %s/%s stopped", self.site, self.device)
+        self._closed.set()
 
     def wait(self) -> None:
-        """Block until ``close()`` is called (from a signal handler, say)."""
-        self._stopping.wait()
+        """Block until ``close()`` (from a signal handler, say, or a restart for a pushed change) has finished."""
+        self._closed.wait()
 
     # Events in.
 
@@ -709,6 +715,12 @@ class Agent:
             self.vision = self._supervise_vision()
             if self.vision is not None:
                 self.vision.start()
+
+    def request_restart(self, why: str) -> None:
+        """Stop, so that ``edge-agent run`` starts the agent again with the configuration on disk."""
+        log.warning("restarting the agent: %s", why)
+        self.restart_requested = True
+        self.close()
 
     def config_applied(self, version: int) -> None:
         """A pushed configuration passed its health gate: it runs, and safe mode (if any) is over."""

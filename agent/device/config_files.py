@@ -5,7 +5,11 @@
   from it when the configuration on disk does not validate.
 - ``pushed.json``: the centre's pushed settings in force (every applied push
   merged, in version order) and the highest version handled: applied,
-  rejected or rolled back, a version is never taken again.
+  rejected or rolled back, a version is never taken again; and an outcome
+  still to be reported (decided before the agent could send it).
+- ``trial.json``: a push that needs the agent restarted, while it is on trial:
+  the next start runs it through the health gate once; a start that finds it
+  tried already (the agent died during its gate) drops it: rolled back.
 
 The state directory, not ``/etc``: the service may write only there
 (``ProtectSystem=strict``). Every write is atomic (a crash leaves the old file
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 FLEET_DIR = "fleet"
 LAST_GOOD = "last-good.json"
 PUSHED = "pushed.json"
+TRIAL = "trial.json"
 
 
 @dataclass
@@ -40,6 +45,18 @@ class PushedSettings:
     version: int = 0  # of the last applied push; 0: none
     handled: int = 0  # the highest version ever handled (applied, rejected or rolled back)
     overlay: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] | None = None  # an outcome not yet sent to the centre
+
+
+@dataclass
+class Trial:
+    """A pushed configuration that takes effect at a restart, then must pass the health gate."""
+
+    version: int
+    selector: str
+    gate_s: float
+    overlay: dict[str, Any]  # the whole pushed overlay to run with (the one in force, with this push laid over)
+    attempts: int = 0  # starts with it so far
 
 
 @dataclass(frozen=True)
@@ -61,14 +78,48 @@ class ConfigFiles:
         if data is None:
             return PushedSettings()
         try:
-            return PushedSettings(int(data["version"]), int(data["handled"]), dict(data["overlay"]))
+            report = data.get("report")
+            return PushedSettings(
+                int(data["version"]),
+                int(data["handled"]),
+                dict(data["overlay"]),
+                report if isinstance(report, dict) else None,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             log.error("%s is not usable (%s); running without pushed settings", self.directory / PUSHED, exc)
             return PushedSettings()
 
     def save_pushed(self, settings: PushedSettings) -> None:
-        body = {"version": settings.version, "handled": settings.handled, "overlay": settings.overlay}
+        body = {
+            "version": settings.version,
+            "handled": settings.handled,
+            "overlay": settings.overlay,
+            "report": settings.report,
+        }
         write_file_atomically(self.directory / PUSHED, json.dumps(body, indent=1).encode(), 0o640)
+
+    def trial(self) -> Trial | None:
+        data = self._read(TRIAL)
+        if data is None:
+            return None
+        try:
+            return Trial(
+                int(data["version"]),
+                str(data["selector"]),
+                float(data["gate_s"]),
+                dict(data["overlay"]),
+                int(data["attempts"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("%s is not usable (%s); dropped", self.directory / TRIAL, exc)
+            self.clear_trial()
+            return None
+
+    def save_trial(self, trial: Trial) -> None:
+        write_file_atomically(self.directory / TRIAL, json.dumps(trial.__dict__, indent=1).encode(), 0o640)
+
+    def clear_trial(self) -> None:
+        (self.directory / TRIAL).unlink(missing_ok=True)
 
     def last_good(self) -> LastGood | None:
         data = self._read(LAST_GOOD)

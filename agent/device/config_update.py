@@ -12,7 +12,11 @@ document (``agent.protocol.config_doc``). The updater, on its own thread:
 4. applies it live: telemetry interval, acknowledgement display and the
    vision pipeline (camera, detector, zones, masks, rules…; the vision process
    is restarted with them). A change to anything else (broker, buttons, pins,
-   outbox) needs the agent restarted and is refused for now, with that reason;
+   outbox) needs the agent restarted: the push is written down as on *trial*
+   and the agent restarts itself (``edge-agent run`` starts it again in the
+   same process); the new agent runs the gate below, and on failure restarts
+   once more, on the configuration it had before. An agent that cannot restart
+   itself (embedded in a test or the demo) refuses such a push, with that reason;
 5. runs the health gate: the agent's self-check (its threads, MQTT network
    thread, outbox, every button line readable; on a camera box, the vision
    process beating) and a test alert that the centre must acknowledge within
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from joserfc.jwk import OKPKey
 
 from agent.config.device import AgentConfig
-from agent.device.config_files import ConfigFiles, PushedSettings
+from agent.device.config_files import ConfigFiles, PushedSettings, Trial
 from agent.device.safe_mode import StartingConfig, validate
 from agent.errors import ConfigError, SignatureInvalid
 from agent.protocol.config_doc import ConfigClaims, merge, open_document
@@ -77,6 +81,7 @@ class ConfigUpdater:
             self._local = agent.config.model_dump(mode="json")
             self._path, self._text = agent.config.state_dir / "agent.toml", ""
         self._confirm_start = starting is None or starting.source == "file"
+        self._trial = starting.trial if starting is not None else None
         self._inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._acked: dict[int, threading.Event] = {}
@@ -118,7 +123,12 @@ class ConfigUpdater:
     # The updater's thread.
 
     def _run(self) -> None:
-        if self._confirm_start:
+        with self.guard.step("report an earlier outcome"):
+            self._send_pending_report()
+        if self._trial is not None:
+            with self.guard.step("health gate after a restart"):
+                self._judge_trial(self._trial)
+        elif self._confirm_start:
             with self.guard.step("confirm start"):
                 self._keep_start_config()
         while not self._stopping.is_set():
@@ -132,6 +142,47 @@ class ConfigUpdater:
             with self.guard.step("config push"):
                 self._handle(payload)
             self.state = "idle"
+
+    def _send_pending_report(self) -> None:
+        """An outcome decided at start (a trial dropped), before the agent could send it."""
+        report = self.pushed.report
+        if report is None:
+            return
+        self.counters[str(report.get("outcome"))] += 1
+        self._agent.raise_event("event", {"config_update": report})  # stored durably before it is forgotten here
+        self.pushed = PushedSettings(self.pushed.version, self.pushed.handled, self.pushed.overlay)
+        self.files.save_pushed(self.pushed)
+
+    def _judge_trial(self, trial: Trial) -> None:
+        """This start runs a push that needed a restart: keep it if the gate passes, else restart on the one before."""
+        agent, version = self._agent, trial.version
+        self.state = f"health gate v{version} (after a restart)"
+        deadline = time.monotonic() + trial.gate_s
+        while not agent.link.is_connected and time.monotonic() < deadline:
+            if self._stopping.wait(POLL_S):
+                return
+        failed = self._health_gate(version, max(1.0, deadline - time.monotonic()))
+        if self._stopping.is_set():
+            return  # stopped from outside mid-gate: the next start finds the trial tried, and drops it
+        self.files.clear_trial()
+        base = {"version": version, "selector": trial.selector}
+        if failed is None:
+            self.pushed = PushedSettings(version, version, trial.overlay)
+            self.files.save_pushed(self.pushed)
+            self.files.save_last_good(agent.config, version)
+            self._report_outcome("applied", {**base, "changed": ["restart"]})
+            return
+        log.error("pushed configuration v%d failed its health gate (%s); restarting on the one before", version, failed)
+        previous = self.files.pushed()
+        self.pushed = PushedSettings(previous.version, max(previous.handled, version), previous.overlay)
+        self.files.save_pushed(self.pushed)
+        agent.config_version = previous.version
+        self._report_outcome("rolled_back", {**base, "reason": failed})
+        agent.request_restart(f"pushed configuration v{version} rolled back")
+
+    def _report_outcome(self, outcome: str, body: dict[str, Any]) -> None:
+        self.counters[outcome] += 1
+        self._agent.raise_event("event", {"config_update": {"outcome": outcome, **body}})
 
     def _keep_start_config(self) -> None:
         """A configuration from the file that runs healthy (connected, self-check clean) becomes last-known-good."""
@@ -188,16 +239,22 @@ class ConfigUpdater:
             self._finish(claims, "rejected", errors=exc.problems[:ERRORS_MAX])
             return
         blocked = restart_needed(self._agent.config, candidate)
-        if blocked:
-            reason = f"changes {', '.join(blocked)}, which need the agent restarted; only live settings are pushed"
+        if blocked and not self._agent.restartable:
+            reason = (
+                f"changes {', '.join(blocked)}, which need the agent restarted, and this agent cannot restart itself"
+            )
             self._finish(claims, "rejected", errors=[reason])
             return
         if not self._wait_until_quiet(claims):
             return
+        if blocked:
+            self.files.save_trial(Trial(version, claims.selector, claims.gate_s, overlay))
+            self._agent.request_restart(f"pushed configuration v{version} changes {', '.join(blocked)}")
+            return
         previous = self._agent.config
         self.state = f"health gate v{version}"
         self._agent.reconfigure(candidate)
-        failed = self._health_gate(claims)
+        failed = self._health_gate(version, claims.gate_s)
         if failed is None:
             self.pushed = PushedSettings(version, version, overlay)
             self.files.save_pushed(self.pushed)
@@ -221,28 +278,26 @@ class ConfigUpdater:
                 return False
         return True
 
-    def _health_gate(self, claims: ConfigClaims) -> str | None:
+    def _health_gate(self, version: int, gate_s: float) -> str | None:
         """None when the agent passes its self-check and a test alert is acknowledged within ``gate_s``."""
         agent = self._agent
-        deadline = time.monotonic() + claims.gate_s
+        deadline = time.monotonic() + gate_s
         if agent.vision is not None:
             while not agent.vision.stats:  # the new vision process's first heartbeat
                 if time.monotonic() > deadline or self._stopping.wait(POLL_S):
-                    return (
-                        f"self-test: the vision process did not start within {claims.gate_s:g} s ({agent.vision.state})"
-                    )
+                    return f"self-test: the vision process did not start within {gate_s:g} s ({agent.vision.state})"
         problems = agent.problems()
         if problems:
             return "self-test: " + "; ".join(problems)
         acked = threading.Event()
-        entry = agent.gate_alert(claims.version)
+        entry = agent.gate_alert(version)
         if entry is None:
             return "test alert: could not be stored in the outbox"
         self._acked[entry.seq] = acked
         try:
             while not acked.wait(POLL_S):
                 if time.monotonic() > deadline or self._stopping.is_set():
-                    return f"test alert seq {entry.seq} not acknowledged by the centre within {claims.gate_s:g} s"
+                    return f"test alert seq {entry.seq} not acknowledged by the centre within {gate_s:.0f} s"
         finally:
             self._acked.pop(entry.seq, None)
         problems = agent.problems()

@@ -52,7 +52,7 @@ from agent.config.device import (
 from agent.config.device import _pin_key as pin_key  # the validator's own notion of "the same pin"
 from agent.config.errors import describe_validation_error
 from agent.config.mqtt import MqttSection
-from agent.device.config_files import ConfigFiles, PushedSettings
+from agent.device.config_files import ConfigFiles, PushedSettings, Trial
 from agent.errors import ConfigError
 from agent.protocol.config_doc import merge
 
@@ -81,6 +81,7 @@ class StartingConfig:
     version: int = 0  # of the pushed settings in force; 0: the file alone
     safe_mode: list[str] = field(default_factory=list)
     local: dict[str, Any] | None = None  # the file's own TOML, to lay new pushes over
+    trial: Trial | None = None  # a push that needed a restart, on trial: the health gate decides
 
     @property
     def base_dir(self) -> Path:
@@ -92,8 +93,12 @@ def load_for_start(path: Path | str) -> StartingConfig:
     path = Path(path)
     text, local, problems = _read(path)
     state_dir = _state_dir(local, path)
-    files = ConfigFiles(state_dir)
-    pushed = files.pushed() if state_dir is not None else PushedSettings()
+    files = ConfigFiles(state_dir) if state_dir is not None else None
+    pushed = files.pushed() if files is not None else PushedSettings()
+    if local is not None and files is not None:
+        trial = _trial(files, pushed, local, path, text)
+        if trial is not None:
+            return trial
     if local is not None:
         try:
             config = validate(merge(local, pushed.overlay), path, text, pushed.version)
@@ -101,7 +106,7 @@ def load_for_start(path: Path | str) -> StartingConfig:
         except ConfigError as exc:
             problems = exc.problems
     log.critical("safe mode: %s does not validate:\n%s", path, "\n".join(problems))
-    last_good = files.last_good() if state_dir is not None else None
+    last_good = files.last_good() if files is not None else None
     if last_good is not None and _same_device(last_good.config, local):
         log.critical("safe mode: running the last-known-good configuration (version %d)", last_good.version)
         return StartingConfig(last_good.config, path, "last-good", last_good.version, problems, local)
@@ -111,6 +116,31 @@ def load_for_start(path: Path | str) -> StartingConfig:
     for note in notes:
         log.critical("safe mode: %s", note)
     return StartingConfig(config, path, "minimal", 0, problems, local)
+
+
+def _trial(
+    files: ConfigFiles, pushed: PushedSettings, local: dict[str, Any], path: Path, text: str
+) -> StartingConfig | None:
+    """Start with a push on trial, once; a second start finds it tried (the agent died in its gate): dropped."""
+    trial = files.trial()
+    if trial is None:
+        return None
+    files.clear_trial()
+    if trial.attempts == 0:
+        try:
+            config = validate(merge(local, trial.overlay), path, text, trial.version)
+        except ConfigError as exc:
+            reason = "does not validate at start: " + "; ".join(exc.problems)
+        else:
+            files.save_trial(Trial(trial.version, trial.selector, trial.gate_s, trial.overlay, attempts=1))
+            log.warning("starting with pushed configuration v%d on trial: the health gate decides", trial.version)
+            return StartingConfig(config, path, "file", trial.version, local=local, trial=trial)
+    else:
+        reason = "the agent stopped before its health gate ended"
+    log.error("pushed configuration v%d rolled back: %s", trial.version, reason)
+    report = {"outcome": "rolled_back", "reason": reason[:500], "version": trial.version, "selector": trial.selector}
+    files.save_pushed(PushedSettings(pushed.version, max(pushed.handled, trial.version), pushed.overlay, report))
+    return None
 
 
 def validate(data: dict[str, Any], path: Path, text: str, version: int = 0) -> AgentConfig:

@@ -1,6 +1,8 @@
 """Pushed configuration on real parts: a real broker, a real receiver, agents on mock pins, the real CLI."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,7 +11,9 @@ from agent.centre.receiver import Receiver
 from agent.cli import main
 from agent.device.agent import Agent
 from agent.device.config_files import ConfigFiles
+from agent.device.control import request
 from agent.device.safe_mode import load_for_start
+from agent.errors import ControlError
 from agent.mqtt.link import MqttLink
 from agent.protocol.config_doc import sign_document
 from agent.protocol.messages import TopicLayout
@@ -208,3 +212,65 @@ def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(site,
     time.sleep(1.0)  # deliberate: nothing more may arrive
     assert len(outcomes(receiver.store)) == 1 + len(cases)
     assert agent.config_version == 9
+
+
+@pytest.fixture
+def running_agent(site):
+    """``edge-agent run`` as a real process (it restarts itself for a pushed change that needs it)."""
+    site.add_device("cp-1", body=BUTTONS)
+    command = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "run",
+        "--mock-pins",
+        "--config",
+        str(site.device_config_path("cp-1")),
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    socket = site.root / "cp-1" / "state" / "control.sock"
+    try:
+        assert wait_until(lambda: _status(socket).get("connected"), 30)
+        yield socket
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+        print(stderr, file=sys.stderr)  # shown when a test fails
+
+
+def _status(socket) -> dict:
+    try:
+        return request(socket, "status")
+    except ControlError:
+        return {}  # between two runs of the agent (a restart), or not up yet
+
+
+def test_a_change_that_needs_a_restart_is_tried_after_one_and_kept(site, receiver, running_agent, tmp_path, capsys):
+    moved = '[[buttons]]\nname = "help"\npin = 17\nlocation = "South gate"\n'
+    assert push(site, tmp_path, moved, "--device", "cp-1") == 0
+    version = int(capsys.readouterr().out.split("as version ")[1].split()[0])
+    assert wait_until(lambda: outcomes(receiver.store), 60)
+    (report,) = outcomes(receiver.store)
+    assert report == {"outcome": "applied", "version": version, "selector": "device:cp-1", "changed": ["restart"]}
+    assert wait_until(lambda: _status(running_agent).get("config_version") == version, 10)
+    request(running_agent, "test-alert")
+    assert wait_until(lambda: len(receiver.store.messages(kind="alert")) == 2, 10)  # the gate's, then this one
+    assert receiver.store.messages(kind="alert")[-1].claims["body"]["location"] == "South gate"
+
+
+def test_a_restarted_change_that_fails_its_gate_restarts_on_the_one_before(site, running_agent, verdicts, tmp_path):
+    moved = '[[buttons]]\nname = "help"\npin = 17\nlocation = "Nowhere"\n'
+    assert push(site, tmp_path, moved, "--device", "cp-1", "--gate", "5") == 0  # no receiver: no acknowledgement
+    assert wait_until(
+        lambda: _status(running_agent).get("config_update", {}).get("counters", {}).get("rolled_back"), 60
+    )
+    assert wait_until(lambda: _status(running_agent).get("config_version") == 0, 30)  # restarted on the one before
+    with Receiver(site.receiver_config, on_verdict=verdicts) as receiver:
+        assert wait_until(lambda: outcomes(receiver.store), 20)
+        (report,) = outcomes(receiver.store)
+        assert report["outcome"] == "rolled_back" and "not acknowledged by the centre within 5 s" in report["reason"]
+        request(running_agent, "test-alert")
+        assert wait_until(
+            lambda: [m for m in receiver.store.messages(kind="alert") if m.claims["body"]["location"] == "North gate"],
+            20,
+        )
