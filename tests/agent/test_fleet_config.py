@@ -274,3 +274,31 @@ def test_a_restarted_change_that_fails_its_gate_restarts_on_the_one_before(site,
             lambda: [m for m in receiver.store.messages(kind="alert") if m.claims["body"]["location"] == "North gate"],
             20,
         )
+
+
+def test_a_pushed_zone_change_takes_effect_on_the_camera_box(site, receiver, mock_factory, tmp_path):
+    from tests.agent.vision.scenes import MODEL_DIR, VIDEO, require_shared
+
+    require_shared("data/vtest.avi", "models/ssd_mobilenet_v1_coco_quant.tflite")
+    corner = '[[zones]]\nname = "plaza"\npolygon = [[0.0, 0.0], [0.03, 0.0], [0.0, 0.03]]\n'
+    rule = '[[rules]]\nname = "walk-in"\ntype = "intrusion"\nzone = "plaza"\n'
+    body = (
+        f'{BUTTONS}\n[camera]\nsource = "{VIDEO}"\nname = "plaza"\nrealtime = true\nloop = true\n\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n\n{corner}\n{rule}'
+    )
+    site.add_device("cam-1", kind="camera-box", body=body)
+    starting = load_for_start(site.device_config_path("cam-1"))
+
+    def camera_alerts():
+        return [m for m in receiver.store.messages(kind="alert") if m.claims["body"].get("rule") == "walk-in"]
+
+    with Agent(starting.config, pin_factory=mock_factory, starting=starting) as agent:
+        assert wait_until(lambda: agent.vision.stats.get("frames"), 60)
+        assert not camera_alerts()  # nobody walks in the top-left corner
+        whole = '[[zones]]\nname = "plaza"\npolygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]\n'
+        assert push(site, tmp_path, whole, "--device", "cam-1", "--gate", "120") == 0
+        assert wait_until(lambda: outcomes(receiver.store), 150)
+        (report,) = outcomes(receiver.store)
+        assert report["outcome"] == "applied" and report["changed"] == ["zones"]
+        assert wait_until(camera_alerts, 60)  # the whole plaza is the zone now: people walk in
+        assert agent.config.zones[0].polygon[2] == (1.0, 1.0)
