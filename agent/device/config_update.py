@@ -64,6 +64,10 @@ POLL_S = 0.1
 SEEN_MAX = 64
 #: Lines of validation errors sent to the centre at most.
 ERRORS_MAX = 50
+#: A start that is not healthy this long is not kept as last-known-good (and pushes are taken meanwhile).
+CONFIRM_START_S = 120.0
+#: Refusals (forged, stale, misaddressed) are reported at most this often; the rest are counted and logged.
+REFUSAL_REPORT_S = 10.0
 
 
 class ConfigUpdater:
@@ -87,6 +91,7 @@ class ConfigUpdater:
         self._acked: dict[int, threading.Event] = {}
         self._stopping = threading.Event()
         self.counters: Counter[str] = Counter()
+        self._last_refusal_report = -REFUSAL_REPORT_S
         self.state = "idle"
         self.guard = LoopGuard("config-updater", stall_s=3600 * 24)  # waits (alerts, gates) are not stalls
 
@@ -187,7 +192,14 @@ class ConfigUpdater:
     def _keep_start_config(self) -> None:
         """A configuration from the file that runs healthy (connected, self-check clean) becomes last-known-good."""
         agent = self._agent
+        deadline = time.monotonic() + CONFIRM_START_S
         while not self._stopping.wait(POLL_S):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "not healthy within %.0f s of start: the last-known-good configuration is kept as it was",
+                    CONFIRM_START_S,
+                )
+                return
             if agent.link.is_connected and not agent.problems():
                 self.files.save_last_good(agent.config, self.pushed.version)
                 log.info("configuration (pushed version %d) runs healthy: kept as last-known-good", self.pushed.version)
@@ -305,6 +317,10 @@ class ConfigUpdater:
 
     def _refuse(self, claims: ConfigClaims | None, reason: str, detail: str) -> None:
         log.warning("pushed configuration refused: %s: %s", reason, detail)
+        if time.monotonic() - self._last_refusal_report < REFUSAL_REPORT_S:
+            self.counters["refused_unreported"] += 1  # a flood of junk on the topic never floods the centre
+            return
+        self._last_refusal_report = time.monotonic()
         self._report(claims, "refused", reason=f"{reason}: {detail}"[:500])
 
     def _finish(self, claims: ConfigClaims, outcome: str, save: bool = True, **details: Any) -> None:

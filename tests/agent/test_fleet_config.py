@@ -9,6 +9,7 @@ import pytest
 
 from agent.centre.receiver import Receiver
 from agent.cli import main
+from agent.device import config_update
 from agent.device.agent import Agent
 from agent.device.config_files import ConfigFiles
 from agent.device.control import request
@@ -138,7 +139,10 @@ def test_no_change_lands_while_an_alert_is_unacknowledged(site, agent, verdicts,
     assert agent.config.telemetry.interval_s == 7
 
 
-def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(site, receiver, agent, tmp_path):
+def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(
+    site, receiver, agent, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(config_update, "REFUSAL_REPORT_S", 0.0)  # each refusal reported: this test reads them all
     topic = TopicLayout(site.prefix).topic(site.site, "cp-1", "config")
     centre = centre_signer(site)
     overlay = {"telemetry": {"interval_s": 10}}
@@ -212,6 +216,11 @@ def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(site,
     time.sleep(1.0)  # deliberate: nothing more may arrive
     assert len(outcomes(receiver.store)) == 1 + len(cases)
     assert agent.config_version == 9
+    monkeypatch.setattr(config_update, "REFUSAL_REPORT_S", 60.0)
+    for n in range(3):  # junk on the topic: counted and logged, but it never floods the centre
+        publish_retained(site, topic, f"junk-{n}")
+    assert wait_until(lambda: agent.config_updater.counters["refused_unreported"] == 3, 10)
+    assert len(outcomes(receiver.store)) == 1 + len(cases)
 
 
 @pytest.fixture
@@ -261,9 +270,8 @@ def test_a_change_that_needs_a_restart_is_tried_after_one_and_kept(site, receive
 def test_a_restarted_change_that_fails_its_gate_restarts_on_the_one_before(site, running_agent, verdicts, tmp_path):
     moved = '[[buttons]]\nname = "help"\npin = 17\nlocation = "Nowhere"\n'
     assert push(site, tmp_path, moved, "--device", "cp-1", "--gate", "5") == 0  # no receiver: no acknowledgement
-    assert wait_until(
-        lambda: _status(running_agent).get("config_update", {}).get("counters", {}).get("rolled_back"), 60
-    )
+    files = ConfigFiles(site.root / "cp-1" / "state")
+    assert wait_until(lambda: files.pushed().handled > 0 and files.trial() is None, 60)  # judged: rolled back
     assert wait_until(lambda: _status(running_agent).get("config_version") == 0, 30)  # restarted on the one before
     with Receiver(site.receiver_config, on_verdict=verdicts) as receiver:
         assert wait_until(lambda: outcomes(receiver.store), 20)
