@@ -92,22 +92,25 @@ def check_document(data: Any, where: str = "configuration document") -> None:
         raise ConfigError(f"{where}: {len(problems)} setting(s) may not be pushed:\n" + "\n".join(problems), problems)
 
 
-def refused_settings(data: dict[str, Any], path: tuple[str, ...] = ()) -> list[str]:
-    """One line per setting a push may not carry, by its dotted path."""
+def refused_settings(data: dict[str, Any], path: tuple[str, ...] = (), shown: str = "") -> list[str]:
+    """One line per setting a push may not carry, by its dotted path (``zones[1].name``).
+
+    ``path`` leaves out list indices, so a table inside an array is judged by where it stands.
+    """
     found: list[str] = []
     for key, value in data.items():
         here = (*path, str(key))
-        dotted = ".".join(here)
+        dotted = f"{shown}.{key}" if shown else str(key)
         if _is_secret(str(key)):
             found.append(f"{dotted}: secrets and secret files are never pushed; they stay on the device")
-        elif here in LOCAL_ONLY:
+        elif any(here[: len(local)] == local for local in LOCAL_ONLY):
             found.append(f"{dotted}: set on the device by its installer; a push may not change it")
         elif isinstance(value, dict):
-            found += refused_settings(value, here)
+            found += refused_settings(value, here, dotted)
         elif isinstance(value, list):
             for n, item in enumerate(value):
                 if isinstance(item, dict):
-                    found += refused_settings(item, (*path, f"{key}[{n}]"))
+                    found += refused_settings(item, here, f"{dotted}[{n}]")
     return found
 
 
