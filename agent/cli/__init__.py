@@ -18,6 +18,7 @@ from agent.cli.centre import (
     cmd_centre_ca_init,
     cmd_centre_ca_issue,
     cmd_centre_ca_revoke,
+    cmd_centre_command,
     cmd_centre_config_push,
     cmd_receiver_devices,
     cmd_receiver_enroll,
@@ -459,6 +460,14 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     push.add_argument("--gate", type=float, default=60, help="seconds for the device's test alert to be acknowledged")
     push.add_argument("--timeout", type=float, default=15, help="seconds to wait for the broker")
     push.set_defaults(func=cmd_centre_config_push)
+
+    command = sub.add_parser("command", help="a signed, single-use command to one device; prints its signed answer")
+    command.add_argument("command", choices=["selftest", "test-alert", "restart"])
+    command.add_argument("--device", required=True)
+    command.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
+    command.add_argument("--lifetime", type=float, default=60, help="seconds the command stays valid (at most 3600)")
+    command.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
+    command.set_defaults(func=cmd_centre_command)
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:

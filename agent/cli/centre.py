@@ -383,3 +383,47 @@ def cmd_centre_config_push(args: argparse.Namespace) -> int:
         print(f"  {topic}")
     print("each device reports applied / rejected / rolled_back in a config_update event", file=sys.stderr)
     return 0
+
+
+def cmd_centre_command(args: argparse.Namespace) -> int:
+    """Send one signed, single-use command to a device and print its signed answer."""
+    from agent.centre.commands import send_command
+    from agent.centre.keyring import Keyring
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import secret_file
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    if args.config is None:
+        raise ConfigError("centre command: --config RECEIVER.toml is required (the centre's key and broker)")
+    config = load_receiver_config(args.config)
+    enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
+    if args.device not in enrolled:
+        raise ConfigError(f"device {args.device!r} is not enrolled")
+    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-command",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise UplinkError(problem)
+    try:
+        answer = send_command(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            MessageSigner(load_private_key(key)),
+            enrolled[args.device],
+            args.command,
+            lifetime_s=args.lifetime,
+            timeout_s=args.timeout,
+            state_dir=config.receiver.state_dir,
+        )
+    finally:
+        link.close()
+    print_json(answer)
+    return 0 if answer.get("outcome") == "done" else 1

@@ -20,6 +20,7 @@ from agent import __version__
 from agent.config.device import AgentConfig
 from agent.config.secrets import secret_file
 from agent.device.clock import CentreClock
+from agent.device.commands import CommandRunner
 from agent.device.config_update import ConfigUpdater
 from agent.device.control import ControlServer
 from agent.device.delivery import Delivery, DeliveryHooks
@@ -149,6 +150,7 @@ class Agent:
                 self._pending_visible.add(entry.seq)
         self.vision = self._supervise_vision()
         self.config_updater = ConfigUpdater(self, centre_keys.signing, starting)
+        self.commands = CommandRunner(self, centre_keys.signing, config.state_dir)
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
@@ -174,6 +176,7 @@ class Agent:
         self.link.on_message = self._on_message
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
         self.link.subscribe(self.topics.topic(self.site, self.device, "config"))
+        self.link.subscribe(self.topics.topic(self.site, self.device, "command"))
 
     def _serve_evidence(self, centre_keys: CentreKeys) -> EvidenceServer | None:
         """On a camera box: evidence leaves the box only when the centre asks for it."""
@@ -255,6 +258,7 @@ class Agent:
         if self.vision is not None:
             self.vision.start()
         self.config_updater.start()
+        self.commands.start()
         self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
         self._watchdog.start()
         if self.tamper is not None and self.tamper.is_open:
@@ -279,6 +283,7 @@ class Agent:
             loop.join(timeout=5)  # they write to the outbox: let them finish before the outbox closes
         self._notifier.notify("STOPPING=1")
         self.config_updater.close()
+        self.commands.close()
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
         self.link.close(final=final)
@@ -436,6 +441,8 @@ class Agent:
             self.delivery.handle_ack(payload)
         elif topic == self.topics.topic(self.site, self.device, "config"):
             self.config_updater.submit(payload)
+        elif topic == self.topics.topic(self.site, self.device, "command"):
+            self.commands.submit(payload)
         elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
             self.evidence_server.submit(payload)
 
@@ -625,7 +632,13 @@ class Agent:
         return found
 
     def _loops(self) -> list[LoopGuard]:
-        loops = [self.delivery.guard, self._housekeeping, self._held_retry, self.config_updater.guard]
+        loops = [
+            self.delivery.guard,
+            self._housekeeping,
+            self._held_retry,
+            self.config_updater.guard,
+            self.commands.guard,
+        ]
         return loops if self.vision is None else [*loops, self.vision.guard]
 
     def health(self) -> dict[str, Any]:
