@@ -105,3 +105,39 @@ def test_forged_stale_and_replayed_commands_are_refused_even_after_a_restart(
         assert restarted.link.wait_subscribed(10)
         publish(site, topic, genuine)
         assert wait_until(lambda: restarted.commands.counters["refused_replayed"] == 1, 10)
+
+
+def test_restart_command_restarts_edge_agent_run(site, receiver, config, capsys):
+    import subprocess
+    import sys
+
+    from agent.device.control import request
+    from agent.errors import ControlError
+
+    def status() -> dict:
+        try:
+            return request(config.control_socket, "status")
+        except ControlError:
+            return {}  # between two runs, or not up yet
+
+    command_line = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "run",
+        "--mock-pins",
+        "--config",
+        str(site.device_config_path("cp-1")),
+    ]
+    process = subprocess.Popen(command_line, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: status().get("connected"), 30)
+        first_pid_uptime = status()["uptime_s"]
+        time.sleep(1.0)  # deliberate: the restarted agent's uptime must be visibly smaller
+        code, answer = command(site, "restart", capsys)
+        assert code == 0 and answer["outcome"] == "done"
+        assert wait_until(lambda: status().get("connected") and status()["uptime_s"] < first_pid_uptime + 1.0, 30)
+        assert process.poll() is None  # the same process: 'edge-agent run' started the agent again
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
