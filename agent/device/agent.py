@@ -295,7 +295,8 @@ class Agent:
 
     def wait(self) -> None:
         """Block until ``close()`` (from a signal handler, say, or a restart for a pushed change) has finished."""
-        self._closed.wait()
+        self._stopping.wait()
+        self._closed.wait(timeout=60)  # a part that fails to close must not keep the process from ending
 
     # Events in.
 

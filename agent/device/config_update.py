@@ -267,6 +267,8 @@ class ConfigUpdater:
         self.state = f"health gate v{version}"
         self._agent.reconfigure(candidate)
         failed = self._health_gate(version, claims.gate_s)
+        if self._stopping.is_set():
+            return  # stopped mid-gate: nothing decided; the retained copy is taken again at the next start
         if failed is None:
             self.pushed = PushedSettings(version, version, overlay)
             self.files.save_pushed(self.pushed)
