@@ -1,11 +1,15 @@
 """Safe mode: a configuration that does not validate never leaves a call point without its buttons."""
 
+import contextlib
+import io
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
+from agent.cli import main
 from agent.device.agent import Agent
 from agent.device.config_files import ConfigFiles
 from agent.device.control import request
@@ -55,9 +59,18 @@ def test_broken_file_without_last_good_starts_minimal_and_every_button_alerts(si
         assert wait_until(lambda: agent.delivery.stats.acknowledged >= 3, 10)
         assert agent.health()["safe_mode"].startswith("safe mode (minimal): ")
         assert "telemetry.interval_s" in request(agent.config.control_socket, "status")["safe_mode"]
+        assert wait_until(lambda: _listed(site)["safe_mode"] == "yes", 10)  # the fleet view says so too
     faults = [m.claims["body"] for m in receiver.store.messages(kind="event") if m.claims["body"].get("fault")]
     assert faults[0]["fault"] == "config" and "telemetry.interval_s = 1" in faults[0]["message"]
     assert not ConfigFiles(starting.config.state_dir).last_good()  # a safe-mode run is never kept as good
+
+
+def _listed(site) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["receiver", "devices", "--config", str(site.receiver_toml_path()), "--json"]) == 0
+    (row,) = json.loads(out.getvalue())
+    return row
 
 
 def test_broken_file_starts_with_the_last_known_good_configuration(site, receiver, mock_factory):
