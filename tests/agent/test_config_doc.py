@@ -107,3 +107,16 @@ def test_a_signed_document_opens_and_any_altered_byte_is_refused(centre, positio
 def test_arbitrary_bytes_are_refused_with_a_reason(centre, payload):
     with pytest.raises(SignatureInvalid):
         open_document(payload, centre[1])
+
+
+def test_the_sample_push_document_is_a_valid_overlay_for_the_sample_camera_box():
+    import tomllib
+    from pathlib import Path
+
+    from agent.config.device import AgentConfig
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    document = parse_document((examples / "push-camera-rules.toml").read_text())
+    base = tomllib.loads((examples / "camera-box.toml").read_text())
+    config = AgentConfig.model_validate(merge(base, document), context={"base_dir": examples})
+    assert [r.name for r in config.rules] == ["after-hours", "loitering-entrance"]
