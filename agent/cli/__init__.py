@@ -151,9 +151,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _socket_of(args: argparse.Namespace) -> Path:
-    from agent.config.device import load_agent_config
+    from agent.device.safe_mode import load_for_start
 
-    return load_agent_config(args.config).control_socket
+    return load_for_start(args.config, agent=False).config.control_socket  # in safe mode too
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -88,14 +88,19 @@ class StartingConfig:
         return self.path.resolve().parent
 
 
-def load_for_start(path: Path | str) -> StartingConfig:
-    """The configuration to start with; ConfigError only when not even a minimal one can be made."""
+def load_for_start(path: Path | str, *, agent: bool = True) -> StartingConfig:
+    """The configuration to start with; ConfigError only when not even a minimal one can be made.
+
+    ``agent=False`` (``edge-agent status``, ``test-alert``: finding the running agent's socket) leaves a
+    push on trial alone and logs nothing: only the agent itself may decide about it.
+    """
     path = Path(path)
+    say = log.critical if agent else log.debug
     text, local, problems = _read(path)
     state_dir = _state_dir(local, path)
     files = ConfigFiles(state_dir) if state_dir is not None else None
     pushed = files.pushed() if files is not None else PushedSettings()
-    if local is not None and files is not None:
+    if local is not None and files is not None and agent:
         trial = _trial(files, pushed, local, path, text)
         if trial is not None:
             return trial
@@ -105,16 +110,16 @@ def load_for_start(path: Path | str) -> StartingConfig:
             return StartingConfig(config, path, "file", pushed.version, local=local)
         except ConfigError as exc:
             problems = exc.problems
-    log.critical("safe mode: %s does not validate:\n%s", path, "\n".join(problems))
+    say("safe mode: %s does not validate:\n%s", path, "\n".join(problems))
     last_good = files.last_good() if files is not None else None
     if last_good is not None and _same_device(last_good.config, local):
-        log.critical("safe mode: running the last-known-good configuration (version %d)", last_good.version)
+        say("safe mode: running the last-known-good configuration (version %d)", last_good.version)
         return StartingConfig(last_good.config, path, "last-good", last_good.version, problems, local)
     if local is None:
         raise ConfigError(f"{path}: no usable configuration and no last-known-good one", problems)
     config, notes = minimal_config(local, path, problems)
     for note in notes:
-        log.critical("safe mode: %s", note)
+        say("safe mode: %s", note)
     return StartingConfig(config, path, "minimal", 0, problems, local)
 
 

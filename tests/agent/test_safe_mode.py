@@ -97,7 +97,7 @@ def test_a_file_that_is_not_toml_uses_last_good_or_says_why_it_cannot_start(site
         load_for_start(site.device_config_path("cp-1"))
 
 
-def test_edge_agent_run_starts_in_safe_mode_and_says_so(site, receiver, verdicts):
+def test_edge_agent_run_starts_in_safe_mode_and_says_so(site, receiver, verdicts, capsys):
     site.add_device("cp-1", body=BUTTONS)
     break_file(site, "cp-1", "\n[telemetry]\nintervl_s = 9\n")
     path = site.device_config_path("cp-1")
@@ -113,7 +113,10 @@ def test_edge_agent_run_starts_in_safe_mode_and_says_so(site, receiver, verdicts
         status = request(socket, "status")
         assert status["indicator"] == "safe-mode" and "telemetry.intervl_s = 9: unknown key" in status["safe_mode"]
         assert wait_until(lambda: [v for v in verdicts.accepted("status") if "safe_mode" in v.claims.body], 10)
-        request(socket, "test-alert")
+        capsys.readouterr()
+        assert main(["status", "--config", str(path)]) == 0  # the operator's commands work in safe mode too
+        assert '"indicator": "safe-mode"' in capsys.readouterr().out
+        assert main(["test-alert", "--config", str(path)]) == 0
         assert wait_until(lambda: receiver.store.messages(kind="alert"), 10)
     finally:
         agent.terminate()
