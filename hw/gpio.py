@@ -195,7 +195,8 @@ class IndicatorState(enum.Enum):
 
     A press that could not be stored (FAULT) beats everything; then HELP_COMING (an operator took
     charge: it implies the centre has the alert, so it beats PENDING and ACKNOWLEDGED and outlasts a
-    lost link); then PENDING, ACKNOWLEDGED, and IDLE, or FAULT when there is no path to the broker.
+    lost link); then PENDING, ACKNOWLEDGED, and IDLE, or FAULT when there is no path to the broker;
+    SAFE_MODE stands in for IDLE while the device runs a fallback configuration.
     """
 
     IDLE = "idle"  # healthy, ready
@@ -203,6 +204,7 @@ class IndicatorState(enum.Enum):
     ACKNOWLEDGED = "acknowledged"  # the centre has it
     HELP_COMING = "help_coming"  # an operator at the centre is sending help
     FAULT = "fault"  # no path to the broker, or a press not stored
+    SAFE_MODE = "safe-mode"  # buttons work, but the configuration did not validate: running a fallback
 
 
 # LED (on_s, off_s); None means steadily on.
@@ -212,6 +214,7 @@ LED_PATTERNS: dict[IndicatorState, tuple[float, float] | None] = {
     IndicatorState.ACKNOWLEDGED: None,
     IndicatorState.HELP_COMING: (0.75, 0.25),  # long on, short off: a slow "heartbeat", unlike steady or 50/50
     IndicatorState.FAULT: (0.5, 0.5),
+    IndicatorState.SAFE_MODE: (0.3, 1.5),  # a slow single blink: unlike help coming (mostly on) or a fault (even)
 }
 # Buzzer (on_s, off_s, count) played once when the state is entered.
 BUZZER_PATTERNS: dict[IndicatorState, tuple[float, float, int]] = {

@@ -266,9 +266,9 @@ def verify_issued(ca: DeviceCA, cert: x509.Certificate) -> None:
 
 
 DEVICE_WRITES = ("alert", "event", "telemetry", "status", "evidence")
-DEVICE_READS = ("ack", "evidence-request")
+DEVICE_READS = ("ack", "evidence-request", "config", "command")
 RECEIVER_READS = ("alert", "event", "telemetry", "status", "evidence")
-RECEIVER_WRITES = ("ack", "evidence-request")
+RECEIVER_WRITES = ("ack", "evidence-request", "config", "command")
 
 
 def acl_text(prefix: str, receiver_name: str) -> str:

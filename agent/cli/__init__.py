@@ -18,6 +18,8 @@ from agent.cli.centre import (
     cmd_centre_ca_init,
     cmd_centre_ca_issue,
     cmd_centre_ca_revoke,
+    cmd_centre_command,
+    cmd_centre_config_push,
     cmd_centre_console,
     cmd_centre_user_add,
     cmd_receiver_devices,
@@ -119,26 +121,42 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config.device import load_agent_config
-    from agent.device.agent import Agent
+    import threading
 
-    config = load_agent_config(args.config)
+    from agent.device.agent import Agent
+    from agent.device.safe_mode import load_for_start
+
     pin_factory = None
     if args.mock_pins:
         from gpiozero.pins.mock import MockFactory
 
         pin_factory = MockFactory()
-    agent = Agent(config, pin_factory=pin_factory)
-    stop_on_signals(agent.close)
-    agent.start()
-    agent.wait()
+    stop = threading.Event()
+    running: list[Agent] = []
+
+    def stop_agent() -> None:
+        stop.set()
+        for agent in running:
+            agent.close()
+
+    stop_on_signals(stop_agent)
+    while not stop.is_set():  # again when a pushed change needs a restart (the agent stops itself for it)
+        starting = load_for_start(args.config)  # a file that does not validate: safe mode, buttons still working
+        agent = Agent(starting.config, pin_factory=pin_factory, starting=starting, restartable=True)
+        running[:] = [agent]
+        agent.start()
+        if stop.is_set():  # a signal came while it was starting
+            agent.close()
+        agent.wait()
+        if not agent.restart_requested:
+            break
     return 0
 
 
 def _socket_of(args: argparse.Namespace) -> Path:
-    from agent.config.device import load_agent_config
+    from agent.device.safe_mode import load_for_start
 
-    return load_agent_config(args.config).control_socket
+    return load_for_start(args.config, agent=False).config.control_socket  # in safe mode too
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -467,6 +485,28 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--password-file", type=Path, help="read the password from this file's first line")
     add.add_argument("--replace", action="store_true", help="set the password and role of an existing account")
     add.set_defaults(func=cmd_centre_user_add)
+    config = sub.add_parser("config", help="push a signed configuration to devices")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    push = config_sub.add_parser("push", help="sign FILE (device TOML or a part of it) and publish it, retained")
+    push.add_argument("file", type=Path, help="TOML: the whole device config or some sections (zones, rules, …)")
+    push.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
+    target = push.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="one device id")
+    target.add_argument("--site", help="every enrolled device of a site")
+    target.add_argument("--group", help="every enrolled device of a kind (call-point, building-button, camera-box)")
+    push.add_argument("--version", type=int, help="default: time in ms, above any version pushed before")
+    push.add_argument("--expires-in", type=float, default=720, help="hours the push stays valid (default 720)")
+    push.add_argument("--gate", type=float, default=60, help="seconds for the device's test alert to be acknowledged")
+    push.add_argument("--timeout", type=float, default=15, help="seconds to wait for the broker")
+    push.set_defaults(func=cmd_centre_config_push)
+
+    command = sub.add_parser("command", help="a signed, single-use command to one device; prints its signed answer")
+    command.add_argument("command", choices=["selftest", "test-alert", "restart"])
+    command.add_argument("--device", required=True)
+    command.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
+    command.add_argument("--lifetime", type=float, default=60, help="seconds the command stays valid (at most 3600)")
+    command.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
+    command.set_defaults(func=cmd_centre_command)
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:

@@ -74,6 +74,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
                 shown,
                 seen,
                 telemetry.get("version", "-"),
+                telemetry.get("config_version", "-"),
+                "yes" if telemetry.get("safe_mode") else ("no" if telemetry else "-"),
                 telemetry.get("outbox_depth", "-"),
                 telemetry.get("cpu_temperature_c", "-"),
                 clock_shown(state),
@@ -82,7 +84,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
             ]
         )
     if args.json:
-        keys = ["site", "device", "kind", "state", "last_seen", "version", "outbox_depth", "temperature_c"]
+        keys = ["site", "device", "kind", "state", "last_seen", "version", "config_version", "safe_mode"]
+        keys += ["outbox_depth", "temperature_c"]
         keys += ["clock_off_s", "outstanding", "enrolled"]
         print_json([dict(zip(keys, row, strict=True)) for row in rows])
     else:
@@ -96,6 +99,8 @@ def cmd_receiver_devices(args: argparse.Namespace) -> int:
                     "state",
                     "last seen",
                     "version",
+                    "config",
+                    "safe mode",
                     "outbox",
                     "temp °C",
                     "clock off",
@@ -392,3 +397,100 @@ def cmd_centre_user_add(args: argparse.Namespace) -> int:
         raise ConfigError(f"an account {args.name!r} exists; give --replace to set its password and role")
     print(f"{'updated' if args.replace else 'added'} {args.role} {args.name}")
     return 0
+
+
+def cmd_centre_config_push(args: argparse.Namespace) -> int:
+    """Sign a configuration document and publish it, retained, to each selected device's config topic."""
+    import time
+
+    from agent.centre.config_push import PushBook, push, read_document, select
+    from agent.centre.keyring import Keyring
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import secret_file
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    if args.config is None:
+        raise ConfigError("centre config push: --config RECEIVER.toml is required (the centre's key and broker)")
+    config = load_receiver_config(args.config)
+    document = read_document(args.file)
+    selection = select(Keyring(config.keyring_path).devices(), args.device, args.site, args.group)
+    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+    book = PushBook(config.receiver.state_dir)
+    now = time.time()
+    version = args.version if args.version is not None else book.next_version(selection.devices, now)
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-config",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise UplinkError(problem)
+    try:
+        topics = push(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            MessageSigner(load_private_key(key)),
+            selection,
+            document,
+            version=version,
+            expires_in_s=args.expires_in * 3600,
+            gate_s=args.gate,
+            timeout_s=args.timeout,
+        )
+    finally:
+        link.close()
+    book.record(selection.devices, version, selection.selector, str(args.file), now)
+    print(f"pushed {args.file} as version {version} ({selection.selector}) to {len(topics)} device(s), retained:")
+    for topic in topics:
+        print(f"  {topic}")
+    print("each device reports applied / rejected / rolled_back in a config_update event", file=sys.stderr)
+    return 0
+
+
+def cmd_centre_command(args: argparse.Namespace) -> int:
+    """Send one signed, single-use command to a device and print its signed answer."""
+    from agent.centre.commands import send_command
+    from agent.centre.keyring import Keyring
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import secret_file
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    if args.config is None:
+        raise ConfigError("centre command: --config RECEIVER.toml is required (the centre's key and broker)")
+    config = load_receiver_config(args.config)
+    enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
+    if args.device not in enrolled:
+        raise ConfigError(f"device {args.device!r} is not enrolled")
+    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-command",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise UplinkError(problem)
+    try:
+        answer = send_command(
+            link,
+            TopicLayout(config.mqtt.topic_prefix),
+            MessageSigner(load_private_key(key)),
+            enrolled[args.device],
+            args.command,
+            lifetime_s=args.lifetime,
+            timeout_s=args.timeout,
+            state_dir=config.receiver.state_dir,
+        )
+    finally:
+        link.close()
+    print_json(answer)
+    return 0 if answer.get("outcome") == "done" else 1

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from agent.config.base import Name, Section
 from agent.config.fields import ConfigRelativePath
@@ -125,10 +125,11 @@ class AgentConfig(VisionSettings):
     source_sha256: str = Field("", exclude=True, description="Hash of the file this came from (set by the loader).")
 
     @model_validator(mode="after")
-    def _hardware_consistent(self) -> AgentConfig:
-        if self.device.kind != "camera-box" and not self.buttons:
+    def _hardware_consistent(self, info: ValidationInfo) -> AgentConfig:
+        minimal = bool((info.context or {}).get("safe_mode"))  # safe mode: whatever buttons are left, no camera
+        if self.device.kind != "camera-box" and not self.buttons and not minimal:
             raise ValueError(f"a {self.device.kind} needs at least one [[buttons]] entry")
-        if self.device.kind == "camera-box" and self.camera is None:
+        if self.device.kind == "camera-box" and self.camera is None and not minimal:
             raise ValueError("a camera-box needs a [camera] section")
         if self.camera is not None:
             self.vision_config()  # cross-references (rule → zone) are checked there

@@ -20,12 +20,15 @@ from agent import __version__
 from agent.config.device import AgentConfig
 from agent.config.secrets import secret_file
 from agent.device.clock import CentreClock
+from agent.device.commands import CommandRunner
+from agent.device.config_update import ConfigUpdater
 from agent.device.control import ControlServer
 from agent.device.delivery import Delivery, DeliveryHooks
 from agent.device.evidence_server import EvidenceServer, require_sealing_key
 from agent.device.health import system_health
 from agent.device.outbox import Outbox, OutboxEntry
 from agent.device.response import HelpComing, names_responding
+from agent.device.safe_mode import StartingConfig
 from agent.device.statelock import StateDirLock
 from agent.errors import ConfigError, OutboxError, UplinkError
 from agent.mqtt.link import MqttLink, Will
@@ -90,8 +93,17 @@ class Agent:
         pin_factory=None,
         on_published: Callable[[OutboxEntry, float], None] | None = None,
         on_acknowledged: Callable[[OutboxEntry, float], None] | None = None,
+        starting: StartingConfig | None = None,
+        restartable: bool = False,
     ):
         self.config = config
+        #: Why the agent runs a fallback configuration (safe mode); empty when the file validated.
+        self.safe_mode: list[str] = list(starting.safe_mode) if starting else []
+        self.config_version = starting.version if starting else 0  # of the centre's pushed settings in force
+        self.config_source = starting.source if starting else "file"
+        #: ``edge-agent run`` starts the agent again when it stops with this set (a pushed change needs a restart).
+        self.restartable = restartable
+        self.restart_requested = False
         self.device = config.device.id
         self.site = config.device.site
         self.started_at = time.monotonic()
@@ -104,6 +116,7 @@ class Agent:
         self._unstored: list[HeldMessage] = []  # accepted, not yet on disk: retried in order
         self._held_changed = threading.Event()
         self._stopping = threading.Event()
+        self._closed = threading.Event()  # close() has finished: pins, state directory and outbox are free again
         self._closers: list[Callable[[], None]] = []
         self.clock = CentreClock()  # local time, corrected by the centre's signed answers
         self._storage = StorageTrouble()
@@ -147,6 +160,8 @@ class Agent:
                 if not silent:
                     self._pending_visible.add(entry.seq)
         self.vision = self._supervise_vision()
+        self.config_updater = ConfigUpdater(self, centre_keys.signing, starting)
+        self.commands = CommandRunner(self, centre_keys.signing, config.state_dir)
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
@@ -171,6 +186,8 @@ class Agent:
         self.link.on_published = self.delivery.handle_published
         self.link.on_message = self._on_message
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
+        self.link.subscribe(self.topics.topic(self.site, self.device, "config"))
+        self.link.subscribe(self.topics.topic(self.site, self.device, "command"))
 
     def _serve_evidence(self, centre_keys: CentreKeys) -> EvidenceServer | None:
         """On a camera box: evidence leaves the box only when the centre asks for it."""
@@ -251,10 +268,14 @@ class Agent:
         self._held_retry.start(self._retry_held)
         if self.vision is not None:
             self.vision.start()
+        self.config_updater.start()
+        self.commands.start()
         self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
         self._watchdog.start()
         if self.tamper is not None and self.tamper.is_open:
             self.raise_event("tamper", {"enclosure": "opened", "at_start": True})
+        if self.safe_mode:  # never silently: the centre gets it as a fault event, besides status, telemetry and LED
+            self.raise_event("event", {"fault": "config", "state": "fault", "message": self._safe_mode_text()})
         log.info(
             "agent %s/%s started (%d button(s), outbox depth %d)",
             self.site,
@@ -272,6 +293,8 @@ class Agent:
         for loop in (self._housekeeping, self._held_retry):
             loop.join(timeout=5)  # they write to the outbox: let them finish before the outbox closes
         self._notifier.notify("STOPPING=1")
+        self.config_updater.close()
+        self.commands.close()
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
         self.link.close(final=final)
@@ -279,10 +302,12 @@ class Agent:
         for closer in reversed(self._closers):
             closer()
         log.info("agent %s/%s stopped", self.site, self.device)
+        self._closed.set()
 
     def wait(self) -> None:
-        """Block until ``close()`` is called (from a signal handler, say)."""
+        """Block until ``close()`` (from a signal handler, say, or a restart for a pushed change) has finished."""
         self._stopping.wait()
+        self._closed.wait(timeout=60)  # a part that fails to close must not keep the process from ending
 
     # Events in.
 
@@ -411,6 +436,7 @@ class Agent:
         log.info("%s seq %d acknowledged by the centre", entry.kind, entry.seq)
         if self._last_test_alert and self._last_test_alert["seq"] == entry.seq:
             self._last_test_alert["acknowledged"] = True
+        self.config_updater.acknowledged(entry.seq)
         if self._external_acknowledged:
             self._external_acknowledged(entry, at)
 
@@ -431,6 +457,10 @@ class Agent:
                 self.help_coming.handle(payload)
             else:
                 self.delivery.handle_ack(payload)
+        elif topic == self.topics.topic(self.site, self.device, "config"):
+            self.config_updater.submit(payload)
+        elif topic == self.topics.topic(self.site, self.device, "command"):
+            self.commands.submit(payload)
         elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
             self.evidence_server.submit(payload)
 
@@ -440,7 +470,11 @@ class Agent:
             site=self.site,
             seq=self.outbox.next_sequence(),
             kind="status",
-            body={"state": state, "version": __version__},
+            body={
+                "state": state,
+                "version": __version__,
+                **({"safe_mode": self._safe_mode_text()} if self.safe_mode else {}),
+            },
             created=self.clock.now(),
         )
         return self.signer.sign(claims).encode()
@@ -457,19 +491,21 @@ class Agent:
                 return IndicatorState.PENDING
             if time.monotonic() < self._ack_shown_until:
                 return IndicatorState.ACKNOWLEDGED
-        return IndicatorState.IDLE if self.link.is_connected else IndicatorState.FAULT
+        if not self.link.is_connected:
+            return IndicatorState.FAULT
+        return IndicatorState.SAFE_MODE if self.safe_mode else IndicatorState.IDLE
 
     def _refresh_indicator(self) -> None:
         self.indicator.show(self.indicator_state())
 
     def _housekeep(self) -> None:
-        next_heartbeat = time.monotonic()
+        last_heartbeat = -float("inf")
         while not self._stopping.wait(HOUSEKEEPING_TICK_S):
             self._housekeeping.beat()
             with self._housekeeping.step("indicator"):
                 self._refresh_indicator()
-            if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + self.config.telemetry.interval_s
+            if time.monotonic() >= last_heartbeat + self.config.telemetry.interval_s:  # a pushed interval: at once
+                last_heartbeat = time.monotonic()
                 with self._housekeeping.step("heartbeat"):
                     self.raise_event("telemetry", self.health())
 
@@ -618,7 +654,13 @@ class Agent:
         return found
 
     def _loops(self) -> list[LoopGuard]:
-        loops = [self.delivery.guard, self._housekeeping, self._held_retry]
+        loops = [
+            self.delivery.guard,
+            self._housekeeping,
+            self._held_retry,
+            self.config_updater.guard,
+            self.commands.guard,
+        ]
         return loops if self.vision is None else [*loops, self.vision.guard]
 
     def health(self) -> dict[str, Any]:
@@ -630,6 +672,10 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "version": __version__,
             "config_sha256": self.config.source_sha256,
+            "config_version": self.config_version,
+            "config_source": self.config_source,
+            "config_update": self.config_updater.report(),
+            "safe_mode": self._safe_mode_text(),
             "host": platform.node(),
             **system_health(self.config.state_dir),
             "connected": self.link.is_connected,
@@ -686,3 +732,46 @@ class Agent:
             )
         self._last_test_alert = {"button": name, "seq": entry.seq, "at": entry.created, "acknowledged": False}
         return {"seq": entry.seq, "event_id": entry.event_id, "button": name}
+
+    # Configuration (safe mode, pushes from the centre: see config_update).
+
+    def _safe_mode_text(self) -> str | None:
+        if not self.safe_mode:
+            return None
+        return f"safe mode ({self.config_source}): " + "; ".join(self.safe_mode)[:2000]
+
+    def reconfigure(self, config: AgentConfig) -> None:
+        """Take a configuration whose differences apply live: intervals at once, the vision process restarted."""
+        previous, self.config = self.config, config
+        if config.vision_config() != previous.vision_config() or config.camera_login() != previous.camera_login():
+            old = self.vision
+            if old is not None:
+                old.close()
+                self._closers.remove(old.close)
+            self.vision = self._supervise_vision()
+            if self.vision is not None:
+                self.vision.start()
+
+    def request_restart(self, why: str) -> None:
+        """Stop, so that ``edge-agent run`` starts the agent again with the configuration on disk."""
+        log.warning("restarting the agent: %s", why)
+        self.restart_requested = True
+        self.close()
+
+    def config_applied(self, version: int) -> None:
+        """A pushed configuration passed its health gate: it runs, and safe mode (if any) is over."""
+        self.config_version, self.config_source, self.safe_mode = version, "file", []
+        self._refresh_indicator()
+
+    def alerts_unacknowledged(self) -> bool:
+        """An alert (not a test) the centre has not acknowledged yet, stored or held: no configuration lands now."""
+        with self._lock:
+            if any(m.kind == "alert" and not m.test for m in self._unstored):
+                return True
+        return any(e.kind == "alert" and not e.claims.get("test") for e in self.outbox.entries())
+
+    def gate_alert(self, version: int) -> OutboxEntry | None:
+        """The health gate's test alert: from the first button, else a test event; None if it cannot be stored."""
+        if self.buttons:
+            return self.raise_alert(next(iter(self.buttons)), test=True)
+        return self._accept(HeldMessage("test", {"health_gate": version}, True, self.clock.now()))

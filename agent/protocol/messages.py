@@ -10,6 +10,8 @@ Topics::
                                         and "responding" (help is coming)       QoS 1
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
     <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
+    <prefix>/<site>/<device>/config     the centre's pushed configuration, retained (signed; see config_doc)
+    <prefix>/<site>/<device>/command    the centre's single-use commands (signed; see commands)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
 set. ``created`` is when the event happened; ``sent`` is when this copy was
@@ -31,7 +33,7 @@ from agent.errors import SignatureInvalid
 
 SCHEMA_VERSION = 1
 Kind = Literal["alert", "tamper", "test", "telemetry", "status", "event"]
-CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence")
+CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence", "config", "command")
 CHANNEL_OF_KIND: dict[str, str] = {
     "alert": "alert",
     "test": "event",
