@@ -138,7 +138,8 @@ if [ "$RECEIVER" = 1 ] && [ -f "$R/etc/edge-agent/receiver.toml" ]; then
   run "$R$PREFIX/bin/edge-agent" config credentials "$R/etc/edge-agent/receiver.toml" --receiver --unit-dir "$R/etc/systemd/system"
 fi
 if [ "$R" = "" ]; then
-  run systemctl daemon-reload
+  # Without a running systemd (an image built in a chroot, a container) there is nothing to reload; enable works.
+  if [ -d /run/systemd/system ]; then run systemctl daemon-reload; fi
   run systemctl enable edge-agent.service
 else
   printf 'skipping systemctl (installing below %s)\n' "$ROOT"
