@@ -21,12 +21,31 @@ def test_dry_run_plans_a_camera_box(tmp_path):
     assert not any(tmp_path.iterdir())  # a dry run touches nothing
 
 
+def test_dry_run_on_plain_debian_takes_lgpio_from_pypi_and_the_opencv_backend(tmp_path):
+    plan = run("--kind", "camera-box", "--base", "debian", "--root", str(tmp_path), "--dry-run").stdout
+    assert plan.count("python3-picamera2 does not exist here") == 1  # said once
+    assert "would install python3-venv mosquitto-clients\n" in plan
+    assert f"install {REPO}[detect,pi] -c {REPO}/scripts/constraints/camera-box.txt" in plan
+    assert "--from" not in plan
+
+
+def test_dry_run_pins_each_kind_and_takes_a_model_mirror(tmp_path):
+    plan = run("--kind", "camera-box", "--root", str(tmp_path), "--dry-run", "--model-from", "file:///m.tflite").stdout
+    assert "models fetch ssd-mobilenet-v1-coco-quant" in plan and "--from file:///m.tflite" in plan
+    for kind in ("call-point", "building-button"):
+        plan = run("--kind", kind, "--root", str(tmp_path), "--dry-run").stdout
+        assert f"install {REPO} -c {REPO}/scripts/constraints/{kind}.txt" in plan
+        assert (REPO / f"scripts/constraints/{kind}.txt").read_text().count("==") >= 10
+
+
 def test_bad_arguments_are_refused(tmp_path):
     result = run("--kind", "lamp", "--root", str(tmp_path), check=False)
     assert (
         result.returncode == 2
         and "--kind must be call-point, building-button or camera-box, not 'lamp'" in result.stderr
     )
+    result = run("--base", "ubuntu", "--root", str(tmp_path), check=False)
+    assert result.returncode == 2 and "--base must be auto, raspios or debian, not 'ubuntu'" in result.stderr
 
 
 def test_call_point_install_below_a_root_is_light_and_runs(tmp_path):
