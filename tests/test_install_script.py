@@ -1,6 +1,9 @@
 """scripts/install-pi.sh, run against a temporary root: the plan, and a real install of a call point."""
 
+import shutil
 import subprocess
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -36,6 +39,20 @@ def test_dry_run_pins_each_kind_and_takes_a_model_mirror(tmp_path):
         plan = run("--kind", kind, "--root", str(tmp_path), "--dry-run").stdout
         assert f"install {REPO} -c {REPO}/scripts/constraints/{kind}.txt" in plan
         assert (REPO / f"scripts/constraints/{kind}.txt").read_text().count("==") >= 10
+
+
+@pytest.mark.skipif(
+    shutil.which("apt-cache") is None
+    or subprocess.run(["apt-cache", "show", "python3-picamera2"], capture_output=True).returncode == 0,
+    reason="needs apt without the Raspberry Pi archive (plain Debian)",
+)
+def test_raspios_packages_missing_from_apt_stop_before_anything_is_installed():
+    result = run("--kind", "camera-box", "--base", "raspios", "--dry-run", check=False)
+    assert result.returncode == 1
+    assert "apt has no package python3-lgpio python3-picamera2 here (base raspios); nothing was installed" in (
+        result.stderr
+    )
+    assert "apt-get install" not in result.stdout and "useradd" not in result.stdout
 
 
 def test_bad_arguments_are_refused(tmp_path):
