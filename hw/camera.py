@@ -96,6 +96,25 @@ def url_with_login(url: str, username: str | None, password: str | None) -> str:
     return parts._replace(netloc=f"{login}@{parts.netloc}").geturl()
 
 
+def backend_for(source: str) -> tuple[str, str | None]:
+    """The backend ``open_camera`` picks for ``source``, and why it cannot work on this box (None: it can).
+
+    Only looks for the library (picamera2 patches libcamera when imported), so an installer can run it anywhere.
+    """
+    from importlib.util import find_spec
+
+    if source == "picamera2" or source.startswith("picamera2:"):
+        if find_spec("picamera2") is None:
+            return "picamera2", (
+                "python3-picamera2 is not installed (it exists only on Raspberry Pi OS: sudo apt install "
+                "python3-picamera2); elsewhere use a USB camera (/dev/video0) or an IP camera's URL (OpenCV backend)"
+            )
+        return "picamera2", None
+    if find_spec("cv2") is None:
+        return "opencv", "OpenCV is not installed (install-pi.sh --kind camera-box installs it)"
+    return "opencv", None
+
+
 def open_camera(source: str, **options: Any) -> Camera:
     """Pick the backend for a source: ``picamera2[:N]``, a V4L2 index or device, an URL or a file.
 

@@ -85,6 +85,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return 2
     what = "receiver" if args.receiver else f"{config.device.kind} {config.device.site}/{config.device.id}"
     print(f"{args.file}: valid ({what})")
+    if not args.receiver and config.camera is not None:
+        from hw.camera import backend_for, redact_url
+
+        backend, problem = backend_for(config.camera.source)
+        state = "available" if problem is None else f"not available here: {problem}"
+        print(f"camera {redact_url(config.camera.source)}: {backend} backend, {state}")
     return 0
 
 

@@ -9,6 +9,7 @@ against the centre's, and disk space for the outbox.
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import subprocess
@@ -21,6 +22,10 @@ from typing import Any
 from agent.errors import AgentError, ModelError
 
 MIN_FREE_MB = 100
+NO_GPIO_HINT = (
+    "run it on the Pi (Raspberry Pi OS: sudo apt install python3-lgpio; plain Debian: the [pi] extra); "
+    "--mock-pins checks the rest without hardware; in a container, pass /dev/gpiochip* through"
+)
 
 
 @dataclass
@@ -142,6 +147,9 @@ class SelfTest:
                 try:
                     device = make()
                 except Exception as exc:
+                    if (missing := self._no_gpio(exc)) is not None:  # the same for every line: say it once
+                        self.add("GPIO", False, missing, NO_GPIO_HINT)
+                        break
                     self.add(
                         f"GPIO {name}",
                         False,
@@ -184,6 +192,17 @@ class SelfTest:
         finally:
             for _, device in claimed:
                 device.close()
+
+    def _no_gpio(self, exc: Exception) -> str | None:
+        """What is missing when no pin factory could start at all (no GPIO chip, no lgpio); None if only the line failed."""
+        from gpiozero import Device
+
+        if self.pin_factory is not None or Device.pin_factory is not None:
+            return None
+        factory = os.environ.get("GPIOZERO_PIN_FACTORY", "default")
+        chips = sorted(str(p) for p in Path("/dev").glob("gpiochip*"))
+        where = f"GPIO chips {', '.join(chips)}" if chips else "no GPIO chip on this machine (no /dev/gpiochip*)"
+        return f"{where}; the {factory} pin factory cannot start: {exc}"
 
     # Camera and model
 

@@ -5,6 +5,7 @@ import shutil
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +137,24 @@ def test_selftest_reports_a_wrong_pin(site, broker, tmp_path, centre_jwk, capsys
     assert not wrong["ok"] and "pin 99: 99 is not a valid pin name" in wrong["detail"]
     assert "check the pin number" in wrong["hint"]
     assert checks["GPIO button 'help'"]["ok"]
+
+
+@pytest.mark.skipif(any(Path("/dev").glob("gpiochip*")), reason="this machine has GPIO chips")
+def test_selftest_without_a_gpio_chip_names_what_is_missing(site, broker, tmp_path, centre_jwk, capsys, monkeypatch):
+    from gpiozero import Device
+
+    root = tmp_path / "root"
+    provision(broker, root, centre_jwk, capsys)
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "lgpio")
+    monkeypatch.setattr(Device, "pin_factory", None)
+    code = main(["selftest", "--config", str(root / "etc/edge-agent/agent.toml"), "--json", "--timeout", "5"])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert code == 1
+    gpio = checks["GPIO"]
+    assert not gpio["ok"] and "no GPIO chip on this machine (no /dev/gpiochip*)" in gpio["detail"]
+    assert "the lgpio pin factory cannot start" in gpio["detail"] and "--mock-pins" in gpio["hint"]
+    assert not [name for name in checks if name.startswith("GPIO ")]  # said once, not once per line
+    assert checks["device key"]["ok"] and checks["broker"]["ok"]  # the rest is still checked
 
 
 def test_selftest_reports_an_unreachable_broker(site, broker, tmp_path, centre_jwk, capsys):

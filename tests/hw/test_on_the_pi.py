@@ -5,10 +5,12 @@ The tests read the lines back instead of trusting the objects that drive them. W
 - a push button between GPIO17 and ground, and a 1 kΩ resistor from GPIO16 to GPIO17: the test presses
   the button electrically by driving GPIO16 low (GPIO16 is only ever low or an input, never driven high);
 - an LED (with resistor) on GPIO5, and a jumper wire from GPIO5 to GPIO6: the test reads the LED's line on GPIO6;
-- a camera module on the CSI port, optionally a UVC camera as /dev/video0.
+- a camera module on the CSI port, optionally a UVC camera as /dev/video0;
+- the hardware watchdog armed by systemd (RuntimeWatchdogSec in /etc/systemd/system.conf, see the README).
 """
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,15 @@ def test_uvc_camera_delivers_rgb_frames():
     with open_camera("/dev/video0", width=640, height=480, fps=10) as camera:
         frames = [camera.read() for _ in range(5)]
     assert all(f.rgb.ndim == 3 and f.rgb.shape[2] == 3 for f in frames)
+
+
+def test_hardware_watchdog_is_armed_by_systemd():
+    """The Pi reboots itself if the whole system hangs: systemd holds the SoC's watchdog (README, RuntimeWatchdogSec)."""
+    device = Path("/sys/class/watchdog/watchdog0")
+    assert device.exists(), "no watchdog0: add dtparam=watchdog=on to /boot/firmware/config.txt"
+    assert "watchdog" in (device / "identity").read_text().lower()
+    assert (device / "state").read_text().strip() == "active", "nothing holds /dev/watchdog: set RuntimeWatchdogSec"
+    armed = subprocess.run(
+        ["systemctl", "show", "--property=RuntimeWatchdogUSec", "--value"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert armed not in ("", "0", "infinity"), "set RuntimeWatchdogSec=15 in /etc/systemd/system.conf"
