@@ -3,7 +3,8 @@
 Lookups hit an in-memory index, so their cost does not grow with the fleet. The
 index follows the directory without a restart: enrolling (os.replace) and
 revoking (deleting the file) change the directory's own mtime, which one stat
-per lookup notices; only then is the directory listed again, and only files
+every LOOK_S, or on a key not known yet, notices (a known key costs no system call);
+only then is the directory listed again, and only files
 whose stat changed are parsed again. A file edited in place changes no
 directory entry, so the directory is also listed every RESCAN_S regardless (rarely: with
 50,000 devices a listing is 50,000 stats).
@@ -22,6 +23,8 @@ from agent.errors import KeyFileError
 from agent.protocol.enrolment import EnrolledDevice, parse_record
 from agent.protocol.signing import public_jwk
 
+#: Enrolments and revocations by other processes are noticed at most this late (one stat of the directory).
+LOOK_S = 0.2
 #: A file rewritten in place (not replaced) is noticed at most this late.
 RESCAN_S = 300.0
 #: A directory's mtime ticks coarsely (ext4: the kernel's tick): after listing a directory changed this
@@ -39,6 +42,7 @@ class Keyring:
         self._files: dict[str, tuple[tuple[int, int, int], EnrolledDevice | None]] = {}  # name -> (stat, device)
         self._dir_stamp: tuple[int, int] | None = None
         self._next_scan = 0.0  # time.monotonic() when the directory is listed even if its stamp is unchanged
+        self._next_look = 0.0  # time.monotonic() when the directory's stamp is looked at again
         #: How many times the directory has been listed: a lookup costs one stat, not a listing.
         self.reloads = 0
 
@@ -64,11 +68,21 @@ class Keyring:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept, indent=2) + "\n")
         os.replace(tmp, path)  # changes the directory's mtime: every Keyring on it re-lists it
+        self._next_look = 0.0  # this one at once
         return device
 
     def lookup(self, kid: str) -> EnrolledDevice | None:
+        """The device enrolled under ``kid``; a key not known yet makes the directory be looked at now.
+
+        So a device enrolled a moment ago is never refused, and a known key costs no system call.
+        """
         self._refresh()
-        return self._by_kid.get(kid)
+        device = self._by_kid.get(kid)
+        if device is None:
+            self._next_look = 0.0
+            self._refresh()
+            device = self._by_kid.get(kid)
+        return device
 
     def devices(self) -> list[EnrolledDevice]:
         self._refresh()
@@ -80,7 +94,11 @@ class Keyring:
         return self.reloads
 
     def _refresh(self) -> None:
-        """One stat of the directory; a listing only when it changed (or RESCAN_S/SETTLE_S have passed)."""
+        """One stat of the directory every LOOK_S; a listing only when it changed (or RESCAN_S/SETTLE_S have passed)."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + LOOK_S
         stamp = self._directory_stamp()
         if stamp == self._dir_stamp and time.monotonic() < self._next_scan:
             return
