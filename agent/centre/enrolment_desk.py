@@ -113,20 +113,7 @@ class EnrolmentDesk:
         return Decision("enrolled", cert=previous.cert)
 
     def _enrol(self, request: RequestRow, now: float) -> Decision:
-        """Sign the CSR (if any, and if there is a device CA), put the key in the keyring; record the outcome."""
-        decision = enrol_request(self.keyring, self.ca_dir, request)
-        self.book.decide(
-            request.id,
-            "approved" if decision.outcome == "enrolled" else "rejected",
-            now,
-            cert=decision.cert,
-            reason=decision.reason,
-        )
-        if decision.outcome != "enrolled":
-            self.book.bind(request.token_hash, "rejected", request.device, request.kid, now)
-        else:
-            log.info("enrolled %s/%s (key %s) with a one-time token", request.site, request.device, request.kid)
-        return decision
+        return settle(self.book, self.keyring, self.ca_dir, request, now)
 
     def answer(self, request: EnrolmentRequest, decision: Decision) -> str:
         device = request.device
@@ -143,6 +130,41 @@ class EnrolmentDesk:
             log.info("enrolment %s: %s", what, detail)
         else:
             log.warning("enrolment refused (%s): %s", what, detail)
+
+
+def settle(book: TokenBook, keyring: Keyring, ca_dir, request: RequestRow, now: float) -> Decision:
+    """Enrol a request and record the outcome on it and its token (inside the caller's transaction)."""
+    decision = enrol_request(keyring, ca_dir, request)
+    enrolled = decision.outcome == "enrolled"
+    book.decide(request.id, "approved" if enrolled else "rejected", now, cert=decision.cert, reason=decision.reason)
+    book.bind(request.token_hash, "used" if enrolled else "rejected", request.device, request.kid, now)
+    if enrolled:
+        log.info("enrolled %s/%s (key %s) with a one-time token", request.site, request.device, request.kid)
+    return decision
+
+
+def approve(book: TokenBook, keyring: Keyring, ca_dir, request_id: int, now: float) -> Decision:
+    """An operator's yes to a pending request: enrolled now; the device hears it when it next asks."""
+    with book.store.transaction():
+        request = _pending(book, request_id)
+        return settle(book, keyring, ca_dir, request, now)
+
+
+def reject(book: TokenBook, request_id: int, reason: str, now: float) -> None:
+    """An operator's no: the request and its token are rejected; the device is told so when it next asks."""
+    with book.store.transaction():
+        request = _pending(book, request_id)
+        book.decide(request.id, "rejected", now, reason=reason)
+        book.bind(request.token_hash, "rejected", request.device, request.kid, now)
+
+
+def _pending(book: TokenBook, request_id: int) -> RequestRow:
+    request = book.request(request_id)
+    if request is None:
+        raise ConfigError(f"no enrolment request {request_id}")
+    if request.state != "pending":
+        raise ConfigError(f"enrolment request {request_id} is {request.state}, not pending")
+    return request
 
 
 def enrol_request(keyring: Keyring, ca_dir, request: RequestRow) -> Decision:
