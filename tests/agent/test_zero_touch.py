@@ -1,0 +1,198 @@
+"""Zero-touch enrolment on a real mosquitto and a real receiver: a card's enrolment file and one-time token."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+import time
+import tomllib
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.centre.ca import acl_text
+from agent.centre.enrolment_tokens import TokenBook, new_token, token_hash
+from agent.cli import main
+from agent.config.device import load_agent_config
+from agent.device.agent import Agent
+from agent.errors import SignatureInvalid
+from agent.install.first_boot import first_boot
+from agent.protocol.enrolment import enrolment_record
+from agent.protocol.signing import MessageSigner, generate_private_key
+from agent.protocol.zero_touch import parse_request, sign_request
+from tests.conftest import wait_until
+
+
+def press(pin):
+    pin.drive_low()
+    pin.drive_high()
+    time.sleep(0.04)  # past the bounce lockout
+
+
+def make_tokens(receiver, site, approve="auto", expires_in_s=3600.0, count=1, kind="call-point"):
+    now = time.time()
+    return TokenBook(receiver.store).create(site.site, kind, count, now + expires_in_s, approve, now)
+
+
+def enrolment_file(tmp_path, site, token, device_id, name="edge-agent-enrol.toml"):
+    """What an installer writes on the boot partition: no device secret, one token."""
+    path = tmp_path / f"{device_id}-{name}"
+    path.write_text(
+        "# written by the installer\n"
+        f'site = "{site.site}"\nkind = "call-point"\n'
+        f'broker = "mqtt://{site.broker.host}:{site.broker.port}"\n'
+        f'device_id = "{device_id}"\nlocation = "North gate"\n'
+        f'token = "{token}"\n'
+        f"centre_keys = '''{json.dumps(site.centre_keys)}'''\n"
+    )
+    return path
+
+
+def boot(tmp_path, path, device_id, timeout_s=20.0):
+    return first_boot(path, tmp_path / f"box-{device_id}", timeout_s=timeout_s, retry_s=0.5)
+
+
+def test_a_box_enrols_from_its_file_and_its_first_press_is_acknowledged(tmp_path, site, receiver, mock_factory):
+    (token,) = make_tokens(receiver, site)
+    path = enrolment_file(tmp_path, site, token, "cp-zt-1")
+    outcome = boot(tmp_path, path, "cp-zt-1")
+    assert (outcome.outcome, outcome.device_id) == ("enrolled", "cp-zt-1")
+    left = tomllib.loads(path.read_text())
+    assert "token" not in left and left["site"] == site.site and left["location"] == "North gate"
+    assert token not in path.read_text() and path.read_text().startswith("# written by the installer")
+    (enrolled,) = [d for d in receiver.keyring.devices() if d.device_id == "cp-zt-1"]
+    assert (enrolled.site, enrolled.kind, enrolled.location) == (site.site, "call-point", "North gate")
+    assert receiver.counters["enrolment_enrolled"] == 1
+    assert TokenBook(receiver.store).token(token_hash(token)).state == "used"
+    config = load_agent_config(tmp_path / "box-cp-zt-1/etc/edge-agent/agent.toml")
+    with Agent(config, pin_factory=mock_factory) as agent:
+        assert agent.link.wait_connected(10)
+        press(mock_factory.pin(17))
+        assert wait_until(lambda: agent.delivery.stats.acknowledged >= 1, 15)
+    (alert,) = receiver.store.messages(kind="alert")
+    assert (alert.device, alert.claims["body"]["location"]) == ("cp-zt-1", "North gate")
+    # A second boot finds no token: nothing to do (the systemd unit runs only while there is one).
+    assert boot(tmp_path, path, "cp-zt-1").outcome == "nothing_to_do"
+
+
+def test_used_expired_and_unknown_tokens_are_refused_with_the_reason(tmp_path, site, receiver):
+    (token,) = make_tokens(receiver, site)
+    assert boot(tmp_path, enrolment_file(tmp_path, site, token, "cp-a"), "cp-a").outcome == "enrolled"
+    (expired,) = make_tokens(receiver, site, expires_in_s=-60)
+    cases = {"cp-b": (token, "used"), "cp-c": (expired, "expired"), "cp-d": (new_token(), "unknown")}
+    for device_id, (presented, reason) in cases.items():
+        path = enrolment_file(tmp_path, site, presented, device_id)
+        outcome = boot(tmp_path, path, device_id)
+        assert (outcome.outcome, outcome.reason) == ("refused", reason), device_id
+        assert tomllib.loads(path.read_text())["token"] == presented  # left for the installer to see
+        state = json.loads((tmp_path / f"box-{device_id}/var/lib/edge-agent/enrolment.json").read_text())
+        assert state["reason"] == reason
+        assert receiver.counters[f"enrolment_{reason}"] == 1
+        assert not [d for d in receiver.keyring.devices() if d.device_id == device_id]
+
+
+def test_a_token_for_operator_approval_queues_the_box_until_approved(tmp_path, site, receiver, capsys):
+    config = str(site.receiver_toml_path())
+    assert main(["centre", "token", "create", "--config", config, "--site", site.site, "--kind", "call-point",
+                 "--approve", "operator", "--expires-in", "1"]) == 0  # fmt: skip
+    token = capsys.readouterr().out.strip()
+    path = enrolment_file(tmp_path, site, token, "cp-op")
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(outcome=boot(tmp_path, path, "cp-op")), daemon=True)
+    worker.start()
+    assert wait_until(lambda: receiver.counters["enrolment_pending"] >= 1, 15)
+    assert not [d for d in receiver.keyring.devices() if d.device_id == "cp-op"]
+    assert main(["centre", "enrolments", "list", "--config", config]) == 0
+    (pending,) = json.loads(capsys.readouterr().out)
+    assert (pending["device"], pending["state"]) == ("cp-op", "pending")
+    assert main(["centre", "enrolments", "approve", str(pending["id"]), "--config", config]) == 0
+    worker.join(20)
+    assert done["outcome"].outcome == "enrolled"
+    assert [d.device_id for d in receiver.keyring.devices()] == ["cp-op"]
+    assert "token" not in tomllib.loads(path.read_text())
+    assert main(["centre", "enrolments", "reject", str(pending["id"]), "--config", config]) != 0
+    assert "is approved, not pending" in capsys.readouterr().err
+
+
+def test_a_rejected_request_is_refused_with_the_reason(tmp_path, site, receiver):
+    (token,) = make_tokens(receiver, site, approve="operator")
+    path = enrolment_file(tmp_path, site, token, "cp-no")
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(outcome=boot(tmp_path, path, "cp-no")), daemon=True)
+    worker.start()
+    book = TokenBook(receiver.store)
+    assert wait_until(lambda: book.requests("pending"), 15)
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["centre", "enrolments", "reject", str(book.requests("pending")[0].id), "--config",
+              str(site.receiver_toml_path()), "--reason", "not ours"])  # fmt: skip
+    worker.join(20)
+    assert (done["outcome"].outcome, done["outcome"].reason, done["outcome"].detail) == (
+        "refused",
+        "rejected",
+        "not ours",
+    )
+
+
+def test_the_acl_lets_any_client_ask_to_enrol_only_under_its_own_client_id():
+    acl = acl_text("edge", "centre-receiver")
+    assert "pattern write edge/_enrol/%c/request" in acl and "pattern read edge/_enrol/%c/result" in acl
+    receiver_part = acl.split("user centre-receiver")[1]
+    assert "topic read edge/_enrol/+/request" in receiver_part and "topic write edge/_enrol/+/result" in receiver_part
+
+
+# The request parser: whatever arrives is a request or a SignatureInvalid, never another exception.
+
+
+@pytest.fixture(scope="module")
+def device_key(tmp_path_factory):
+    return generate_private_key(tmp_path_factory.mktemp("key") / "device-key.pem")
+
+
+def test_a_valid_request_parses_and_a_foreign_signature_does_not(device_key, tmp_path):
+    record = enrolment_record("cp-1", "site-a", "call-point", device_key)
+    token, request_id = sign_request(MessageSigner(device_key), new_token(), record)
+    parsed = parse_request(token.encode())
+    assert (parsed.device.device_id, parsed.claims.request_id) == ("cp-1", request_id)
+    other = generate_private_key(tmp_path / "other.pem")
+    forged, _ = sign_request(MessageSigner(other), new_token(), record)  # someone else's key, this record
+    with pytest.raises(SignatureInvalid, match="not signed with the key its record carries"):
+        parse_request(forged.encode())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    token=st.text(max_size=40) | st.just(new_token()),
+    record_changes=st.dictionaries(
+        st.sampled_from(["device_id", "site", "kind", "jwk", "position", "location", "extra"]), json_values, max_size=3
+    ),
+    extra_claims=st.dictionaries(st.sampled_from(["csr", "v", "kind", "sent", "unknown"]), json_values, max_size=2),
+)
+def test_request_parser_accepts_or_refuses_with_a_reason(device_key, token, record_changes, extra_claims):
+    record = {**enrolment_record("cp-1", "site-a", "call-point", device_key), **record_changes}
+    claims = {"v": 1, "kind": "enrol-request", "request_id": str(uuid.uuid4()), "token": token, "record": record}
+    claims |= {"sent": time.time(), **extra_claims}
+    payload = MessageSigner(device_key).sign(claims).encode()
+    try:
+        parsed = parse_request(payload)
+    except SignatureInvalid as exc:
+        assert exc.reason in ("malformed", "oversized", "bad_signature")
+        return
+    assert parsed.claims.token == token and parsed.device.kid == record["kid"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_request_parser_never_raises_anything_else_on_arbitrary_bytes(payload):
+    with pytest.raises(SignatureInvalid):
+        parse_request(payload)
