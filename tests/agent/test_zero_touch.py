@@ -10,16 +10,22 @@ import time
 import tomllib
 import uuid
 
+import paho.mqtt.client as paho
 import pytest
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.centre.ca import acl_text
+from agent.centre.ca import DeviceCA, acl_text, listener_lines, verify_issued, write_broker_config
 from agent.centre.enrolment_tokens import TokenBook, new_token, token_hash
+from agent.centre.receiver import Receiver
 from agent.cli import main
+from agent.config.centre import load_receiver_config
 from agent.config.device import load_agent_config
+from agent.demo.broker import LocalBroker
+from agent.demo.site import LocalSite
 from agent.device.agent import Agent
-from agent.errors import SignatureInvalid
+from agent.errors import MosquittoMissing, SignatureInvalid
 from agent.install.first_boot import first_boot
 from agent.protocol.enrolment import enrolment_record
 from agent.protocol.signing import MessageSigner, generate_private_key
@@ -196,3 +202,85 @@ def test_request_parser_accepts_or_refuses_with_a_reason(device_key, token, reco
 def test_request_parser_never_raises_anything_else_on_arbitrary_bytes(payload):
     with pytest.raises(SignatureInvalid):
         parse_request(payload)
+
+
+# Over TLS with the generated broker configuration: the shared bootstrap certificate, a CSR, the device CA.
+
+
+@pytest.fixture
+def tls_site(tmp_path):
+    """mosquitto with 'centre broker-config' output (client certificates, ACL) and a receiver holding the device CA."""
+    tmp_path.chmod(0o755)
+    ca = DeviceCA(tmp_path / "ca")
+    ca.init()
+    out = tmp_path / "broker"
+    write_broker_config(ca, out, hosts=("127.0.0.1",))
+    try:
+        broker = LocalBroker(
+            workdir=tmp_path / "mosquitto",
+            global_config=f"acl_file {out / 'acl'}",
+            listener_config=listener_lines(out, ca.crl_path),
+        )
+        broker.start()
+    except MosquittoMissing as exc:
+        pytest.skip(str(exc))
+    site = LocalSite(tmp_path / "site", broker, site="site-a")
+    path = site.receiver_toml_path()
+    text = path.read_text().replace("[receiver]\n", f'[receiver]\nca_dir = "{ca.directory}"\n', 1)
+    tls = f'enabled = true\nca_file = "{out / "ca.pem"}"\ncert_file = "{out / "receiver.pem"}"\n'
+    path.write_text(text.replace("enabled = false\n", tls + f'key_file = "{out / "receiver-key.pem"}"\n'))
+    yield site, ca, out
+    broker.close()
+
+
+def paho_client(broker, out, client_id):
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.tls_set(
+        ca_certs=str(out / "ca.pem"), certfile=str(out / "enrolment.pem"), keyfile=str(out / "enrolment-key.pem")
+    )
+    acks = {}
+    client.on_publish = lambda c, u, mid, rc, p: acks.__setitem__(mid, rc)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client, acks
+
+
+def test_over_tls_the_bootstrap_certificate_enrols_a_box_that_then_alerts_with_its_own(
+    tmp_path, tls_site, mock_factory
+):
+    site, ca, out = tls_site
+    with Receiver(load_receiver_config(site.receiver_toml_path())) as receiver:
+        assert receiver.link.wait_subscribed(10)
+        (token,) = make_tokens(receiver, site)
+        path = tmp_path / "edge-agent-enrol.toml"
+        path.write_text(
+            f'site = "site-a"\nkind = "call-point"\nbroker = "mqtts://127.0.0.1:{site.broker.port}"\n'
+            f'device_id = "cp-tls"\ntoken = "{token}"\ncsr = true\n'
+            f"centre_keys = '''{json.dumps(site.centre_keys)}'''\nca_cert = '''{(out / 'ca.pem').read_text()}'''\n"
+            f"enrol_cert = '''{(out / 'enrolment.pem').read_text()}'''\n"
+            f"enrol_key = '''{(out / 'enrolment-key.pem').read_text()}'''\n"
+        )
+        outcome = first_boot(path, tmp_path / "box", timeout_s=20, retry_s=0.5)
+        assert outcome.outcome == "enrolled", outcome
+        cert = x509.load_pem_x509_certificate(
+            (tmp_path / "box/etc/edge-agent/credentials/client-cert.pem").read_bytes()
+        )
+        verify_issued(ca, cert)
+        assert cert.subject.rfc4514_string() == "CN=site-a/cp-tls"
+        config = load_agent_config(tmp_path / "box/etc/edge-agent/agent.toml")
+        with Agent(config, pin_factory=mock_factory) as agent:
+            assert agent.link.wait_connected(10)
+            press(mock_factory.pin(17))
+            assert wait_until(lambda: agent.delivery.stats.acknowledged >= 1, 15)
+        # The bootstrap identity on every card may ask to enrol under its own client id, and nothing else.
+        client, acks = paho_client(site.broker, out, "enrol-x")
+        try:
+            own = client.publish("edge/_enrol/enrol-x/request", b"{}", qos=1).mid
+            other = client.publish("edge/_enrol/enrol-y/request", b"{}", qos=1).mid
+            alert = client.publish("edge/site-a/cp-tls/alert", b"forged", qos=1).mid
+            assert wait_until(lambda: {own, other, alert} <= set(acks), 10)
+            assert not acks[own].is_failure
+            assert str(acks[other]) == str(acks[alert]) == "Not authorized"
+        finally:
+            client.disconnect()
+            client.loop_stop()
