@@ -28,7 +28,7 @@ from agent.device.agent import Agent
 from agent.errors import MosquittoMissing, SignatureInvalid
 from agent.install.first_boot import first_boot
 from agent.protocol.enrolment import enrolment_record
-from agent.protocol.signing import MessageSigner, generate_private_key
+from agent.protocol.signing import MessageSigner, generate_private_key, key_id, public_key_from_jwk, verify_claims
 from agent.protocol.zero_touch import parse_request, sign_request
 from tests.conftest import wait_until
 
@@ -284,3 +284,85 @@ def test_over_tls_the_bootstrap_certificate_enrols_a_box_that_then_alerts_with_i
         finally:
             client.disconnect()
             client.loop_stop()
+
+
+# The desk's decisions, on the running receiver's own store, keyring and key (answers collected, not sent).
+
+
+def ask(receiver, site, key, token, device_id="cp-9", site_name="demo-site", kind="call-point", client="enrol-cp-9"):
+    """One request through the receiver's enrolment desk; returns (decision, the signed answer's claims)."""
+    from agent.protocol.zero_touch import EnrolmentResultClaims, enrolment_topic
+
+    sent = []
+    request, _ = sign_request(MessageSigner(key), token, enrolment_record(device_id, site_name, kind, key))
+    topic = enrolment_topic("edge", client, "request")
+    decision = receiver.enrolment.handle(topic, request.encode(), lambda t, p: sent.append((t, p)))
+    if decision is None:
+        return None, sent
+    ((answer_topic, payload),) = sent
+    assert answer_topic == enrolment_topic("edge", client, "result")
+    centre_key = public_key_from_jwk(site.centre_jwk, "centre")
+    return decision, verify_claims(EnrolmentResultClaims, payload, centre_key)
+
+
+def test_the_same_key_asking_again_gets_the_same_answer_another_key_is_refused(tmp_path, receiver, site):
+    (token,) = make_tokens(receiver, site)
+    key, other = (generate_private_key(tmp_path / f"{n}.pem") for n in ("a", "b"))
+    first, answer = ask(receiver, site, key, token)
+    assert (first.outcome, answer.outcome, answer.device) == ("enrolled", "enrolled", "cp-9")
+    again, answer = ask(receiver, site, key, token)  # the first answer was lost on the way: asked again
+    assert (again.outcome, answer.outcome) == ("enrolled", "enrolled")
+    refused, answer = ask(receiver, site, other, token, device_id="cp-10")
+    assert (refused.reason, answer.reason) == ("used", "used")
+    (fresh,) = make_tokens(receiver, site)
+    taken, _ = ask(receiver, site, other, fresh)  # a second key for an enrolled device id: never a takeover
+    assert taken.reason == "device_exists"
+    assert [d.kid for d in receiver.keyring.devices()] == [key_id(key)]
+
+
+def test_a_token_for_another_site_or_kind_is_refused_and_stays_unused(tmp_path, receiver, site):
+    key = generate_private_key(tmp_path / "a.pem")
+    (token,) = make_tokens(receiver, site, kind="camera-box")
+    assert ask(receiver, site, key, token)[0].reason == "wrong_kind"
+    assert ask(receiver, site, key, token, site_name="elsewhere")[0].reason == "wrong_site"
+    assert TokenBook(receiver.store).token(token_hash(token)).state == "unused"
+    assert ask(receiver, site, key, token, kind="camera-box")[0].outcome == "enrolled"
+
+
+def test_a_malformed_request_over_the_broker_is_counted_and_never_answered(receiver, site):
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="enrol-junk", protocol=paho.MQTTv5)
+    answers = []
+    client.on_message = lambda c, u, m: answers.append(m.topic)
+    client.connect(site.broker.host, site.broker.port)
+    client.loop_start()
+    try:
+        client.subscribe("edge/_enrol/enrol-junk/result", qos=1)
+        for payload in (b"not a jws", b"x" * 20000, b"eyJhbGciOiJub25lIn0.e30."):
+            client.publish("edge/_enrol/enrol-junk/request", payload, qos=1)
+        assert wait_until(lambda: receiver.counters["enrolment_malformed"] == 3, 10)
+        assert receiver.problems() == []
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert answers == []
+
+
+def test_tokens_and_requests_on_postgresql(postgres, tmp_path):
+    from agent.centre.store_postgres import PostgresStore
+    from tests.centre.test_store_backends import fresh_database
+
+    with PostgresStore(fresh_database(postgres)) as store:
+        assert store.schema_version() == 4
+        book = TokenBook(store)
+        (token,) = book.create("s", "call-point", 1, time.time() + 60, "operator", time.time())
+        key = generate_private_key(tmp_path / "k.pem")
+        record = enrolment_record("cp-1", "s", "call-point", key)
+        with store.transaction():
+            book.add_request(token_hash(token), "enrol-cp-1", record, None, "pending", time.time())
+            book.bind(token_hash(token), "pending", "cp-1", record["kid"], time.time())
+        (pending,) = book.requests("pending")
+        assert (pending.device, pending.record["kid"], book.token(token_hash(token)).state) == (
+            "cp-1",
+            record["kid"],
+            "pending",
+        )
