@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import tempfile
@@ -114,6 +115,10 @@ def _record(enrolment: EnrolmentFile, root: Path, state_dir: Path) -> dict[str, 
     kept = state_dir / RECORD
     if kept.is_file():
         return json.loads(kept.read_text(encoding="utf-8"))
+    if (root / "etc/edge-agent/credentials/device-key.pem").is_file():
+        record = _record_of_provisioned(enrolment, root)  # provisioned, then stopped before the record was kept
+        write_file_atomically(kept, (json.dumps(record) + "\n").encode(), 0o600)
+        return record
     with tempfile.TemporaryDirectory() as scratch:
         centre = Path(scratch) / "centre.jwk"
         centre.write_text(enrolment.centre_keys)
@@ -141,6 +146,25 @@ def _record(enrolment: EnrolmentFile, root: Path, state_dir: Path) -> dict[str, 
             re.sub(r"(?m)^(port = \d+)$", rf'\1\ntopic_prefix = "{enrolment.topic_prefix}"', text, count=1)
         )
     write_file_atomically(kept, (json.dumps(record) + "\n").encode(), 0o600)
+    return record
+
+
+def _record_of_provisioned(enrolment: EnrolmentFile, root: Path) -> dict[str, Any]:
+    """The record of a box provisioned by an earlier attempt, from its config and key (a new CSR if one is wanted)."""
+    from agent.config.device import load_agent_config
+    from agent.install.provisioning import tls_key_and_csr
+    from agent.protocol.enrolment import Position, enrolment_record
+
+    config = load_agent_config(root / "etc/edge-agent/agent.toml")
+    credentials = root / "etc/edge-agent/credentials"
+    key = load_private_key(credentials / "device-key.pem")
+    location = config.buttons[0].location if config.buttons else ""
+    position = Position(enrolment.lat, enrolment.lon) if enrolment.lat is not None else None
+    record = enrolment_record(
+        config.device.id, config.device.site, config.device.kind, key, position=position, location=location
+    )
+    if enrolment.csr:
+        record["csr"] = tls_key_and_csr(credentials / "client-cert-key.pem", config.device.site, config.device.id)
     return record
 
 
@@ -182,9 +206,9 @@ def _ask(
                 token, _ = sign_request(signer, str(enrolment.token), public, csr, request_id)  # a fresh send time
                 link.publish(enrolment_topic(enrolment.topic_prefix, client_id, "request"), token.encode(), qos=1)
             result = _wait_answer(answers, centre_key, str(request_id), min(retry_s, deadline - time.monotonic()))
-            if result is None or result.outcome == "pending":
+            if result is None or result.outcome == "pending" or result.reason == "internal_error":
                 if result is not None:
-                    log.info("enrolment of %s is waiting for an operator's approval", device_id)
+                    log.info("enrolment of %s: %s %s, asking again", device_id, result.outcome, result.detail)
                 continue
             if result.outcome == "enrolled" and result.cert:
                 write_file_atomically(credentials / "client-cert.pem", result.cert.encode(), 0o644)
@@ -242,7 +266,26 @@ def remove_token(path: Path) -> None:
     stripped = _TOKEN_LINE.sub("", text)
     if "token" in tomllib.loads(stripped):
         raise ConfigError(f'{path}: could not remove the token (write it as one line: token = "...")')
-    write_file_atomically(Path(path), stripped.encode(), 0o600)
+    replace_on_boot_partition(Path(path), stripped.encode())
+
+
+def replace_on_boot_partition(path: Path, data: bytes) -> None:
+    """Write a temporary file beside ``path``, sync it, rename it over ``path``, sync the directory.
+
+    No chmod: the boot partition is FAT, where changing permission bits fails (EPERM) and means nothing.
+    A power cut leaves the old file or the new one, never a half-written one.
+    """
+    tmp = path.with_name(path.name + ".new")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _json(text: str, what: str) -> Any:

@@ -28,7 +28,14 @@ from agent.device.agent import Agent
 from agent.errors import MosquittoMissing, SignatureInvalid
 from agent.install.first_boot import first_boot
 from agent.protocol.enrolment import enrolment_record
-from agent.protocol.signing import MessageSigner, generate_private_key, key_id, public_key_from_jwk, verify_claims
+from agent.protocol.signing import (
+    MessageSigner,
+    generate_private_key,
+    key_id,
+    load_private_key,
+    public_key_from_jwk,
+    verify_claims,
+)
 from agent.protocol.zero_touch import parse_request, sign_request
 from tests.conftest import wait_until
 
@@ -366,3 +373,23 @@ def test_tokens_and_requests_on_postgresql(postgres, tmp_path):
             record["kid"],
             "pending",
         )
+
+
+def test_a_refused_box_enrols_with_the_same_key_once_the_installer_fixes_the_token(tmp_path, site, receiver):
+    path = enrolment_file(tmp_path, site, new_token(), "cp-r")
+    assert boot(tmp_path, path, "cp-r").reason == "unknown"
+    credentials = tmp_path / "box-cp-r/etc/edge-agent/credentials"
+    key_before = (credentials / "device-key.pem").read_bytes()
+    (tmp_path / "box-cp-r/var/lib/edge-agent/enrolment-record.json").unlink()  # as if stopped before it was kept
+    (token,) = make_tokens(receiver, site)
+    path.write_text(
+        "\n".join(f'token = "{token}"' if x.startswith("token") else x for x in path.read_text().split("\n"))
+    )
+    assert boot(tmp_path, path, "cp-r").outcome == "enrolled"
+    assert (credentials / "device-key.pem").read_bytes() == key_before
+    (enrolled,) = receiver.keyring.devices()
+    assert (enrolled.device_id, enrolled.kid, enrolled.location) == (
+        "cp-r",
+        key_id(load_private_key(credentials / "device-key.pem")),
+        "North gate",
+    )
