@@ -393,3 +393,15 @@ def test_a_refused_box_enrols_with_the_same_key_once_the_installer_fixes_the_tok
         key_id(load_private_key(credentials / "device-key.pem")),
         "North gate",
     )
+
+
+def test_the_command_exits_1_with_the_reason_on_refusal_and_0_when_there_is_nothing_to_do(
+    tmp_path, site, receiver, capsys
+):
+    path = enrolment_file(tmp_path, site, new_token(), "cp-cli")
+    root = str(tmp_path / "box-cli")
+    args = ["enrol-first-boot", "--file", str(path), "--root", root, "--timeout", "20", "--retry", "0.5"]
+    assert main(args) == 1
+    assert "enrolment refused (unknown): no such enrolment token" in capsys.readouterr().err
+    path.write_text("\n".join(x for x in path.read_text().split("\n") if not x.startswith("token")))
+    assert main(args) == 0
