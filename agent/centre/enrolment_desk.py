@@ -5,7 +5,7 @@ A valid, unused, unexpired token for the request's site and kind enrols the devi
 (its record goes into the keyring, its CSR, if any, is signed by the device CA), or, for a token
 made with ``--approve operator``, queues it for ``edge-agent centre enrolments approve ID``.
 Every refusal has a reason (``unknown``, ``used``, ``expired``, ``rejected``, ``wrong_site``,
-``wrong_kind``, ``device_exists``, ``malformed``), counted and sent back to the device.
+``wrong_kind``, ``device_exists``, ``no_device_ca``, ``malformed``), counted and sent back to the device.
 A malformed request gets no answer: there is no verified key to answer.
 """
 
@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.centre.enrolment_tokens import RequestRow, TokenBook, token_hash
@@ -85,6 +86,10 @@ class EnrolmentDesk:
             holder = next((d for d in self.keyring.devices() if d.device_id == device.device_id), None)
             if holder is not None and holder.kid != device.kid:
                 return Decision("refused", "device_exists", f"{device.device_id} is enrolled with another key")
+            if claims.csr is not None and not has_device_ca(self.ca_dir):  # the token stays unused
+                return Decision(
+                    "refused", "no_device_ca", "the box asks for a certificate; the centre has no device CA"
+                )
             record = {**claims.record, "kid": device.kid}
             state = "pending" if row.approve == "operator" else "approved"
             self.book.add_request(hashed, client_id, record, claims.csr, state, now)
@@ -179,12 +184,17 @@ def enrol_request(keyring: Keyring, ca_dir, request: RequestRow) -> Decision:
     return Decision("enrolled", cert=cert)
 
 
-def _issue(ca_dir, request: RequestRow) -> str | None:
-    from agent.centre.ca import CA_KEY, DeviceCA, device_identity, pem_cert
+def has_device_ca(ca_dir) -> bool:
+    from agent.centre.ca import CA_KEY
+
+    return (Path(ca_dir) / CA_KEY).is_file()
+
+
+def _issue(ca_dir, request: RequestRow) -> str:
+    from agent.centre.ca import DeviceCA, device_identity, pem_cert
 
     ca = DeviceCA(ca_dir)
-    if not (ca.directory / CA_KEY).exists():
-        log.warning("enrolment %d has a CSR but there is no device CA in %s: no certificate", request.id, ca.directory)
-        return None
+    if not has_device_ca(ca_dir):
+        raise ConfigError(f"request {request.id} has a CSR but there is no device CA in {ca.directory}")
     cert = ca.issue_for_csr(request.csr, device_identity(request.site, request.device), f"enrolment {request.id}")
     return pem_cert(cert).decode()

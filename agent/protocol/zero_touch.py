@@ -32,8 +32,11 @@ MAX_REQUEST_BYTES = 16 * 1024
 #: A token: 128 random bits (22 base64url characters) after this prefix; nothing shorter is a token.
 TOKEN_PREFIX = "et1_"
 TOKEN_PATTERN = r"^et1_[A-Za-z0-9_-]{22,86}$"
-#: Why a request was refused, as the device and the centre's counters see it.
-Refusal = Literal["unknown", "used", "expired", "rejected", "wrong_site", "wrong_kind", "malformed", "ca_failed"]
+#: Why a request was refused, as the device and the centre's counters (``enrolment_<reason>``) see it.
+REFUSALS = (
+    "unknown", "used", "expired", "rejected", "wrong_site", "wrong_kind", "device_exists", "no_device_ca",
+    "internal_error",
+)  # fmt: skip
 
 
 def enrolment_topic(prefix: str, client_id: str, which: Literal["request", "result"]) -> str:

@@ -296,12 +296,22 @@ def test_over_tls_the_bootstrap_certificate_enrols_a_box_that_then_alerts_with_i
 # The desk's decisions, on the running receiver's own store, keyring and key (answers collected, not sent).
 
 
-def ask(receiver, site, key, token, device_id="cp-9", site_name="demo-site", kind="call-point", client="enrol-cp-9"):
+def ask(
+    receiver,
+    site,
+    key,
+    token,
+    device_id="cp-9",
+    site_name="demo-site",
+    kind="call-point",
+    client="enrol-cp-9",
+    csr=None,
+):
     """One request through the receiver's enrolment desk; returns (decision, the signed answer's claims)."""
     from agent.protocol.zero_touch import EnrolmentResultClaims, enrolment_topic
 
     sent = []
-    request, _ = sign_request(MessageSigner(key), token, enrolment_record(device_id, site_name, kind, key))
+    request, _ = sign_request(MessageSigner(key), token, enrolment_record(device_id, site_name, kind, key), csr)
     topic = enrolment_topic("edge", client, "request")
     decision = receiver.enrolment.handle(topic, request.encode(), lambda t, p: sent.append((t, p)))
     if decision is None:
@@ -405,3 +415,14 @@ def test_the_command_exits_1_with_the_reason_on_refusal_and_0_when_there_is_noth
     assert "enrolment refused (unknown): no such enrolment token" in capsys.readouterr().err
     path.write_text("\n".join(x for x in path.read_text().split("\n") if not x.startswith("token")))
     assert main(args) == 0
+
+
+def test_a_csr_without_a_device_ca_is_refused_and_the_token_stays_unused(tmp_path, site, receiver):
+    from agent.install.provisioning import tls_key_and_csr
+
+    (token,) = make_tokens(receiver, site)
+    key = generate_private_key(tmp_path / "a.pem")
+    csr = tls_key_and_csr(tmp_path / "tls-key.pem", site.site, "cp-9")
+    decision, answer = ask(receiver, site, key, token, csr=csr)
+    assert (decision.reason, answer.reason) == ("no_device_ca", "no_device_ca")
+    assert TokenBook(receiver.store).token(token_hash(token)).state == "unused"
