@@ -265,6 +265,8 @@ def verify_issued(ca: DeviceCA, cert: x509.Certificate) -> None:
         raise ConfigError(f"certificate not issued by {ca.cert_path}: {exc}") from None
 
 
+#: The common name of the shared bootstrap certificate that unenrolled devices connect with.
+BOOTSTRAP_NAME = "enrolment"
 DEVICE_WRITES = ("alert", "event", "telemetry", "status", "evidence")
 DEVICE_READS = ("ack", "evidence-request", "config", "command")
 RECEIVER_READS = ("alert", "event", "telemetry", "status", "evidence")
@@ -285,9 +287,16 @@ def acl_text(prefix: str, receiver_name: str) -> str:
     ]
     lines += [f"pattern write {prefix}/%u/{channel}" for channel in DEVICE_WRITES]
     lines += [f"pattern read {prefix}/%u/{channel}" for channel in DEVICE_READS]
+    lines += [
+        "# Zero-touch enrolment: any client (the shared bootstrap identity 'enrolment' included) may ask to enrol",
+        "# under its own client id ('%c') and read only its own answer; the bootstrap identity can do nothing else.",
+        f"pattern write {prefix}/_enrol/%c/request",
+        f"pattern read {prefix}/_enrol/%c/result",
+    ]
     lines += ["", f"user {receiver_name}"]
     lines += [f"topic read {prefix}/+/+/{channel}" for channel in RECEIVER_READS]
     lines += [f"topic write {prefix}/+/+/{channel}" for channel in RECEIVER_WRITES]
+    lines += [f"topic read {prefix}/_enrol/+/request", f"topic write {prefix}/_enrol/+/result"]
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +328,10 @@ def write_broker_config(
     write_private(out / "receiver-key.pem", receiver_key)
     write_public(out / "receiver.pem", pem_cert(receiver_cert))
     write_public(out / "acl", acl.encode())
+    # The shared bootstrap identity for zero-touch enrolment: on every card, so it may only ask to enrol (see acl).
+    bootstrap_key, bootstrap_cert = ca.issue_with_key(BOOTSTRAP_NAME)
+    write_private(out / "enrolment-key.pem", bootstrap_key)
+    write_public(out / "enrolment.pem", pem_cert(bootstrap_cert))
     conf = (
         "# Written by 'edge-agent centre broker-config'. One identity per device: see acl.\n"
         "per_listener_settings false\nallow_anonymous false\n"

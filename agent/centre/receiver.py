@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.centre.enrolment_desk import EnrolmentDesk
+from agent.centre.enrolment_tokens import TokenBook
 from agent.centre.forwarding import Forwarding
 from agent.centre.keyring import Keyring
 from agent.centre.metrics import receiver_metrics
@@ -44,6 +46,7 @@ from agent.errors import SignatureInvalid
 from agent.mqtt.link import Inbound, MqttLink
 from agent.protocol.messages import ACKNOWLEDGED_KINDS, CHANNEL_OF_KIND, AckClaims, MessageClaims, TopicLayout
 from agent.protocol.signing import ALGORITHM, MessageSigner, load_private_key, open_token, verify_claims
+from agent.protocol.zero_touch import request_filter
 from agent.runtime.guard import LoopGuard
 
 log = logging.getLogger(__name__)
@@ -267,6 +270,11 @@ class Receiver:
         )
         self.on_verdict = on_verdict
         self.on_device_event = on_device_event
+        # Zero-touch enrolment: one-time tokens from 'centre token create' (see enrolment_desk).
+        self.enrolment = EnrolmentDesk(
+            TokenBook(self.store), self.keyring, config.ca_path, self.signer, self.topics.prefix, clock
+        )
+        self.enrolment.counters = self.checker.counters
         self.registry = self.store.registry(settings.supervision_s)
         self.metrics = receiver_metrics(settings.metrics_address, self.registry, self.keyring)
         self.forwarding = Forwarding(config, self.store, clock)  # [[forward.arc]]: on to alarm receiving centres
@@ -297,6 +305,7 @@ class Receiver:
         for channel in ("alert", "event", "telemetry"):
             link.subscribe(f"$share/{group}/{prefix}/+/+/{channel}")
         link.subscribe(f"{prefix}/+/+/status")
+        link.subscribe(f"$share/{group}/{request_filter(prefix)}")
         # Bounded twice: the broker should hand over at most max_inflight unacknowledged messages (Receive
         # Maximum), and when it does not (mosquitto 2.0 once acknowledgements flow), a full inbox blocks
         # paho's network thread, so TCP pushes back on the broker instead of this queue growing.
@@ -380,6 +389,11 @@ class Receiver:
                 self._hand_on(None)
                 return
             inbound, at = item
+            if self.enrolment.takes(inbound.topic):  # an enrolment request: answered here, never stored as a message
+                with self.screener.step("enrolment"):
+                    self.enrolment.handle(inbound.topic, inbound.payload, (inbound.link or self.link).publish)
+                (inbound.link or self.link).ack(inbound)
+                continue
             self._hand_on(Screened(inbound, at, self.checker.screen(inbound.topic, inbound.payload, at)))
 
     def _hand_on(self, item: Screened | None) -> None:

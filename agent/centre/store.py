@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.centre import enrolment_tokens
 from agent.centre.forward_queue import migrate_sqlite
 from agent.centre.registry import DeviceRegistry, atomic
 from agent.errors import AgentError
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from agent.config.centre import ReceiverConfig
 
 #: The schema version this code knows; a database at a newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SQLITE_V1 = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -139,7 +140,12 @@ class ReceiverStore:
 
     def _migrations(self) -> list[Callable[[], None]]:
         """Step n brings the schema from version n to n + 1 (inside one transaction)."""
-        return [self._sqlite_v1, self._sqlite_v2, lambda: migrate_sqlite(self._db)]
+        return [
+            self._sqlite_v1,
+            self._sqlite_v2,
+            lambda: migrate_sqlite(self._db),
+            lambda: enrolment_tokens.migrate_sqlite(self._db),
+        ]
 
     def _sqlite_v1(self) -> None:
         for statement in _SQLITE_V1.split(";"):

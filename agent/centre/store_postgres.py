@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from agent.centre import enrolment_tokens
 from agent.centre.forward_queue import migrate_postgres
 from agent.centre.store import ReceiverStore, StoreError
 
@@ -222,7 +223,12 @@ class PostgresStore(ReceiverStore):
             return self._db.execute_all(statements)
 
     def _migrations(self) -> list[Callable[[], None]]:
-        return [self._postgres_v1, self._postgres_v2, lambda: migrate_postgres(self._db)]
+        return [
+            self._postgres_v1,
+            self._postgres_v2,
+            lambda: migrate_postgres(self._db),
+            lambda: enrolment_tokens.migrate_postgres(self._db),
+        ]
 
     def _postgres_v1(self) -> None:
         self._db.execute(_POSTGRES_V1)

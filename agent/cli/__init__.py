@@ -28,6 +28,8 @@ from agent.cli.centre import (
     cmd_receiver_init,
     cmd_receiver_run,
 )
+from agent.cli.enrolment import add_centre_commands as add_enrolment_commands
+from agent.cli.enrolment import add_device_command as add_first_boot_command
 from agent.cli.forwarders import cmd_receiver_forwarders
 from agent.cli.output import print_json, stop_on_signals
 from agent.errors import AgentError, ConfigError, ModelError
@@ -513,6 +515,7 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--lifetime", type=float, default=60, help="seconds the command stays valid (at most 3600)")
     command.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
     command.set_defaults(func=cmd_centre_command)
+    add_enrolment_commands(sub)  # centre token create, centre enrolments list|approve|reject
 
 
 def _add_install_commands(commands: argparse._SubParsersAction) -> None:
@@ -544,6 +547,7 @@ def _add_install_commands(commands: argparse._SubParsersAction) -> None:
     )
     prov.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
     prov.set_defaults(func=cmd_provision)
+    add_first_boot_command(commands)  # enrol-first-boot: zero-touch enrolment from the boot partition
 
     selftest = commands.add_parser("selftest", help="check every part of this box; exit 1 if any fails")
     selftest.add_argument("--config", type=Path, required=True)

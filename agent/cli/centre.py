@@ -329,7 +329,7 @@ def cmd_centre_broker_config(args: argparse.Namespace) -> int:
         hosts=tuple(args.host or ["localhost"]),
         port=args.port,
     )
-    print(f"wrote {conf}, acl, server and receiver certificates in {args.out}")
+    print(f"wrote {conf}, acl, server, receiver and enrolment (bootstrap) certificates in {args.out}")
     print(
         f"the receiver connects with tls cert_file {Path(args.out) / 'receiver.pem'}, "
         f"key_file {Path(args.out) / 'receiver-key.pem'}; mosquitto must be able to read server-key.pem",
