@@ -129,6 +129,8 @@ fi
 # 6. systemd units (enabled; started after provisioning).
 run install -d -m 0755 "$R/etc/systemd/system"
 run install -m 0644 "$SOURCE/systemd/edge-agent.service" "$R/etc/systemd/system/edge-agent.service"
+# zero-touch enrolment at first boot: does nothing unless an enrolment file is on the boot partition
+run install -m 0644 "$SOURCE/systemd/edge-agent-enrol.service" "$R/etc/systemd/system/edge-agent-enrol.service"
 [ "$RECEIVER" = 1 ] && run install -m 0644 "$SOURCE/systemd/edge-agent-receiver.service" "$R/etc/systemd/system/edge-agent-receiver.service"
 
 # 7. Credentials: the units get only the files their drop-in lists (LoadCredential=, one per credential the
@@ -142,7 +144,7 @@ fi
 if [ "$R" = "" ]; then
   # Without a running systemd (an image built in a chroot, a container) there is nothing to reload; enable works.
   if [ -d /run/systemd/system ]; then run systemctl daemon-reload; fi
-  run systemctl enable edge-agent.service
+  run systemctl enable edge-agent.service edge-agent-enrol.service
 else
   printf 'skipping systemctl (installing below %s)\n' "$ROOT"
 fi
