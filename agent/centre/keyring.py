@@ -79,14 +79,18 @@ class Keyring:
         self._refresh()
         device = self._by_kid.get(kid)
         if device is None:
-            self._next_look = 0.0
-            self._refresh()
+            self.look_now()
             device = self._by_kid.get(kid)
         return device
 
     def devices(self) -> list[EnrolledDevice]:
         self._refresh()
         return sorted(self._by_kid.values(), key=lambda d: (d.site, d.device_id))
+
+    def look_now(self) -> None:
+        """Look at the directory now, not within LOOK_S: before a decision another process's enrolment could change."""
+        self._next_look = 0.0
+        self._refresh()
 
     def generation(self) -> int:
         """A number that changes whenever the enrolled set may have (the directory was listed again)."""

@@ -125,7 +125,7 @@ def test_a_token_for_operator_approval_queues_the_box_until_approved(tmp_path, s
     assert main(["centre", "enrolments", "approve", str(pending["id"]), "--config", config]) == 0
     worker.join(20)
     assert done["outcome"].outcome == "enrolled"
-    assert [d.device_id for d in receiver.keyring.devices()] == ["cp-op"]
+    assert wait_until(lambda: [d.device_id for d in receiver.keyring.devices()] == ["cp-op"], 5)
     assert "token" not in tomllib.loads(path.read_text())
     assert main(["centre", "enrolments", "reject", str(pending["id"]), "--config", config]) != 0
     assert "is approved, not pending" in capsys.readouterr().err
