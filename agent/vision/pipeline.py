@@ -16,8 +16,8 @@ from agent.config.vision import VisionConfig
 from agent.vision.camera_tamper import CameraTamperDetector
 from agent.vision.detector import Detection, Detector
 from agent.vision.evidence import EvidenceStore
-from agent.vision.motion import MotionDetector, plan_regions
-from agent.vision.rules import RuleEngine, RuleEvent, passes
+from agent.vision.motion import MotionDetector, RegionPlanner
+from agent.vision.rules import RuleEngine, RuleEvent, passes, point_in_polygon
 from agent.vision.tracking import ObjectTracker, Track
 from hw.camera import Frame
 from hw.frame_prefetch import put_unless_stopped
@@ -39,7 +39,15 @@ class VisionPipeline:
         self.config = config
         self.detector = detector
         self.evidence = evidence
-        self.motion = MotionDetector(config.motion.threshold, config.motion.min_area) if config.motion.enabled else None
+        self.excluded = [m.polygon for m in config.privacy_masks] + [a.polygon for a in config.ignore_areas]
+        self.motion = (
+            MotionDetector(config.motion.threshold, config.motion.min_area, excluded=self.excluded)
+            if config.motion.enabled
+            else None
+        )
+        self.planner = RegionPlanner(
+            max(detector.width, detector.height), config.motion.max_regions, config.motion.zoom_budget
+        )
         self.tracker = ObjectTracker()
         self.rules = RuleEngine(config.zones, config.rules)
         self.tamper_rules = [self.rules.situations[r.name] for r in config.rules if r.type == "camera_tamper"]
@@ -65,6 +73,7 @@ class VisionPipeline:
             "runtime": self.detector.runtime,
             "model": self.detector.spec.name,
             "tracked_objects": len(self.tracks),
+            "model_runs_per_frame": round(self.planner.runs / self.planner.frames, 3) if self.planner.frames else 0.0,
         }
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
@@ -104,20 +113,16 @@ class VisionPipeline:
 
     def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
         """Where to run the model: nowhere on a still scene; around motion and every track when something moves;
-        the full frame plus every track on the periodic pass, so stationary objects stay tracked."""
+        the full frame on the periodic pass, so stationary objects stay tracked. The planner bounds the cost."""
         h, w = frame.rgb.shape[:2]
         if self.motion is None:
             return [(0, 0, w, h)]
         moved = self.motion.detect(frame.rgb)
-        side = max(self.detector.width, self.detector.height)
         tracked = [t.box for t in self.tracks]
-        if now - self._last_full >= self.config.motion.full_frame_every_s:
+        full_pass = now - self._last_full >= self.config.motion.full_frame_every_s
+        if full_pass:
             self._last_full = now
-            around_tracks = plan_regions(tracked, w, h, min_side=side, max_regions=self.config.motion.max_regions)
-            return [(0, 0, w, h)] + [r for r in around_tracks if r != (0, 0, w, h)]
-        if not moved:
-            return []
-        return plan_regions(moved + tracked, w, h, min_side=side, max_regions=self.config.motion.max_regions)
+        return self.planner.plan(moved + tracked if moved or full_pass else [], w, h, full_pass=full_pass)
 
     def _detect(self, frame: Frame, regions: list[tuple[int, int, int, int]]) -> list[Detection]:
         """Regions are planned on the small detection frame but cut from the full-size one (picamera2's
@@ -145,6 +150,10 @@ class VisionPipeline:
         return kept
 
     def _detection_ok(self, detection: Detection) -> bool:
+        """Class filters, and nothing standing in a privacy mask or an ignore area."""
+        x1, _, x2, y2 = detection.box
+        if any(point_in_polygon(((x1 + x2) / 2, y2), polygon) for polygon in self.excluded):
+            return False
         rule = self.config.filters.get(detection.label)
         if rule is None:
             return True
