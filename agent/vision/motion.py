@@ -118,6 +118,38 @@ def cover(interest: list[Box], frame_w: int, frame_h: int, min_side: int) -> lis
     return [(region, area) for region, area in squares]
 
 
+def tiles_for(interest: list[Box], frame_w: int, frame_h: int, side: int) -> list[tuple[Region, float]]:
+    """Fixed tiles of the frame at the model's scale holding a small box of interest; each with its smallest area.
+
+    Fixed places (a grid of overlapping squares) rather than squares centred on
+    each frame's motion: a still object is then seen the same way each time it
+    gets a zoom, which keeps its detections, and so its track, steady. Boxes
+    over half a tile wide or tall are left to the full-frame pass.
+    """
+    if side * 1.5 > max(frame_w, frame_h):
+        return []  # a zoom would hardly magnify
+    xs, ys = _starts(frame_w, side), _starts(frame_h, side)
+    best: dict[Region, float] = {}
+    for x1, y1, x2, y2 in interest:
+        bw, bh = (x2 - x1) * frame_w, (y2 - y1) * frame_h
+        if max(bw, bh) > side / 2:
+            continue
+        cx, cy = (x1 + x2) / 2 * frame_w, (y1 + y2) / 2 * frame_h
+        tx = min(xs, key=lambda x: abs(x + side / 2 - cx))
+        ty = min(ys, key=lambda y: abs(y + side / 2 - cy))
+        tile = (tx, ty, min(side, frame_w), min(side, frame_h))
+        best[tile] = min(best.get(tile, float("inf")), bw * bh)
+    return list(best.items())
+
+
+def _starts(length: int, side: int) -> list[int]:
+    """Evenly spaced starts of overlapping tiles of ``side`` covering ``length``."""
+    if side >= length:
+        return [0]
+    count = -(-length // side)
+    return [round(i * (length - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
+
+
 def _inside(box: tuple[float, float, float, float], region: Region) -> bool:
     rx, ry, rw, rh = region
     return rx <= box[0] and ry <= box[1] and box[2] <= rx + rw and box[3] <= ry + rh
@@ -161,7 +193,7 @@ class RegionPlanner:
                 chosen = [full if region[2] >= min(frame_w, frame_h) else region]
                 self.runs += 1
                 return chosen
-        zooms = [(r, a) for r, a in squares if r[2] <= max(frame_w, frame_h) / 2]
+        zooms = tiles_for(interest, frame_w, frame_h, self.min_side)
         regions = [full] + self._spend(zooms)
         self.runs += len(regions)
         return regions

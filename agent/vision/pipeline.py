@@ -8,6 +8,7 @@ reference is added only for rules that ask for it.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import cv2
@@ -97,11 +98,7 @@ class VisionPipeline:
         messages = []
         if self.tamper is not None and now - self._last_tamper_check >= TAMPER_CHECK_EVERY_S:
             self._last_tamper_check = now  # tampering is judged over seconds; 4 looks a second are plenty
-            reason, metrics = self.tamper.check(frame.rgb)
-            for situation in self.tamper_rules:
-                event = situation.step(reason is not None, {"reason": reason or "", **metrics}, now)
-                if event is not None:
-                    messages.append(self._message(event, frame))
+            messages += self._judge_tamper(frame, now)
         if detections is None:
             self.frames_skipped += 1
         else:
@@ -109,6 +106,22 @@ class VisionPipeline:
         confirmed = [t for t in self.tracks if passes(t, self.config.filters)]
         for event in self.rules.evaluate(confirmed, now):
             messages.append(self._message(event, frame))
+        return messages
+
+    def _judge_tamper(self, frame: Frame, now: float) -> list[dict[str, Any]]:
+        """Tamper situations step with each look; a lighting change is one plain event, never a tamper alert."""
+        look = self.tamper.check(frame.rgb)
+        messages = []
+        for situation in self.tamper_rules:
+            event = situation.step(look.reason is not None, {"reason": look.reason or "", **look.metrics}, now)
+            if event is not None:
+                messages.append(self._message(event, frame))
+        if look.lights_changed is not None:
+            details = {"lights": look.lights_changed, **look.metrics}
+            notice = RuleEvent(
+                self.tamper_rules[0].rule.name, "lights_changed", "notice", str(uuid.uuid4()), now, details
+            )
+            messages.append(self._message(notice, frame))
         return messages
 
     def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
