@@ -64,7 +64,7 @@ def vision_config(gated: bool):
     )
 
 
-THREADS = 2
+THREADS: int | None = None  # the detector's default: cores - 1
 
 
 def detector():
@@ -132,10 +132,13 @@ def measure_cpu(frame_count: int) -> dict:
     vtest = load_frames(frame_count)
     still = vtest[0].rgb
     static = [Frame(rgb=still, timestamp=0.0, index=i) for i in range(frame_count)]
-    return {
-        scene: {"gated": cpu_per_video_minute(frames, True), "ungated": cpu_per_video_minute(frames, False)}
-        for scene, frames in (("static", static), ("vtest", vtest))
-    }
+    return {scene: gated_and_ungated(frames) for scene, frames in (("static", static), ("vtest", vtest))}
+
+
+def gated_and_ungated(frames, repeats: int = 2) -> dict:
+    """Least CPU of a few alternating runs of each: other users of a shared machine only ever add to it."""
+    runs = [(cpu_per_video_minute(frames, True), cpu_per_video_minute(frames, False)) for _ in range(repeats)]
+    return {"gated": min(g for g, _ in runs), "ungated": min(u for _, u in runs)}
 
 
 def gating_ratios(cpu: dict) -> dict:
@@ -146,7 +149,7 @@ def gating_ratios(cpu: dict) -> dict:
     }
 
 
-def press_to_puback_under_load(presses: int) -> dict:
+def press_to_puback_under_load(presses: int, threads: int | None = None) -> dict:
     """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
     from gpiozero.pins.mock import MockFactory
 
@@ -157,7 +160,9 @@ def press_to_puback_under_load(presses: int) -> dict:
 
     body = (
         f'[[buttons]]\nname = "help"\npin = 17\n\n[camera]\nsource = "{VIDEO}"\nloop = true\n\n'
-        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n\n[motion]\nenabled = false\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n'
+        + (f"num_threads = {threads}\n" if threads else "")
+        + "\n[motion]\nenabled = false\n"
     )
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as root:
         site = LocalSite(Path(root), broker)
@@ -205,7 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--presses", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2, help="interpreter threads for the fps and CPU figures")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="interpreter threads (default: the detector's, cores - 1)"
+    )
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
@@ -215,14 +222,16 @@ def main() -> None:
     # The load test runs first, in a fresh process, so its RSS figures are the agent's and the vision
     # process's own, not this process's (which holds decoded frames for the fps comparison).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic
-        load = pool.submit(press_to_puback_under_load, args.presses).result()
+        load = pool.submit(press_to_puback_under_load, args.presses, args.threads).result()
     result = measure_fps(args.frames)
     result["cpu_s_per_video_min"] = measure_cpu(args.frames)
     result["gating"] = gating_ratios(result["cpu_s_per_video_min"])
     result["peak_rss_mb"] = load["vision_process_peak_rss_mb"]
     result.update(load)
     result["frames"] = args.frames
-    result["interpreter_threads"] = args.threads
+    from agent.vision.detector import default_threads
+
+    result["interpreter_threads"] = args.threads or default_threads()
     result["targets"] = {
         "ratio": 0.9,
         "press_to_puback_p99_ms_under_load": 10,

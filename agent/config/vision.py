@@ -97,11 +97,11 @@ class MotionSection(Section):
     full_frame_every_s: float = Field(5.0, ge=0.5, le=600, description="Periodic full-frame pass.")
     max_regions: int = Field(6, ge=1, le=16, description="Most zooms run on one frame besides the full frame.")
     zoom_budget: float = Field(
-        0.05,
+        0.03,
         ge=0,
         le=4,
         description="Busy scenes (more than one region) run the full frame plus zooms on small objects paid from "
-        "this many extra model runs a frame on average: 0.05 keeps gating within ~1.1x the cost of not gating.",
+        "this many extra model runs a frame on average: 0.03 keeps gating within ~1.1x the cost of not gating.",
     )
 
 

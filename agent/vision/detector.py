@@ -9,6 +9,7 @@ Boxes come out normalised to the image given (x1, y1, x2, y2 in 0..1).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,13 +21,29 @@ from agent.errors import ModelError
 from agent.vision.decoders import DECODERS, Detection
 from models import ModelSpec, find_model, label_count, load_labels, verify_model_file
 
-__all__ = ["Detection", "Detector", "load_interpreter"]  # Detection lives with the decoders
+__all__ = ["Detection", "Detector", "default_threads", "load_interpreter"]  # Detection lives with the decoders
 
 log = logging.getLogger(__name__)
 
 
-def load_interpreter(model_path: Path, num_threads: int = 2, runtime: str = "auto", edgetpu: bool = False):
+def default_threads() -> int:
+    """One interpreter thread per core this process may use, less one (at least one).
+
+    The spare core decodes frames and runs tracking, rules and the agent: on
+    2 cores, 2 interpreter threads fought the decoder (pipeline at 0.74–0.81
+    of raw invoke); 1 thread keeps the pipeline at ≥ 0.9 of its raw speed
+    and the button path's p99 within its 10 ms (docs/benchmarks.md).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def load_interpreter(model_path: Path, num_threads: int | None = None, runtime: str = "auto", edgetpu: bool = False):
     """Return ``(interpreter, runtime_name)``; LiteRT preferred, tflite-runtime as fallback."""
+    num_threads = num_threads or default_threads()
     candidates = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
     order = list(candidates) if runtime == "auto" else [runtime]
     errors = []
@@ -68,7 +85,7 @@ class Detector:
         self,
         spec: ModelSpec,
         model_dir: Path,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         runtime: str = "auto",
         edgetpu: bool = False,
         min_score: float = 0.3,
@@ -99,7 +116,8 @@ class Detector:
                 f"label file {labels_path} describes {described} classes but model {spec.name!r} has {expected}"
             )
         self.last_invoke_ms = 0.0
-        log.info("detector %s loaded with %s (%d threads)", spec.name, self.runtime, num_threads)
+        self.num_threads = num_threads or default_threads()
+        log.info("detector %s loaded with %s (%d threads)", spec.name, self.runtime, self.num_threads)
 
     @classmethod
     def from_settings(

@@ -169,7 +169,7 @@ class RegionPlanner:
     (side over half the frame) are never spent.
     """
 
-    def __init__(self, min_side: int, max_zooms: int = 6, zoom_budget: float = 0.05, burst: float = 2.0):
+    def __init__(self, min_side: int, max_zooms: int = 6, zoom_budget: float = 0.03, burst: float = 2.0):
         self.min_side = min_side
         self.max_zooms = max_zooms
         self.zoom_budget = zoom_budget
