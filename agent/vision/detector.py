@@ -20,6 +20,7 @@ from agent.config.vision import DetectorSection
 from agent.errors import ModelError
 from agent.vision.decoders import DECODERS, Detection
 from models import ModelSpec, find_model, label_count, load_labels, verify_model_file
+from models.file_spec import describe_model_file, is_model_path
 
 __all__ = ["Detection", "Detector", "default_threads", "load_interpreter"]  # Detection lives with the decoders
 
@@ -78,6 +79,16 @@ def load_interpreter(model_path: Path, num_threads: int | None = None, runtime: 
     )
 
 
+def spec_for_file(path: Path, runtime: str = "auto") -> ModelSpec:
+    """A manifest entry read from the model file itself (family, input size and range, labels)."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    interpreter, _ = load_interpreter(path, 1, runtime)
+    fields = describe_model_file(path, interpreter.get_input_details(), interpreter.get_output_details())
+    log.info("model %s described from the file: %s", path, {k: fields[k] for k in ("family", "input_size")})
+    return ModelSpec.model_validate(fields)
+
+
 class Detector:
     """A loaded model: ``detect(rgb)`` returns detections normalised to the given image."""
 
@@ -123,9 +134,17 @@ class Detector:
     def from_settings(
         cls, settings: DetectorSection, model_dir: Path, *, model: str | None = None, min_score: float | None = None
     ) -> Detector:
-        """The detector a ``[detector]`` section describes; ``model`` and ``min_score`` override it."""
+        """The detector a ``[detector]`` section describes; ``model`` and ``min_score`` override it.
+
+        The model is a manifest name or a ``.tflite`` path (then described from the file itself).
+        """
+        name = model or settings.model
+        if is_model_path(name):
+            spec, model_dir = spec_for_file(Path(name), settings.runtime), Path(name).parent
+        else:
+            spec = find_model(name)
         return cls(
-            find_model(model or settings.model),
+            spec,
             model_dir,
             settings.num_threads,
             settings.runtime,
