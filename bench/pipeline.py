@@ -74,25 +74,45 @@ def detector():
     return Detector(find_model(MODEL), MODEL_DIR, num_threads=THREADS, min_score=0.4)
 
 
-def measure_fps(frame_count: int) -> dict:
-    """Pipeline (decoding included) vs bare invoke on the same frames."""
-    from agent.vision.pipeline import OverlappedRun, VisionPipeline
-    from hw.camera_opencv import OpenCVCamera
-    from hw.frame_prefetch import FramePrefetcher
+def measure_fps(frame_count: int, repeats: int = 3) -> dict:
+    """Pipeline (decoding included) vs bare invoke on the same frames.
 
+    Measured ``repeats`` times, alternating, and the best of each kept: on a
+    shared machine other work only ever slows either down.
+    """
     det = detector()
     tensors = [det.prepare(f.rgb)[0] for f in load_frames(frame_count)]
     det.invoke(tensors[0])
+    raw, piped = [], []
+    for _ in range(repeats):
+        raw.append(raw_invoke_fps(det, tensors))
+        piped.append(pipeline_fps(det, len(tensors)))
+    return {
+        "pipeline_fps": round(max(piped), 2),
+        "raw_invoke_fps": round(max(raw), 2),
+        "ratio": round(max(piped) / max(raw), 3),
+        "runtime": det.runtime,
+        "model": det.spec.name,
+    }
+
+
+def raw_invoke_fps(det, tensors) -> float:
     start = time.perf_counter()
     for tensor in tensors:
         det.invoke(tensor)
-    raw_fps = len(tensors) / (time.perf_counter() - start)
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def pipeline_fps(det, frame_count: int) -> float:
+    from agent.vision.pipeline import OverlappedRun, VisionPipeline
+    from hw.camera_opencv import OpenCVCamera
+    from hw.frame_prefetch import FramePrefetcher
 
     pipeline = VisionPipeline(vision_config(gated=False), det)
     with OpenCVCamera(str(VIDEO)) as camera:  # read as the vision process reads: decoding on its own thread
         reader = FramePrefetcher(camera, depth=2)
         reader.read()
-        remaining = iter(range(len(tensors)))
+        remaining = iter(range(frame_count))
 
         def read():
             index = next(remaining, None)
@@ -103,15 +123,9 @@ def measure_fps(frame_count: int) -> dict:
 
         start = time.perf_counter()
         processed = sum(1 for _ in OverlappedRun(pipeline, read))
-        pipeline_fps = processed / (time.perf_counter() - start)
+        fps = processed / (time.perf_counter() - start)
         reader.close()
-    return {
-        "pipeline_fps": round(pipeline_fps, 2),
-        "raw_invoke_fps": round(raw_fps, 2),
-        "ratio": round(pipeline_fps / raw_fps, 3),
-        "runtime": det.runtime,
-        "model": det.spec.name,
-    }
+    return fps
 
 
 def cpu_per_video_minute(frames, gated: bool) -> float:
