@@ -73,7 +73,11 @@ class CameraSection(Section):
 
 
 class DetectorSection(Section):
-    model: str = Field("ssd-mobilenet-v1-coco-quant", description="Model name from models/manifest.toml.")
+    model: str = Field(
+        "ssd-mobilenet-v1-coco-quant",
+        description="Model name from models/manifest.toml, or the path of a .tflite file (family, input size and "
+        "range read from the model itself; labels from <model>.txt beside it, else COCO).",
+    )
     model_dir: str = Field("models", description="Directory holding model files, relative to state_dir.")
     runtime: Literal["auto", "litert", "tflite-runtime"] = "auto"
     num_threads: int | None = Field(
