@@ -76,3 +76,16 @@ def test_a_model_of_another_family_is_refused_with_what_was_found():
         pytest.skip("no face detection model in the cache (the redaction models fetch it)")
     with pytest.raises(ModelError, match="cannot tell the model family from its outputs"):
         spec_for_file(face)
+
+
+def test_a_detector_section_may_name_the_model_file(tmp_path):
+    require_shared(f"models/{YOLO.name}")
+    from agent.config.vision import DetectorSection
+    from agent.vision.detector import Detector
+
+    detector = Detector.from_settings(DetectorSection(model=str(YOLO)), tmp_path / "unused-model-dir")
+    assert (detector.spec.family, detector.spec.resize, (detector.width, detector.height)) == (
+        "yolov8",
+        "letterbox",
+        (640, 640),
+    )
