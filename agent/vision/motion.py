@@ -93,8 +93,8 @@ class MotionDetector:
         return boxes
 
 
-def cover(interest: list[Box], frame_w: int, frame_h: int, min_side: int) -> list[tuple[Region, float]]:
-    """Square pixel regions, at least ``min_side`` wide, covering every box; each with its smallest box's area.
+def cover(interest: list[Box], frame_w: int, frame_h: int, min_side: int) -> list[Region]:
+    """Square pixel regions, at least ``min_side`` wide, covering every box.
 
     Greedy: each box not yet inside a square gets one centred on it, which
     then also takes every other box that fits inside.
@@ -104,18 +104,15 @@ def cover(interest: list[Box], frame_w: int, frame_h: int, min_side: int) -> lis
         key=lambda b: (b[2] - b[0]) * (b[3] - b[1]),
         reverse=True,
     )
-    squares: list[list] = []
+    squares: list[Region] = []
     for x1, y1, x2, y2 in pixel_boxes:
-        area = (x2 - x1) * (y2 - y1)
-        holder = next((s for s in squares if _inside((x1, y1, x2, y2), s[0])), None)
-        if holder is not None:
-            holder[1] = min(holder[1], area)
+        if any(_inside((x1, y1, x2, y2), square) for square in squares):
             continue
         side = int(min(max(min_side, (x2 - x1) * 1.2, (y2 - y1) * 1.2), frame_w, frame_h))
         x = int(np.clip((x1 + x2) / 2 - side / 2, 0, frame_w - side))
         y = int(np.clip((y1 + y2) / 2 - side / 2, 0, frame_h - side))
-        squares.append([(x, y, side, side), area])
-    return [(region, area) for region, area in squares]
+        squares.append((x, y, side, side))
+    return squares
 
 
 def tiles_for(interest: list[Box], frame_w: int, frame_h: int, side: int) -> list[tuple[Region, float]]:
@@ -165,8 +162,9 @@ class RegionPlanner:
     objects paid from a token bucket that fills by ``zoom_budget`` runs a
     frame (at most ``burst``). A busy scene thus costs at most
     ``1 + zoom_budget`` runs a frame on average; zooms take turns so every
-    small object gets one now and then. Zooms that would not magnify
-    (side over half the frame) are never spent.
+    small object gets one now and then. Objects over half a tile are left to
+    the full frame, and no zooms are planned where a tile would hardly
+    magnify (the model's input over two thirds of the frame).
     """
 
     def __init__(self, min_side: int, max_zooms: int = 6, zoom_budget: float = 0.03, burst: float = 2.0):
@@ -189,7 +187,7 @@ class RegionPlanner:
             if not squares:
                 return []
             if len(squares) == 1:
-                region = squares[0][0]
+                region = squares[0]
                 chosen = [full if region[2] >= min(frame_w, frame_h) else region]
                 self.runs += 1
                 return chosen
