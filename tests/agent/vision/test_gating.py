@@ -25,7 +25,7 @@ def runs_per_frame(pipeline, frames) -> float:
 
 def test_motion_is_judged_on_a_small_frame():
     frame = next(vtest_frames(limit=1))
-    assert shrink_grey(frame.rgb).shape == (144, 192)  # 768x576 by an integer factor of 4
+    assert shrink_grey(frame.rgb).shape == shrink_grey(frame.rgb, exact=False).shape == (144, 192)  # 768x576 / 4
 
 
 def test_a_still_scene_runs_the_model_only_on_the_periodic_full_pass(ssd):
