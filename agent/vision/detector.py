@@ -197,7 +197,10 @@ class Detector:
         self.last_invoke_ms = (time.perf_counter() - start) * 1000
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        tensor, mapping = self.prepare(rgb)
+        return self.infer(*self.prepare(rgb))
+
+    def infer(self, tensor: np.ndarray, mapping: tuple[float, float, float, float]) -> list[Detection]:
+        """Detections for a tensor from ``prepare`` (which may run on another thread, ahead)."""
         self.invoke(tensor)
         raw = self._decoder.decode(self._output, self.min_score)
         return [self._unmap(d, mapping) for d in raw]

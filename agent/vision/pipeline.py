@@ -7,6 +7,8 @@ reference is added only for rules that ask for it.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
 from typing import Any
@@ -17,13 +19,14 @@ from agent.config.vision import VisionConfig
 from agent.vision.camera_tamper import CameraTamperDetector
 from agent.vision.detector import Detection, Detector
 from agent.vision.evidence import EvidenceStore
-from agent.vision.motion import MotionDetector, RegionPlanner
+from agent.vision.motion import MotionDetector, Region, RegionPlanner
 from agent.vision.rules import RuleEngine, RuleEvent, passes, point_in_polygon
 from agent.vision.tracking import ObjectTracker, Track
 from hw.camera import Frame
 from hw.frame_prefetch import put_unless_stopped
 
 TAMPER_CHECK_EVERY_S = 0.25
+PreparedRegion = tuple[Region, Any, tuple[float, float, float, float]]  # region, tensor, mapping
 
 
 def merge_detections(detections: list[Detection], iou: float = 0.5) -> list[Detection]:
@@ -87,8 +90,37 @@ class VisionPipeline:
         Safe to run on another thread while ``judge`` handles the previous frame:
         it only reads ``self.tracks``, which ``judge`` replaces whole.
         """
+        return self.infer(frame, self.prepare(frame))
+
+    def prepare(self, frame: Frame) -> list[PreparedRegion] | None:
+        """First half of ``look``: motion, the region plan, each region cut, resized and quantised.
+
+        No interpreter here, so it can run ahead on another core while the previous frame is inferred.
+        """
         regions = self._regions(frame, frame.timestamp)
-        return self._detect(frame, regions) if regions else None
+        return [(region, *self.detector.prepare(self._crop(frame, region))) for region in regions] or None
+
+    def infer(self, frame: Frame, prepared: list[PreparedRegion] | None) -> list[Detection] | None:
+        """Second half of ``look``: the model on each prepared region, boxes back in frame coordinates."""
+        if prepared is None:
+            return None
+        h, w = frame.rgb.shape[:2]
+        found: list[Detection] = []
+        for (x, y, rw, rh), tensor, mapping in prepared:
+            for d in self.detector.infer(tensor, mapping):
+                box = (
+                    (x + d.box[0] * rw) / w,
+                    (y + d.box[1] * rh) / h,
+                    (x + d.box[2] * rw) / w,
+                    (y + d.box[3] * rh) / h,
+                )
+                found.append(Detection(d.label, d.class_id, d.score, box))
+            self.inference_ms_avg = (
+                0.9 * self.inference_ms_avg + 0.1 * self.detector.last_invoke_ms
+                if self.inference_ms_avg
+                else self.detector.last_invoke_ms
+            )
+        return [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
 
     def judge(self, frame: Frame, detections: list[Detection] | None) -> list[dict[str, Any]]:
         """Second stage: camera tamper, tracking and rules."""
@@ -124,7 +156,7 @@ class VisionPipeline:
             messages.append(self._message(notice, frame))
         return messages
 
-    def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
+    def _regions(self, frame: Frame, now: float) -> list[Region]:
         """Where to run the model: nowhere on a still scene; around motion and every track when something moves;
         the full frame on the periodic pass, so stationary objects stay tracked. The planner bounds the cost."""
         h, w = frame.rgb.shape[:2]
@@ -137,30 +169,19 @@ class VisionPipeline:
             self._last_full = now
         return self.planner.plan(moved + tracked if moved or full_pass else [], w, h, full_pass=full_pass)
 
-    def _detect(self, frame: Frame, regions: list[tuple[int, int, int, int]]) -> list[Detection]:
+    def _detect(self, frame: Frame, regions: list[Region]) -> list[Detection]:
+        """The model on these regions of the frame."""
+        prepared = [(region, *self.detector.prepare(self._crop(frame, region))) for region in regions]
+        return self.infer(frame, prepared) or []
+
+    @staticmethod
+    def _crop(frame: Frame, region: Region):
         """Regions are planned on the small detection frame but cut from the full-size one (picamera2's
         main stream), so a small, distant person is seen with all the pixels the sensor has."""
+        x, y, rw, rh = region
         h, w = frame.rgb.shape[:2]
-        full_h, full_w = frame.full.shape[:2]
-        sx, sy = full_w / w, full_h / h
-        found: list[Detection] = []
-        for x, y, rw, rh in regions:
-            crop = frame.full[round(y * sy) : round((y + rh) * sy), round(x * sx) : round((x + rw) * sx)]
-            for d in self.detector.detect(crop):
-                box = (
-                    (x + d.box[0] * rw) / w,
-                    (y + d.box[1] * rh) / h,
-                    (x + d.box[2] * rw) / w,
-                    (y + d.box[3] * rh) / h,
-                )
-                found.append(Detection(d.label, d.class_id, d.score, box))
-            self.inference_ms_avg = (
-                0.9 * self.inference_ms_avg + 0.1 * self.detector.last_invoke_ms
-                if self.inference_ms_avg
-                else self.detector.last_invoke_ms
-            )
-        kept = [d for d in merge_detections(found) if d.label in self.track_labels and self._detection_ok(d)]
-        return kept
+        sy, sx = frame.full.shape[0] / h, frame.full.shape[1] / w
+        return frame.full[round(y * sy) : round((y + rh) * sy), round(x * sx) : round((x + rw) * sx)]
 
     def _detection_ok(self, detection: Detection) -> bool:
         """Class filters, and nothing standing in a privacy mask or an ignore area."""
@@ -191,40 +212,61 @@ class VisionPipeline:
 
 
 class OverlappedRun:
-    """Runs ``look`` for the next frame while ``judge`` handles this one.
+    """Three stages on their own threads: ``prepare`` of frame n+2, ``infer`` of n+1, ``judge`` of n.
 
-    The interpreter releases the GIL during ``invoke()``, so tracking and rules
-    cost no wall time on a multi-core Pi. Iterating yields each frame's
-    messages, in frame order; errors of ``read`` (a lost camera) are raised here.
+    The interpreter releases the GIL during ``invoke()``, and OpenCV during
+    resizing, so with one interpreter thread per spare core the invoke thread
+    does nothing but run the model: cutting, resizing and quantising the next
+    frame, tracking and rules of the last one run on another core. Iterating
+    yields each frame's messages, in frame order; errors of ``read`` (a lost
+    camera) are raised here.
     """
 
     _END = object()
 
     def __init__(self, pipeline: VisionPipeline, read):
-        import queue
-        import threading
-
         self.pipeline = pipeline
         self._read = read
+        self._prepared: queue.Queue = queue.Queue(maxsize=1)
         self._looked: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._look, name="vision-look", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._prepare, name="vision-prepare", daemon=True),
+            threading.Thread(target=self._infer, name="vision-infer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _look(self) -> None:
+    def _prepare(self) -> None:
         try:
             while not self._stop.is_set():
                 frame = self._read()
                 if frame is None:
                     break
-                self._put((frame, self.pipeline.look(frame)))
+                self._put(self._prepared, (frame, self.pipeline.prepare(frame)))
         except Exception as exc:
-            self._put(exc)
+            self._put(self._prepared, exc)
             return
-        self._put(self._END)
+        self._put(self._prepared, self._END)
 
-    def _put(self, item) -> None:
-        put_unless_stopped(self._looked, item, self._stop)
+    def _infer(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._prepared.get(timeout=0.2)
+            except queue.Empty:  # look at the stop flag again
+                continue
+            if item is self._END or isinstance(item, Exception):
+                self._put(self._looked, item)
+                return
+            frame, prepared = item
+            try:
+                self._put(self._looked, (frame, self.pipeline.infer(frame, prepared)))
+            except Exception as exc:
+                self._put(self._looked, exc)
+                return
+
+    def _put(self, target, item) -> None:
+        put_unless_stopped(target, item, self._stop)
 
     def __iter__(self):
         while True:
@@ -238,4 +280,5 @@ class OverlappedRun:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=2)

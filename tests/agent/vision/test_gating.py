@@ -79,3 +79,27 @@ def test_nothing_standing_in_a_masked_or_ignored_area_is_detected(ssd, area):
     kept = [d for f in frames for d in left_out.look(f)]
     assert any((d.box[0] + d.box[2]) / 2 < 0.5 for d in seen)
     assert kept and all((d.box[0] + d.box[2]) / 2 >= 0.5 for d in kept)
+
+
+def test_the_overlapped_stages_see_what_one_thread_sees_and_pass_on_a_lost_camera(ssd):
+    from agent.vision.pipeline import OverlappedRun
+    from hw.camera import CameraUnavailable
+
+    frames = list(vtest_frames(limit=30))
+    alone = VisionPipeline(vision(motion={"enabled": False}), ssd)
+    for frame in frames:
+        alone.process(frame)
+    staged = VisionPipeline(vision(motion={"enabled": False}), ssd)
+    source = iter(frames)
+    run = OverlappedRun(staged, lambda: next(source, None))
+    assert sum(1 for _ in run) == 30 and staged.frames == 30
+    run.close()
+    assert [t.box for t in staged.tracks] == [t.box for t in alone.tracks]  # ids are numbered process-wide
+
+    def lost():
+        raise CameraUnavailable("camera source plaza: no frame for 5 s")
+
+    run = OverlappedRun(VisionPipeline(vision(), ssd), lost)
+    with pytest.raises(CameraUnavailable, match="no frame for 5 s"):
+        list(run)
+    run.close()
