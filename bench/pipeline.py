@@ -66,7 +66,7 @@ def vision_config(gated: bool):
     )
 
 
-THREADS = 2
+THREADS: int | None = None  # the detector's default: cores - 1
 
 
 def detector():
@@ -76,25 +76,45 @@ def detector():
     return Detector(find_model(MODEL), MODEL_DIR, num_threads=THREADS, min_score=0.4)
 
 
-def measure_fps(frame_count: int) -> dict:
-    """Pipeline (decoding included) vs bare invoke on the same frames."""
-    from agent.vision.pipeline import OverlappedRun, VisionPipeline
-    from hw.camera_opencv import OpenCVCamera
-    from hw.frame_prefetch import FramePrefetcher
+def measure_fps(frame_count: int, repeats: int = 3) -> dict:
+    """Pipeline (decoding included) vs bare invoke on the same frames.
 
+    Measured ``repeats`` times, alternating, and the best of each kept: on a
+    shared machine other work only ever slows either down.
+    """
     det = detector()
     tensors = [det.prepare(f.rgb)[0] for f in load_frames(frame_count)]
     det.invoke(tensors[0])
+    raw, piped = [], []
+    for _ in range(repeats):
+        raw.append(raw_invoke_fps(det, tensors))
+        piped.append(pipeline_fps(det, len(tensors)))
+    return {
+        "pipeline_fps": round(max(piped), 2),
+        "raw_invoke_fps": round(max(raw), 2),
+        "ratio": round(max(piped) / max(raw), 3),
+        "runtime": det.runtime,
+        "model": det.spec.name,
+    }
+
+
+def raw_invoke_fps(det, tensors) -> float:
     start = time.perf_counter()
     for tensor in tensors:
         det.invoke(tensor)
-    raw_fps = len(tensors) / (time.perf_counter() - start)
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def pipeline_fps(det, frame_count: int) -> float:
+    from agent.vision.pipeline import OverlappedRun, VisionPipeline
+    from hw.camera_opencv import OpenCVCamera
+    from hw.frame_prefetch import FramePrefetcher
 
     pipeline = VisionPipeline(vision_config(gated=False), det)
     with OpenCVCamera(str(VIDEO)) as camera:  # read as the vision process reads: decoding on its own thread
         reader = FramePrefetcher(camera, depth=2)
         reader.read()
-        remaining = iter(range(len(tensors)))
+        remaining = iter(range(frame_count))
 
         def read():
             index = next(remaining, None)
@@ -105,15 +125,9 @@ def measure_fps(frame_count: int) -> dict:
 
         start = time.perf_counter()
         processed = sum(1 for _ in OverlappedRun(pipeline, read))
-        pipeline_fps = processed / (time.perf_counter() - start)
+        fps = processed / (time.perf_counter() - start)
         reader.close()
-    return {
-        "pipeline_fps": round(pipeline_fps, 2),
-        "raw_invoke_fps": round(raw_fps, 2),
-        "ratio": round(pipeline_fps / raw_fps, 3),
-        "runtime": det.runtime,
-        "model": det.spec.name,
-    }
+    return fps
 
 
 def cpu_per_video_minute(frames, gated: bool) -> float:
@@ -134,9 +148,20 @@ def measure_cpu(frame_count: int) -> dict:
     vtest = load_frames(frame_count)
     still = vtest[0].rgb
     static = [Frame(rgb=still, timestamp=0.0, index=i) for i in range(frame_count)]
+    return {scene: gated_and_ungated(frames) for scene, frames in (("static", static), ("vtest", vtest))}
+
+
+def gated_and_ungated(frames, repeats: int = 2) -> dict:
+    """Least CPU of a few alternating runs of each: other users of a shared machine only ever add to it."""
+    runs = [(cpu_per_video_minute(frames, True), cpu_per_video_minute(frames, False)) for _ in range(repeats)]
+    return {"gated": min(g for g, _ in runs), "ungated": min(u for _, u in runs)}
+
+
+def gating_ratios(cpu: dict) -> dict:
+    """Gated ÷ ungated CPU per video-minute: still scene (target ≤ 0.10) and busy scene (target ≤ 1.10)."""
     return {
-        scene: {"gated": cpu_per_video_minute(frames, True), "ungated": cpu_per_video_minute(frames, False)}
-        for scene, frames in (("static", static), ("vtest", vtest))
+        "static_cpu_ratio": round(cpu["static"]["gated"] / cpu["static"]["ungated"], 3),
+        "busy_cpu_ratio": round(cpu["vtest"]["gated"] / cpu["vtest"]["ungated"], 3),
     }
 
 
@@ -203,7 +228,7 @@ def measure_redaction(count: int = 10) -> dict:
     return by_size
 
 
-def press_to_puback_under_load(presses: int) -> dict:
+def press_to_puback_under_load(presses: int, threads: int | None = None) -> dict:
     """A camera box (vision flat out on vtest, looping) and its button, on a real broker."""
     from gpiozero.pins.mock import MockFactory
 
@@ -214,7 +239,9 @@ def press_to_puback_under_load(presses: int) -> dict:
 
     body = (
         f'[[buttons]]\nname = "help"\npin = 17\n\n[camera]\nsource = "{VIDEO}"\nloop = true\n\n'
-        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n\n[motion]\nenabled = false\n'
+        f'[detector]\nmodel_dir = "{MODEL_DIR}"\n'
+        + (f"num_threads = {threads}\n" if threads else "")
+        + "\n[motion]\nenabled = false\n"
     )
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as root:
         site = LocalSite(Path(root), broker)
@@ -262,7 +289,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--presses", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2, help="interpreter threads for the fps and CPU figures")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="interpreter threads (default: the detector's, cores - 1)"
+    )
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
@@ -272,18 +301,25 @@ def main() -> None:
     # The load test runs first, in a fresh process, so its RSS figures are the agent's and the vision
     # process's own, not this process's (which holds decoded frames for the fps comparison).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic
-        load = pool.submit(press_to_puback_under_load, args.presses).result()
+        load = pool.submit(press_to_puback_under_load, args.presses, args.threads).result()
     result = measure_fps(args.frames)
     result["cpu_s_per_video_min"] = measure_cpu(args.frames)
     result["fisheye"] = measure_fisheye(args.frames)
     redaction = measure_redaction()
     result["redaction_ms_per_image"] = next(iter(redaction.values()))  # a 768x576 camera frame
     result["redaction_ms_by_size"] = redaction
+    result["gating"] = gating_ratios(result["cpu_s_per_video_min"])
     result["peak_rss_mb"] = load["vision_process_peak_rss_mb"]
     result.update(load)
     result["frames"] = args.frames
-    result["interpreter_threads"] = args.threads
-    result["targets"] = {"ratio": 0.9, "press_to_puback_p99_ms_under_load": 10}
+    from agent.vision.detector import default_threads
+
+    result["interpreter_threads"] = args.threads or default_threads()
+    result["targets"] = {
+        "ratio": 0.9,
+        "press_to_puback_p99_ms_under_load": 10,
+        "gating": {"static_cpu_ratio": 0.1, "busy_cpu_ratio": 1.1},
+    }
     print(json.dumps(result, indent=2))
 
 

@@ -585,7 +585,11 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     detect = commands.add_parser("detect", help="run the detector on an image or video; JSON lines out")
     detect.add_argument("file", type=Path)
     detect.add_argument("--config", type=Path, help="take model, threshold and zones from this device config")
-    detect.add_argument("--model", help="model name from the manifest (default: the config's, else SSD MobileNet)")
+    detect.add_argument(
+        "--model",
+        help="model name from the manifest, or a .tflite file (its family and input read from it; "
+        "default: the config's, else SSD MobileNet)",
+    )
     detect.add_argument("--model-dir", type=Path, help="directory holding the model file")
     detect.add_argument("--threshold", type=float, help="minimum score")
     detect.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the last frame with boxes and zones")

@@ -211,10 +211,20 @@ class CameraSection(Section):
 
 
 class DetectorSection(Section):
-    model: str = Field("ssd-mobilenet-v1-coco-quant", description="Model name from models/manifest.toml.")
+    model: str = Field(
+        "ssd-mobilenet-v1-coco-quant",
+        description="Model name from models/manifest.toml, or the path of a .tflite file (family, input size and "
+        "range read from the model itself; labels from <model>.txt beside it, else COCO).",
+    )
     model_dir: str = Field("models", description="Directory holding model files, relative to state_dir.")
     runtime: Literal["auto", "litert", "tflite-runtime"] = "auto"
-    num_threads: int = Field(2, ge=1, le=16)
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Interpreter threads; unset: one less than the CPU cores (at least 1), leaving a core for "
+        "frame decoding and the agent.",
+    )
     edgetpu: bool = Field(False, description="Use the Coral Edge TPU delegate (needs an _edgetpu model).")
     min_score: float = Field(0.4, ge=0.05, le=1.0, description="Detections below this are discarded.")
     track_labels: list[str] = Field(
@@ -227,7 +237,14 @@ class MotionSection(Section):
     threshold: int = Field(25, ge=1, le=255, description="Pixel difference counted as motion.")
     min_area: float = Field(0.0005, ge=0, le=1, description="Smallest motion blob, as a fraction of the frame.")
     full_frame_every_s: float = Field(5.0, ge=0.5, le=600, description="Periodic full-frame pass.")
-    max_regions: int = Field(6, ge=1, le=16, description="More regions than this: one full-frame pass instead.")
+    max_regions: int = Field(6, ge=1, le=16, description="Most zooms run on one frame besides the full frame.")
+    zoom_budget: float = Field(
+        0.03,
+        ge=0,
+        le=4,
+        description="Busy scenes (more than one region) run the full frame plus zooms on small objects paid from "
+        "this many extra model runs a frame on average: 0.03 keeps gating within ~1.1x the cost of not gating.",
+    )
 
 
 class FilterSection(Section):
@@ -344,6 +361,11 @@ class VisionSettings(Section):
     filters: dict[str, FilterSection] = Field(default_factory=dict)
     zones: list[ZoneSection] = Field(default_factory=list)
     privacy_masks: list[MaskSection] = Field(default_factory=list)
+    ignore_areas: list[MaskSection] = Field(
+        default_factory=list,
+        description="Areas that never count as motion and where detected objects are dropped (a road, a TV screen, "
+        "trees in the wind); unlike privacy masks they are not blacked out in pictures.",
+    )
     rules: list[RuleSection] = Field(default_factory=list)
     evidence: EvidenceSection = Field(default_factory=EvidenceSection)
     vision: VisionSection = Field(default_factory=VisionSection)

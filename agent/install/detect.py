@@ -26,13 +26,17 @@ def run_detect(
     from agent.vision.detector import Detector
     from hw.camera import CameraUnavailable, Frame
     from hw.camera_opencv import OpenCVCamera, to_rgb
+    from models.file_spec import is_model_path
 
     config = load_agent_config(config_path) if config_path else None
     vision = config.vision_config() if config else None
     settings = vision.detector if vision else DetectorSection()  # the defaults a camera box would use
     directory = model_dir or (config.model_dir if config and vision else None)
-    if directory is None:
-        raise ConfigError("where is the model? give --model-dir DIR or --config FILE with a [detector] section")
+    if directory is None and not is_model_path(model or settings.model):
+        raise ConfigError(
+            "where is the model? give --model path/to/model.tflite, --model-dir DIR or --config FILE with a "
+            "[detector] section"
+        )
     detector = Detector.from_settings(settings, directory, model=model, min_score=threshold)
     if not file.exists():
         raise CameraError(f"{file}: no such file")

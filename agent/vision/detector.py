@@ -9,6 +9,7 @@ Boxes come out normalised to the image given (x1, y1, x2, y2 in 0..1).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -19,14 +20,31 @@ from agent.config.vision import DetectorSection
 from agent.errors import ModelError
 from agent.vision.decoders import DECODERS, Detection
 from models import ModelSpec, find_model, label_count, load_labels, verify_model_file
+from models.file_spec import describe_model_file, is_model_path
 
-__all__ = ["Detection", "Detector", "load_interpreter"]  # Detection lives with the decoders
+__all__ = ["Detection", "Detector", "default_threads", "load_interpreter"]  # Detection lives with the decoders
 
 log = logging.getLogger(__name__)
 
 
-def load_interpreter(model_path: Path, num_threads: int = 2, runtime: str = "auto", edgetpu: bool = False):
+def default_threads() -> int:
+    """One interpreter thread per core this process may use, less one (at least one).
+
+    The spare core decodes frames and runs tracking, rules and the agent: on
+    2 cores, 2 interpreter threads fought the decoder (pipeline at 0.74–0.81
+    of raw invoke); 1 thread keeps the pipeline at ≥ 0.9 of its raw speed
+    and the button path's p99 within its 10 ms (docs/benchmarks.md).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def load_interpreter(model_path: Path, num_threads: int | None = None, runtime: str = "auto", edgetpu: bool = False):
     """Return ``(interpreter, runtime_name)``; LiteRT preferred, tflite-runtime as fallback."""
+    num_threads = num_threads or default_threads()
     candidates = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
     order = list(candidates) if runtime == "auto" else [runtime]
     errors = []
@@ -61,6 +79,16 @@ def load_interpreter(model_path: Path, num_threads: int = 2, runtime: str = "aut
     )
 
 
+def spec_for_file(path: Path, runtime: str = "auto") -> ModelSpec:
+    """A manifest entry read from the model file itself (family, input size and range, labels)."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    interpreter, _ = load_interpreter(path, 1, runtime)
+    fields = describe_model_file(path, interpreter.get_input_details(), interpreter.get_output_details())
+    log.info("model %s described from the file: %s", path, {k: fields[k] for k in ("family", "input_size")})
+    return ModelSpec.model_validate(fields)
+
+
 class Detector:
     """A loaded model: ``detect(rgb)`` returns detections normalised to the given image."""
 
@@ -68,7 +96,7 @@ class Detector:
         self,
         spec: ModelSpec,
         model_dir: Path,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         runtime: str = "auto",
         edgetpu: bool = False,
         min_score: float = 0.3,
@@ -99,15 +127,24 @@ class Detector:
                 f"label file {labels_path} describes {described} classes but model {spec.name!r} has {expected}"
             )
         self.last_invoke_ms = 0.0
-        log.info("detector %s loaded with %s (%d threads)", spec.name, self.runtime, num_threads)
+        self.num_threads = num_threads or default_threads()
+        log.info("detector %s loaded with %s (%d threads)", spec.name, self.runtime, self.num_threads)
 
     @classmethod
     def from_settings(
         cls, settings: DetectorSection, model_dir: Path, *, model: str | None = None, min_score: float | None = None
     ) -> Detector:
-        """The detector a ``[detector]`` section describes; ``model`` and ``min_score`` override it."""
+        """The detector a ``[detector]`` section describes; ``model`` and ``min_score`` override it.
+
+        The model is a manifest name or a ``.tflite`` path (then described from the file itself).
+        """
+        name = model or settings.model
+        if is_model_path(name):
+            spec, model_dir = spec_for_file(Path(name), settings.runtime), Path(name).parent
+        else:
+            spec = find_model(name)
         return cls(
-            find_model(model or settings.model),
+            spec,
             model_dir,
             settings.num_threads,
             settings.runtime,
@@ -160,7 +197,10 @@ class Detector:
         self.last_invoke_ms = (time.perf_counter() - start) * 1000
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        tensor, mapping = self.prepare(rgb)
+        return self.infer(*self.prepare(rgb))
+
+    def infer(self, tensor: np.ndarray, mapping: tuple[float, float, float, float]) -> list[Detection]:
+        """Detections for a tensor from ``prepare`` (which may run on another thread, ahead)."""
         self.invoke(tensor)
         raw = self._decoder.decode(self._output, self.min_score)
         return [self._unmap(d, mapping) for d in raw]
