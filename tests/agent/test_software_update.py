@@ -7,6 +7,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -30,8 +31,11 @@ BUTTONS = '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n'
 NEW = "0.1.1"
 
 
-def build_wheel(directory: Path, version: str) -> Path:
-    """A wheel of this checkout (agent, hw, models) whose version is ``version``: what a release would ship."""
+def build_wheel(directory: Path, version: str, broken: bool = False) -> Path:
+    """A wheel of this checkout (agent, hw, models) whose version is ``version``: what a release would ship.
+
+    ``broken``: a release whose agent imports fine but crashes as it starts (every time).
+    """
     name = f"edge_agent-{version}-py3-none-any.whl"
     info = f"edge_agent-{version}.dist-info"
     files: dict[str, bytes] = {}
@@ -42,6 +46,13 @@ def build_wheel(directory: Path, version: str) -> Path:
     files["agent/__init__.py"] = files["agent/__init__.py"].replace(
         f'__version__ = "{__version__}"'.encode(), f'__version__ = "{version}"'.encode()
     )
+    if broken:
+        source = files["agent/device/agent.py"].decode()
+        start = "        self.config = config\n"
+        assert start in source
+        files["agent/device/agent.py"] = source.replace(
+            start, '        raise RuntimeError("broken release")\n' + start, 1
+        ).encode()
     files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: edge-agent\nVersion: {version}\n".encode()
     files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     files[f"{info}/entry_points.txt"] = b"[console_scripts]\nedge-agent = agent.cli:main\n"
@@ -95,7 +106,7 @@ def running_agent(site, tmp_path):
     socket = site.root / "cp-1" / "state" / "control.sock"
     try:
         assert wait_until(lambda: status(socket).get("connected"), 30)
-        yield socket
+        yield SimpleNamespace(socket=socket, process=process)
     finally:
         process.stop()
         print((tmp_path / "cp-1.log").read_text()[-6000:], file=sys.stderr)  # shown when a test fails
@@ -108,20 +119,20 @@ def test_a_good_update_is_installed_beside_switched_to_and_reported(site, receiv
     assert report == {"outcome": "installed", "version": NEW, "from": __version__}
     files = SoftwareFiles(site.root / "cp-1" / "state")
     assert files.current.resolve() == files.venv(NEW).resolve() and files.trial() is None
-    assert wait_until(lambda: status(running_agent).get("version") == NEW, 10)  # the new venv's own code runs
+    assert wait_until(lambda: status(running_agent.socket).get("version") == NEW, 10)  # the new venv's own code runs
     before = len(receiver.store.messages(kind="alert"))
-    request(running_agent, "test-alert")
+    request(running_agent.socket, "test-alert")
     assert wait_until(lambda: len(receiver.store.messages(kind="alert")) == before + 1, 10)
 
 
 def test_an_update_that_fails_its_gate_switches_back_and_the_outbox_is_intact(site, running_agent, verdicts, wheel):
     # No receiver: the alerts wait in the outbox, and nobody acknowledges the new version's test alert.
-    queued = [request(running_agent, "test-alert")["seq"] for _ in range(2)]
+    queued = [request(running_agent.socket, "test-alert")["seq"] for _ in range(2)]
     assert publish(site, wheel, "--devices", "cp-1", "--gate", "5") == 0
     files = SoftwareFiles(site.root / "cp-1" / "state")
     assert wait_until(lambda: files.state()["handled"].get(NEW) == "rolled_back", 120)
     assert files.trial() is None and files.running_prefix() == Path(sys.prefix).resolve()
-    assert wait_until(lambda: status(running_agent).get("version") == __version__, 30)  # the version before runs
+    assert wait_until(lambda: status(running_agent.socket).get("version") == __version__, 30)  # the version before runs
     with Receiver(site.receiver_config, on_verdict=verdicts) as receiver:
         assert wait_until(lambda: reports(receiver.store), 30)
         (report,) = reports(receiver.store)
@@ -129,7 +140,25 @@ def test_an_update_that_fails_its_gate_switches_back_and_the_outbox_is_intact(si
         assert "not acknowledged by the centre within 5 s" in report["reason"]
         delivered = lambda: {m.seq for m in receiver.store.messages(kind="alert")}  # noqa: E731
         assert wait_until(lambda: set(queued) <= delivered(), 30)  # queued before the update, delivered after
-        assert wait_until(lambda: status(running_agent).get("outbox_depth") == 0, 30)
+        assert wait_until(lambda: status(running_agent.socket).get("outbox_depth") == 0, 30)
+
+
+def test_a_version_that_crashes_at_start_is_switched_back_by_the_launcher(site, running_agent, tmp_path):
+    wheel = build_wheel(tmp_path, NEW, broken=True)
+    process = running_agent.process
+    assert publish(site, wheel, "--devices", "cp-1", "--gate", "30") == 0
+    files = SoftwareFiles(site.root / "cp-1" / "state")
+    while files.state()["handled"].get(NEW) != "rolled_back":  # systemd's Restart=always, here
+        assert process.starts <= 2 + software_update.MAX_TRIAL_STARTS, "the launcher never switched back"
+        assert wait_until(lambda: not process.is_running or files.state()["handled"].get(NEW), 60)
+        if not process.is_running:
+            process.start()
+    assert files.trial() is None and files.running_prefix() == Path(sys.prefix).resolve()
+    assert wait_until(lambda: status(running_agent.socket).get("version") == __version__, 30)
+    with Receiver(site.receiver_config) as receiver:
+        assert wait_until(lambda: reports(receiver.store), 30)
+        (report,) = reports(receiver.store)
+        assert report["outcome"] == "rolled_back" and "did not pass its health gate in 2 start(s)" in report["reason"]
 
 
 @pytest.fixture
