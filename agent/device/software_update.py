@@ -246,9 +246,21 @@ def install(files: SoftwareFiles, claims: UpdateClaims, artefact: Path) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", LAUNCHED_ENV)}
     python = venv / "bin" / "python"
     _run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], env, "make the venv")
-    site = _run([str(python), "-P", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env, "find its site")
+    site = _run(
+        [str(python), "-P", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env, "find its site"
+    )
     Path(site.strip(), "edge-agent-base.pth").write_text("\n".join(shared_site_packages(files)) + "\n")
-    pip = [str(python), "-P", "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "--no-warn-conflicts"]
+    pip = [
+        str(python),
+        "-P",
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--ignore-installed",
+        "--no-warn-conflicts",
+    ]
     _run([*pip, "--disable-pip-version-check", "--no-build-isolation", str(artefact)], env, "install the artefact")
     check = "import agent, agent.cli, agent.device.agent; print(agent.__version__)"
     found = _run([str(python), "-P", "-c", check], env, "import the new version").strip()
@@ -259,9 +271,7 @@ def install(files: SoftwareFiles, claims: UpdateClaims, artefact: Path) -> Path:
 
 def _run(command: list[str], env: dict[str, str], what: str) -> str:
     try:
-        done = subprocess.run(
-            command, env=env, cwd="/", capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-        )
+        done = subprocess.run(command, env=env, cwd="/", capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UpdateRefused("install", f"{what}: {exc}") from None
     if done.returncode != 0:
