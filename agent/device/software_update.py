@@ -178,6 +178,10 @@ def launch(state_dir: Path, argv: list[str]) -> None:
     if target == Path(sys.prefix).resolve():
         return
     python = target / "bin" / "python"
+    if not python.exists():  # removed by hand, or an image update: never a start loop on a missing version
+        log.error("%s has no interpreter: running the base installation instead", target)
+        files.current.unlink(missing_ok=True)
+        return
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the version's own venv, nothing else first
     env |= {LAUNCHED_ENV: "1", BASE_PYTHON_ENV: sys.executable, BASE_PYTHONPATH_ENV: os.environ.get("PYTHONPATH", "")}
     log.info("starting agent version in %s", target)
