@@ -524,11 +524,12 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     publish.set_defaults(func=cmd_centre_update_publish)
 
     command = sub.add_parser("command", help="a signed, single-use command to one device; prints its signed answer")
-    command.add_argument("command", choices=["selftest", "test-alert", "restart"])
+    command.add_argument("command", choices=["selftest", "test-alert", "restart", "snapshot"])
     command.add_argument("--device", required=True)
     command.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
     command.add_argument("--lifetime", type=float, default=60, help="seconds the command stays valid (at most 3600)")
     command.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
+    command.add_argument("--out", type=Path, help="snapshot: fetch the redacted JPEG (sealed in transit) to this file")
     command.set_defaults(func=cmd_centre_command)
 
 

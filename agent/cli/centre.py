@@ -549,7 +549,38 @@ def cmd_centre_command(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             state_dir=config.receiver.state_dir,
         )
+        if args.command == "snapshot" and answer.get("outcome") == "done" and args.out is not None:
+            _fetch_snapshot(link, config, enrolled[args.device], answer["result"]["evidence"], args.out, args.timeout)
     finally:
         link.close()
     print_json(answer)
     return 0 if answer.get("outcome") == "done" else 1
+
+
+def _fetch_snapshot(link, config, device, evidence: dict, out: Path, timeout_s: float) -> None:
+    """Fetch a snapshot the way evidence is fetched: a signed request, the JPEG sealed for the centre."""
+    import os
+
+    from agent.centre.evidence_fetch import fetch
+    from agent.centre.keyring import Keyring
+    from agent.config.secrets import resolve_secret
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.sealing import load_encryption_key
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    data = fetch(
+        link,
+        TopicLayout(config.mqtt.topic_prefix),
+        MessageSigner(load_private_key(resolve_secret(config.receiver.signing_key_file, *config.secret_dirs))),
+        Keyring(config.keyring_path),
+        load_encryption_key(resolve_secret(config.receiver.encryption_key_file, *config.secret_dirs)),
+        site=device.site,
+        device=device.device_id,
+        ref=str(evidence["ref"]),
+        expected_sha256=str(evidence["sha256"]),
+        timeout_s=timeout_s,
+    )
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    print(f"{out}: {len(data)} bytes, redacted on the device, decrypted here; sha256 matches", file=sys.stderr)

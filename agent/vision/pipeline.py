@@ -19,6 +19,7 @@ from agent.vision.detector import Detection, Detector
 from agent.vision.evidence import EvidenceStore
 from agent.vision.motion import MotionDetector, plan_regions
 from agent.vision.rules import RuleEngine, RuleEvent, passes
+from agent.vision.snapshot import SnapshotRequests
 from agent.vision.tracking import ObjectTracker, Track
 from hw.camera import Frame
 from hw.frame_prefetch import put_unless_stopped
@@ -40,6 +41,7 @@ class VisionPipeline:
         self.config = config
         self.detector = detector
         self.evidence = evidence
+        self.snapshots = SnapshotRequests(evidence.directory) if evidence is not None else None
         self.motion = MotionDetector(config.motion.threshold, config.motion.min_area) if config.motion.enabled else None
         self.tracker = ObjectTracker()
         self.rules = RuleEngine(config.zones, config.rules)
@@ -130,7 +132,19 @@ class VisionPipeline:
         confirmed = [t for t in self.tracks if passes(t, self.config.filters)]
         for event in self.rules.evaluate(confirmed, now):
             messages.append(self._message(event, frame))
+        if self.snapshots is not None:
+            self._snapshot_if_asked(frame)
         return messages
+
+    def _snapshot_if_asked(self, frame: Frame) -> None:
+        """The centre's snapshot command: this frame, redacted and stored exactly as evidence (see snapshot)."""
+        snapshot_id = self.snapshots.pending()
+        if snapshot_id is None:
+            return
+        try:
+            self.evidence.save(frame.full, self.tracks + self.people_seen, str(snapshot_id))
+        except Exception as exc:  # noqa: BLE001 - redaction unavailable, a full disk: the centre hears why
+            self.snapshots.refuse(snapshot_id, f"{type(exc).__name__}: {exc}")
 
     def _regions(self, frame: Frame, now: float) -> list[tuple[int, int, int, int]]:
         """Where to run the model: nowhere on a still scene; around motion and every track when something moves;
