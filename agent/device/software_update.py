@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -117,6 +118,13 @@ class SoftwareFiles:
         temporary.symlink_to(target)
         os.replace(temporary, self.current)
         _sync_dir(self.root)
+
+    def prune(self, keep: set[Path]) -> None:
+        """Delete installed versions other than ``keep`` (the one running and the one to go back to)."""
+        kept = {path.resolve() for path in keep}
+        for venv in self.versions.glob("*/venv"):
+            if venv.resolve() not in kept:
+                shutil.rmtree(venv.parent, ignore_errors=True)
 
     def trial(self) -> dict[str, Any] | None:
         return _read_json(self.trial_path)
@@ -369,6 +377,7 @@ class SoftwareUpdater:
         if failed is None:
             self.files.save_trial(None)
             self.files.mark(version, "installed")
+            self.files.prune(keep={self.files.venv(version), Path(trial["previous"])})
             self._report({**base, "outcome": "installed"})
             return
         log.error("version %s failed its health gate (%s); switching back to %s", version, failed, trial["from"])
