@@ -226,7 +226,15 @@ def relaunch() -> None:
 
 
 def download(claims: UpdateClaims, destination: Path) -> None:
-    """Fetch the artefact: never more than the manifest's size, and its sha256 must match."""
+    """Fetch the artefact: never more than the manifest's size, and its sha256 must match (else nothing is kept)."""
+    try:
+        _download(claims, destination)
+    except UpdateRefused:
+        destination.unlink(missing_ok=True)
+        raise
+
+
+def _download(claims: UpdateClaims, destination: Path) -> None:
     digest, received = hashlib.sha256(), 0
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:

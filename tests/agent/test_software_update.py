@@ -193,12 +193,15 @@ def test_forged_stale_expired_and_out_of_stage_manifests_are_refused(site, recei
         (centre, {"device": "cp-2"}, 600, "device_mismatch"),
         (centre, {"min_config_schema": 2}, 600, "config_schema"),
         (centre, {}, 600, "unsupported"),  # all checks passed: this agent (in a test) cannot restart itself
+        (centre, {"sha256": "0" * 64}, 600, "artefact_sha256"),  # as if it could: the download is checked
+        (centre, {"size": len(data) - 1}, 600, "artefact_size"),
     ]
     topic = TopicLayout(site.prefix).topic(site.site, "cp-1", "update")
     link = MqttLink(config.mqtt, client_id="test-publisher", secret_dirs=config.secret_dirs)
     assert link.probe(10) is None
     try:
         for n, (signer, change, lifetime, reason) in enumerate(cases, start=1):
+            agent.restartable = reason.startswith("artefact")
             token = sign_manifest(signer, now=time.time(), expires_in_s=lifetime, **{**fields, **change})
             link.publish(topic, token.encode(), qos=1, retain=True)
             assert wait_until(lambda n=n: len(reports(receiver.store)) == n, 20), reason
@@ -207,7 +210,7 @@ def test_forged_stale_expired_and_out_of_stage_manifests_are_refused(site, recei
     finally:
         link.close()
     files = SoftwareFiles(agent.config.state_dir)
-    assert not files.current.exists() and not files.versions.exists()  # nothing was downloaded or switched
+    assert not files.current.exists() and not list(files.versions.glob("*/*"))  # nothing kept, installed or switched
 
 
 def test_a_stage_is_a_stable_share_of_the_fleet_or_a_list():
