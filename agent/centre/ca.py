@@ -268,9 +268,9 @@ def verify_issued(ca: DeviceCA, cert: x509.Certificate) -> None:
 #: The common name of the shared bootstrap certificate that unenrolled devices connect with.
 BOOTSTRAP_NAME = "enrolment"
 DEVICE_WRITES = ("alert", "event", "telemetry", "status", "evidence")
-DEVICE_READS = ("ack", "evidence-request", "config", "command")
+DEVICE_READS = ("ack", "evidence-request", "config", "command", "update")
 RECEIVER_READS = ("alert", "event", "telemetry", "status", "evidence")
-RECEIVER_WRITES = ("ack", "evidence-request", "config", "command")
+RECEIVER_WRITES = ("ack", "evidence-request", "config", "command", "update")
 
 
 def acl_text(prefix: str, receiver_name: str) -> str:

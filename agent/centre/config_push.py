@@ -98,6 +98,27 @@ def push(
     timeout_s: float = 15.0,
 ) -> list[str]:
     """Publish one signed copy per device, retained, and wait for the broker to take each; returns the topics."""
+    signed = [
+        (
+            topics.topic(device.site, device.device_id, "config"),
+            sign_document(
+                signer,
+                document,
+                device=device.device_id,
+                site=device.site,
+                selector=selection.selector,
+                version=version,
+                expires_in_s=expires_in_s,
+                gate_s=gate_s,
+            ),
+        )
+        for device in selection.devices
+    ]
+    return publish_retained(link, signed, timeout_s)
+
+
+def publish_retained(link, signed: list[tuple[str, str]], timeout_s: float = 15.0) -> list[str]:
+    """Publish each (topic, token), retained, and wait for the broker to take each (pushes and update manifests)."""
     published: dict[int, threading.Event] = {}
     refused: list[str] = []
 
@@ -108,25 +129,14 @@ def push(
 
     link.on_published = on_published
     sent: list[tuple[str, int]] = []
-    for device in selection.devices:
-        token = sign_document(
-            signer,
-            document,
-            device=device.device_id,
-            site=device.site,
-            selector=selection.selector,
-            version=version,
-            expires_in_s=expires_in_s,
-            gate_s=gate_s,
-        )
-        topic = topics.topic(device.site, device.device_id, "config")
+    for topic, token in signed:
         mid = link.publish(topic, token.encode(), qos=1, retain=True)
         published.setdefault(mid, threading.Event())
         sent.append((topic, mid))
     deadline = time.monotonic() + timeout_s
     for topic, mid in sent:
         if not published[mid].wait(max(0.0, deadline - time.monotonic())):
-            raise UplinkError(f"the broker did not confirm the configuration on {topic} within {timeout_s:g} s")
+            raise UplinkError(f"the broker did not confirm the publication on {topic} within {timeout_s:g} s")
     if refused:
         raise UplinkError(f"the broker refused {len(refused)} publication(s): {', '.join(sorted(set(refused)))}")
     return [topic for topic, _ in sent]

@@ -21,6 +21,7 @@ from agent.cli.centre import (
     cmd_centre_command,
     cmd_centre_config_push,
     cmd_centre_console,
+    cmd_centre_update_publish,
     cmd_centre_user_add,
     cmd_receiver_devices,
     cmd_receiver_enroll,
@@ -133,7 +134,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from agent.device.agent import Agent
     from agent.device.safe_mode import load_for_start
+    from agent.device.software_update import launch, relaunch
 
+    launch(load_for_start(args.config, agent=False).config.state_dir, sys.argv[1:])  # the version `current` names
     pin_factory = None
     if args.mock_pins:
         from gpiozero.pins.mock import MockFactory
@@ -156,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if stop.is_set():  # a signal came while it was starting
             agent.close()
         agent.wait()
+        if agent.relaunch_requested and not stop.is_set():
+            relaunch()  # a software update switched versions (or switched back): exec, same process id
         if not agent.restart_requested:
             break
     return 0
@@ -508,12 +513,31 @@ def _add_centre_commands(commands: argparse._SubParsersAction) -> None:
     push.add_argument("--timeout", type=float, default=15, help="seconds to wait for the broker")
     push.set_defaults(func=cmd_centre_config_push)
 
+    update = sub.add_parser("update", help="staged software updates of the agent")
+    update_sub = update.add_subparsers(dest="update_command", metavar="ACTION", required=True)
+    publish = update_sub.add_parser("publish", help="sign an update manifest and publish it, retained, to a stage")
+    publish.add_argument("--version", required=True, help="the artefact's edge-agent version (newer than the fleet's)")
+    publish.add_argument("--artefact", type=Path, required=True, help="a wheel or sdist of edge-agent")
+    publish.add_argument("--url", help="where devices fetch it (https://, http://); default: the file's file:// URL")
+    stage = publish.add_mutually_exclusive_group(required=True)
+    stage.add_argument("--stage", type=float, metavar="PERCENT", help="this share of devices (chosen by id hash)")
+    stage.add_argument("--devices", metavar="ID,ID", help="these devices")
+    publish.add_argument("--min-config-schema", type=int, default=1, help="configuration schema the version needs")
+    publish.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
+    publish.add_argument("--expires-in", type=float, default=720, help="hours the manifest stays valid (default 720)")
+    publish.add_argument(
+        "--gate", type=float, default=60, help="seconds for the device's test alert to be acknowledged"
+    )
+    publish.add_argument("--timeout", type=float, default=15, help="seconds to wait for the broker")
+    publish.set_defaults(func=cmd_centre_update_publish)
+
     command = sub.add_parser("command", help="a signed, single-use command to one device; prints its signed answer")
-    command.add_argument("command", choices=["selftest", "test-alert", "restart"])
+    command.add_argument("command", choices=["selftest", "test-alert", "restart", "snapshot"])
     command.add_argument("--device", required=True)
     command.add_argument("--config", type=Path, help="receiver config file (the centre's key, broker and keyring)")
     command.add_argument("--lifetime", type=float, default=60, help="seconds the command stays valid (at most 3600)")
     command.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
+    command.add_argument("--out", type=Path, help="snapshot: fetch the redacted JPEG (sealed in transit) to this file")
     command.set_defaults(func=cmd_centre_command)
     add_enrolment_commands(sub)  # centre token create, centre enrolments list|approve|reject
 

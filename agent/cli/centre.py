@@ -452,6 +452,65 @@ def cmd_centre_config_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_centre_update_publish(args: argparse.Namespace) -> int:
+    """Sign an update manifest for each device in the stage and publish it, retained, on its update topic."""
+    import time
+
+    from agent.centre.config_push import publish_retained
+    from agent.centre.keyring import Keyring
+    from agent.centre.update_publish import describe_artefact, manifests, record, staged
+    from agent.config.centre import load_receiver_config
+    from agent.config.secrets import secret_file
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.signing import MessageSigner, load_private_key
+    from agent.protocol.update_manifest import sign_manifest
+
+    if args.config is None:
+        raise ConfigError("centre update publish: --config RECEIVER.toml is required (the centre's key and broker)")
+    config = load_receiver_config(args.config)
+    devices = args.devices.split(",") if args.devices else None
+    chosen = staged(Keyring(config.keyring_path).devices(), args.stage, devices)
+    artefact = describe_artefact(args.artefact)
+    url = args.url or args.artefact.resolve().as_uri()
+    stage = {"stage_percent": args.stage} if args.stage is not None else {"stage_devices": devices}
+    signer = MessageSigner(
+        load_private_key(secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file"))
+    )
+    layout, now = TopicLayout(config.mqtt.topic_prefix), time.time()
+    extra = {"min_config_schema": args.min_config_schema, "gate_s": args.gate}
+    try:
+        signed = [
+            (
+                layout.topic(device.site, device.device_id, "update"),
+                sign_manifest(signer, now=now, expires_in_s=args.expires_in * 3600, **fields, **extra),
+            )
+            for device, fields in manifests(chosen, artefact, version=args.version, url=url, **stage)
+        ]
+    except ValueError as exc:  # pydantic's: a version or URL the manifest cannot carry
+        raise ConfigError(f"update manifest: {exc}") from None
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-update",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(args.timeout)
+    if problem:
+        raise UplinkError(problem)
+    try:
+        topics = publish_retained(link, signed, args.timeout)
+    finally:
+        link.close()
+    record(config.receiver.state_dir, chosen, {"version": args.version, "url": url, **artefact, **stage}, now)
+    print(f"published version {args.version} ({artefact['sha256'][:12]}…) to {len(topics)} device(s), retained:")
+    for topic in topics:
+        print(f"  {topic}")
+    print("each device reports installed / rolled_back / refused in a software_update event", file=sys.stderr)
+    return 0
+
+
 def cmd_centre_command(args: argparse.Namespace) -> int:
     """Send one signed, single-use command to a device and print its signed answer."""
     from agent.centre.commands import send_command
@@ -490,7 +549,38 @@ def cmd_centre_command(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             state_dir=config.receiver.state_dir,
         )
+        if args.command == "snapshot" and answer.get("outcome") == "done" and args.out is not None:
+            _fetch_snapshot(link, config, enrolled[args.device], answer["result"]["evidence"], args.out, args.timeout)
     finally:
         link.close()
     print_json(answer)
     return 0 if answer.get("outcome") == "done" else 1
+
+
+def _fetch_snapshot(link, config, device, evidence: dict, out: Path, timeout_s: float) -> None:
+    """Fetch a snapshot the way evidence is fetched: a signed request, the JPEG sealed for the centre."""
+    import os
+
+    from agent.centre.evidence_fetch import fetch
+    from agent.centre.keyring import Keyring
+    from agent.config.secrets import resolve_secret
+    from agent.protocol.messages import TopicLayout
+    from agent.protocol.sealing import load_encryption_key
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    data = fetch(
+        link,
+        TopicLayout(config.mqtt.topic_prefix),
+        MessageSigner(load_private_key(resolve_secret(config.receiver.signing_key_file, *config.secret_dirs))),
+        Keyring(config.keyring_path),
+        load_encryption_key(resolve_secret(config.receiver.encryption_key_file, *config.secret_dirs)),
+        site=device.site,
+        device=device.device_id,
+        ref=str(evidence["ref"]),
+        expected_sha256=str(evidence["sha256"]),
+        timeout_s=timeout_s,
+    )
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    print(f"{out}: {len(data)} bytes, redacted on the device, decrypted here; sha256 matches", file=sys.stderr)

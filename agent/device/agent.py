@@ -29,6 +29,7 @@ from agent.device.health import system_health
 from agent.device.outbox import Outbox, OutboxEntry
 from agent.device.response import HelpComing, names_responding
 from agent.device.safe_mode import StartingConfig
+from agent.device.software_update import SoftwareUpdater
 from agent.device.statelock import StateDirLock
 from agent.errors import ConfigError, OutboxError, UplinkError
 from agent.mqtt.link import MqttLink, Will
@@ -104,6 +105,7 @@ class Agent:
         #: ``edge-agent run`` starts the agent again when it stops with this set (a pushed change needs a restart).
         self.restartable = restartable
         self.restart_requested = False
+        self.relaunch_requested = False  # ...by exec'ing the launcher: another version of the agent runs next
         self.device = config.device.id
         self.site = config.device.site
         self.started_at = time.monotonic()
@@ -162,6 +164,7 @@ class Agent:
         self.vision = self._supervise_vision()
         self.config_updater = ConfigUpdater(self, centre_keys.signing, starting)
         self.commands = CommandRunner(self, centre_keys.signing, config.state_dir)
+        self.software_updater = SoftwareUpdater(self, centre_keys.signing)
         self.control = ControlServer(
             config.control_socket, {"status": self._cmd_status, "test-alert": self._cmd_test_alert}
         )
@@ -188,6 +191,7 @@ class Agent:
         self.link.subscribe(self.topics.topic(self.site, self.device, "ack"))
         self.link.subscribe(self.topics.topic(self.site, self.device, "config"))
         self.link.subscribe(self.topics.topic(self.site, self.device, "command"))
+        self.link.subscribe(self.topics.topic(self.site, self.device, "update"))
 
     def _serve_evidence(self, centre_keys: CentreKeys) -> EvidenceServer | None:
         """On a camera box: evidence leaves the box only when the centre asks for it."""
@@ -270,6 +274,7 @@ class Agent:
             self.vision.start()
         self.config_updater.start()
         self.commands.start()
+        self.software_updater.start()
         self._notifier.notify("READY=1", f"STATUS=alert path up; outbox depth {self.outbox.depth()}")
         self._watchdog.start()
         if self.tamper is not None and self.tamper.is_open:
@@ -295,6 +300,7 @@ class Agent:
         self._notifier.notify("STOPPING=1")
         self.config_updater.close()
         self.commands.close()
+        self.software_updater.close()
         self.control.close()
         final = (self.topics.topic(self.site, self.device, "status"), self._status_payload("offline"))
         self.link.close(final=final)
@@ -461,6 +467,8 @@ class Agent:
             self.config_updater.submit(payload)
         elif topic == self.topics.topic(self.site, self.device, "command"):
             self.commands.submit(payload)
+        elif topic == self.topics.topic(self.site, self.device, "update"):
+            self.software_updater.submit(payload)
         elif self.evidence_server is not None and topic == self.evidence_server.request_topic:
             self.evidence_server.submit(payload)
 
@@ -660,6 +668,7 @@ class Agent:
             self._held_retry,
             self.config_updater.guard,
             self.commands.guard,
+            self.software_updater.guard,
         ]
         return loops if self.vision is None else [*loops, self.vision.guard]
 
@@ -675,6 +684,7 @@ class Agent:
             "config_version": self.config_version,
             "config_source": self.config_source,
             "config_update": self.config_updater.report(),
+            "software_update": self.software_updater.report(),
             "safe_mode": self._safe_mode_text(),
             "host": platform.node(),
             **system_health(self.config.state_dir),
@@ -758,6 +768,11 @@ class Agent:
         self.restart_requested = True
         self.close()
 
+    def request_relaunch(self, why: str) -> None:
+        """Stop, so that ``edge-agent run`` execs the launcher: the version ``current`` names runs next."""
+        self.relaunch_requested = True
+        self.request_restart(why)
+
     def config_applied(self, version: int) -> None:
         """A pushed configuration passed its health gate: it runs, and safe mode (if any) is over."""
         self.config_version, self.config_source, self.safe_mode = version, "file", []
@@ -770,7 +785,7 @@ class Agent:
                 return True
         return any(e.kind == "alert" and not e.claims.get("test") for e in self.outbox.entries())
 
-    def gate_alert(self, version: int) -> OutboxEntry | None:
+    def gate_alert(self, version: int | str) -> OutboxEntry | None:
         """The health gate's test alert: from the first button, else a test event; None if it cannot be stored."""
         if self.buttons:
             return self.raise_alert(next(iter(self.buttons)), test=True)

@@ -9,7 +9,10 @@ thread (never paho's):
 - ``selftest``: the running agent's own checks, one row each (its threads, the
   MQTT network thread, the outbox, each button line, the vision process), as a table;
 - ``test-alert``: a test alert through the real path, as ``edge-agent test-alert``;
-- ``restart``: the agent restarts itself (in ``edge-agent run``), if it can.
+- ``restart``: the agent restarts itself (in ``edge-agent run``), if it can;
+- ``snapshot`` (camera boxes taking evidence): the vision process stores its next
+  frame exactly as evidence (redacted before encoding; see ``agent.vision.snapshot``);
+  the answer carries its reference and sha256, and the centre fetches it sealed.
 
 Every outcome goes back as a signed ``event`` ``{"command": {...}}``; refusals
 are reported at most every ``REFUSAL_REPORT_S``, counted always.
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 USED_IDS = "commands-used.json"
 REFUSAL_REPORT_S = 10.0
+#: How long a snapshot may take: the vision process looks for the request twice a second, then stores one frame.
+SNAPSHOT_WAIT_S = 10.0
 #: A command sent more than this long ago (by the device's corrected clock) is stale, whatever its expiry says.
 FUTURE_SLACK_S = 30.0
 
@@ -120,6 +125,8 @@ class CommandRunner:
             return "replayed", f"command {claims.command_id} was run already"
         if claims.command == "restart" and not agent.restartable:
             return "unsupported", "this agent cannot restart itself (not run by 'edge-agent run')"
+        if claims.command == "snapshot" and not any(rule.evidence for rule in agent.config.rules):
+            return "unsupported", "no snapshot: this device keeps no evidence (no camera rule sets evidence = true)"
         return None
 
     def _execute(self, claims: CommandClaims) -> dict[str, Any]:
@@ -131,6 +138,10 @@ class CommandRunner:
             if entry is None:
                 raise RuntimeError("the test alert could not be stored")
             return {"seq": entry.seq, "event_id": entry.event_id}
+        if claims.command == "snapshot":
+            from agent.vision.snapshot import request_snapshot  # stdlib only: no numpy in the agent process
+
+            return {"evidence": request_snapshot(agent.config.evidence_dir, claims.command_id, SNAPSHOT_WAIT_S)}
         return {"restarting": True}
 
     def _refuse(self, claims: CommandClaims | None, reason: str, detail: str) -> None:

@@ -166,7 +166,7 @@ class ConfigUpdater:
         while not agent.link.is_connected and time.monotonic() < deadline:
             if self._stopping.wait(POLL_S):
                 return
-        failed = self._health_gate(version, max(1.0, deadline - time.monotonic()))
+        failed = self.health_gate(version, max(1.0, deadline - time.monotonic()))
         if self._stopping.is_set():
             return  # stopped from outside mid-gate: the next start finds the trial tried, and drops it
         self.files.clear_trial()
@@ -266,7 +266,7 @@ class ConfigUpdater:
         previous = self._agent.config
         self.state = f"health gate v{version}"
         self._agent.reconfigure(candidate)
-        failed = self._health_gate(version, claims.gate_s)
+        failed = self.health_gate(version, claims.gate_s)
         if self._stopping.is_set():
             return  # stopped mid-gate: nothing decided; the retained copy is taken again at the next start
         if failed is None:
@@ -292,7 +292,7 @@ class ConfigUpdater:
                 return False
         return True
 
-    def _health_gate(self, version: int, gate_s: float) -> str | None:
+    def health_gate(self, version: int | str, gate_s: float) -> str | None:
         """None when the agent passes its self-check and a test alert is acknowledged within ``gate_s``."""
         agent = self._agent
         deadline = time.monotonic() + gate_s

@@ -21,7 +21,7 @@ from agent.errors import SignatureInvalid
 from agent.protocol.messages import SCHEMA_VERSION, Name, Strict, UnixTime, decode_claims
 from agent.protocol.signing import MessageSigner, open_token, verify_opened
 
-COMMANDS = ("selftest", "test-alert", "restart")
+COMMANDS = ("selftest", "test-alert", "restart", "snapshot")
 #: A command is valid this long at most: it is meant to run now, not when a device comes back next week.
 MAX_LIFETIME_S = 3600.0
 MAX_COMMAND_BYTES = 4096
@@ -32,7 +32,7 @@ class CommandClaims(Strict):
     kind: Literal["command"] = "command"
     device: str = Name
     site: str = Name
-    command: Literal["selftest", "test-alert", "restart"]
+    command: Literal["selftest", "test-alert", "restart", "snapshot"]
     command_id: uuid.UUID = Field(description="Single use: the device runs each id once.")
     sent: float = UnixTime
     expires: float = UnixTime

@@ -11,6 +11,7 @@ Topics::
     <prefix>/<site>/<device>/evidence-request   the centre asks for an evidence image (signed)
     <prefix>/<site>/<device>/evidence   the device's reply: the redacted JPEG encrypted for the centre (signed)
     <prefix>/<site>/<device>/config     the centre's pushed configuration, retained (signed; see config_doc)
+    <prefix>/<site>/<device>/update     the centre's software update manifest, retained (see update_manifest)
     <prefix>/<site>/<device>/command    the centre's single-use commands (signed; see commands)
 
 Every payload is a compact JWS (see ``signing``) over a :class:`MessageClaims`
@@ -33,7 +34,18 @@ from agent.errors import SignatureInvalid
 
 SCHEMA_VERSION = 1
 Kind = Literal["alert", "tamper", "test", "telemetry", "status", "event"]
-CHANNELS = ("alert", "event", "telemetry", "status", "ack", "evidence-request", "evidence", "config", "command")
+CHANNELS = (
+    "alert",
+    "event",
+    "telemetry",
+    "status",
+    "ack",
+    "evidence-request",
+    "evidence",
+    "config",
+    "command",
+    "update",
+)
 CHANNEL_OF_KIND: dict[str, str] = {
     "alert": "alert",
     "test": "event",

@@ -23,6 +23,7 @@ from agent.vision.detector import Detection, Detector
 from agent.vision.evidence import EvidenceStore
 from agent.vision.motion import MotionDetector, Region, RegionPlanner
 from agent.vision.rules import RuleEngine, RuleEvent, passes, point_in_polygon
+from agent.vision.snapshot import SnapshotRequests
 from agent.vision.tracking import ObjectTracker, Track
 from hw.camera import Frame
 from hw.frame_prefetch import put_unless_stopped
@@ -45,6 +46,7 @@ class VisionPipeline:
         self.config = config
         self.detector = detector
         self.evidence = evidence
+        self.snapshots = SnapshotRequests(evidence.directory) if evidence is not None else None
         self.excluded = [m.polygon for m in config.privacy_masks] + [a.polygon for a in config.ignore_areas]
         self.motion = (
             MotionDetector(config.motion.threshold, config.motion.min_area, excluded=self.excluded)
@@ -177,7 +179,19 @@ class VisionPipeline:
         confirmed = [t for t in self.tracks if passes(t, self.config.filters)]
         for event in self.rules.evaluate(confirmed, now):
             messages.append(self._message(event, frame))
+        if self.snapshots is not None:
+            self._snapshot_if_asked(frame)
         return messages
+
+    def _snapshot_if_asked(self, frame: Frame) -> None:
+        """The centre's snapshot command: this frame, redacted and stored exactly as evidence (see snapshot)."""
+        snapshot_id = self.snapshots.pending()
+        if snapshot_id is None:
+            return
+        try:
+            self.evidence.save(frame.full, self.tracks + self.people_seen, str(snapshot_id))
+        except Exception as exc:  # noqa: BLE001 - redaction unavailable, a full disk: the centre hears why
+            self.snapshots.refuse(snapshot_id, f"{type(exc).__name__}: {exc}")
 
     def _judge_tamper(self, frame: Frame, now: float) -> list[dict[str, Any]]:
         """Tamper situations step with each look; a lighting change is one plain event, never a tamper alert."""
