@@ -136,7 +136,12 @@ def test_restart_command_restarts_edge_agent_run(site, receiver, config, capsys)
         time.sleep(1.0)  # deliberate: the restarted agent's uptime must be visibly smaller
         code, answer = command(site, "restart", capsys)
         assert code == 0 and answer["outcome"] == "done"
-        assert wait_until(lambda: status().get("connected") and status()["uptime_s"] < first_pid_uptime + 1.0, 30)
+
+        def restarted() -> bool:
+            now = status()  # one reading: a second one could land in the middle of the restart
+            return bool(now.get("connected")) and now.get("uptime_s", float("inf")) < first_pid_uptime + 1.0
+
+        assert wait_until(restarted, 30)
         assert process.poll() is None  # the same process: 'edge-agent run' started the agent again
     finally:
         process.terminate()
