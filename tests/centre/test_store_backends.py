@@ -410,3 +410,17 @@ def test_storing_many_reads_back_what_each_sequence_holds(store):
     event = str(first["event_id"])
     assert stored[:3] == [(event, True), (event, False), (event, False)]
     assert stored[3][1] is True and [m.seq for m in store.messages()] == [5, 6]
+
+
+def test_supervision_passes_over_the_fleet_only_when_someone_may_be_overdue(reopen):
+    """The same enrolled list checked every second: deadlines still hold when another receiver hears a device."""
+    with reopen() as first, reopen() as second:
+        ours, theirs = first.registry(10), second.registry(10)
+        ours.started_at = theirs.started_at = 995.0
+        fleet = [("cp-1", "site-a"), ("cp-2", "site-a")]
+        ours.heard(model(alert_claims(seq=1)), now=1000.0)
+        assert [(e.device, e.event) for e in ours.check(fleet, now=1006.0)] == [("cp-2", "missing")]
+        assert ours.check(fleet, now=1007.0) == []
+        theirs.heard(model(alert_claims(seq=2)), now=1008.0)  # cp-1 heard by the other receiver
+        assert ours.check(fleet, now=1011.0) == []
+        assert [(e.device, e.event) for e in ours.check(fleet, now=1018.5)] == [("cp-1", "missing")]
