@@ -405,36 +405,21 @@ def cmd_centre_config_push(args: argparse.Namespace) -> int:
 
     from agent.centre.config_push import PushBook, push, read_document, select
     from agent.centre.keyring import Keyring
-    from agent.config.centre import load_receiver_config
-    from agent.config.secrets import secret_file
-    from agent.errors import UplinkError
-    from agent.mqtt.link import MqttLink
     from agent.protocol.messages import TopicLayout
-    from agent.protocol.signing import MessageSigner, load_private_key
 
-    if args.config is None:
-        raise ConfigError("centre config push: --config RECEIVER.toml is required (the centre's key and broker)")
-    config = load_receiver_config(args.config)
+    config = _centre_config(args, "centre config push")
     document = read_document(args.file)
     selection = select(Keyring(config.keyring_path).devices(), args.device, args.site, args.group)
-    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
+    signer = _centre_signer(config)
     book = PushBook(config.receiver.state_dir)
     now = time.time()
     version = args.version if args.version is not None else book.next_version(selection.devices, now)
-    link = MqttLink(
-        config.mqtt,
-        client_id=f"receiver-{config.receiver.id}-config",
-        secret_dirs=config.secret_dirs,
-        session_expiry_s=0,
-    )
-    problem = link.probe(args.timeout)
-    if problem:
-        raise UplinkError(problem)
+    link = _centre_link(config, "config", args.timeout)
     try:
         topics = push(
             link,
             TopicLayout(config.mqtt.topic_prefix),
-            MessageSigner(load_private_key(key)),
+            signer,
             selection,
             document,
             version=version,
@@ -459,25 +444,16 @@ def cmd_centre_update_publish(args: argparse.Namespace) -> int:
     from agent.centre.config_push import publish_retained
     from agent.centre.keyring import Keyring
     from agent.centre.update_publish import describe_artefact, manifests, record, staged
-    from agent.config.centre import load_receiver_config
-    from agent.config.secrets import secret_file
-    from agent.errors import UplinkError
-    from agent.mqtt.link import MqttLink
     from agent.protocol.messages import TopicLayout
-    from agent.protocol.signing import MessageSigner, load_private_key
     from agent.protocol.update_manifest import sign_manifest
 
-    if args.config is None:
-        raise ConfigError("centre update publish: --config RECEIVER.toml is required (the centre's key and broker)")
-    config = load_receiver_config(args.config)
+    config = _centre_config(args, "centre update publish")
     devices = args.devices.split(",") if args.devices else None
     chosen = staged(Keyring(config.keyring_path).devices(), args.stage, devices)
     artefact = describe_artefact(args.artefact)
     url = args.url or args.artefact.resolve().as_uri()
     stage = {"stage_percent": args.stage} if args.stage is not None else {"stage_devices": devices}
-    signer = MessageSigner(
-        load_private_key(secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file"))
-    )
+    signer = _centre_signer(config)
     layout, now = TopicLayout(config.mqtt.topic_prefix), time.time()
     extra = {"min_config_schema": args.min_config_schema, "gate_s": args.gate}
     try:
@@ -490,15 +466,7 @@ def cmd_centre_update_publish(args: argparse.Namespace) -> int:
         ]
     except ValueError as exc:  # pydantic's: a version or URL the manifest cannot carry
         raise ConfigError(f"update manifest: {exc}") from None
-    link = MqttLink(
-        config.mqtt,
-        client_id=f"receiver-{config.receiver.id}-update",
-        secret_dirs=config.secret_dirs,
-        session_expiry_s=0,
-    )
-    problem = link.probe(args.timeout)
-    if problem:
-        raise UplinkError(problem)
+    link = _centre_link(config, "update", args.timeout)
     try:
         topics = publish_retained(link, signed, args.timeout)
     finally:
@@ -515,34 +483,19 @@ def cmd_centre_command(args: argparse.Namespace) -> int:
     """Send one signed, single-use command to a device and print its signed answer."""
     from agent.centre.commands import send_command
     from agent.centre.keyring import Keyring
-    from agent.config.centre import load_receiver_config
-    from agent.config.secrets import secret_file
-    from agent.errors import UplinkError
-    from agent.mqtt.link import MqttLink
     from agent.protocol.messages import TopicLayout
-    from agent.protocol.signing import MessageSigner, load_private_key
 
-    if args.config is None:
-        raise ConfigError("centre command: --config RECEIVER.toml is required (the centre's key and broker)")
-    config = load_receiver_config(args.config)
+    config = _centre_config(args, "centre command")
     enrolled = {d.device_id: d for d in Keyring(config.keyring_path).devices()}
     if args.device not in enrolled:
         raise ConfigError(f"device {args.device!r} is not enrolled")
-    key = secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file")
-    link = MqttLink(
-        config.mqtt,
-        client_id=f"receiver-{config.receiver.id}-command",
-        secret_dirs=config.secret_dirs,
-        session_expiry_s=0,
-    )
-    problem = link.probe(args.timeout)
-    if problem:
-        raise UplinkError(problem)
+    signer = _centre_signer(config)
+    link = _centre_link(config, "command", args.timeout)
     try:
         answer = send_command(
             link,
             TopicLayout(config.mqtt.topic_prefix),
-            MessageSigner(load_private_key(key)),
+            signer,
             enrolled[args.device],
             args.command,
             lifetime_s=args.lifetime,
@@ -584,3 +537,39 @@ def _fetch_snapshot(link, config, device, evidence: dict, out: Path, timeout_s: 
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     print(f"{out}: {len(data)} bytes, redacted on the device, decrypted here; sha256 matches", file=sys.stderr)
+
+
+def _centre_config(args: argparse.Namespace, what: str):
+    """The receiver config a centre command works from: the centre's key, its broker and its keyring."""
+    from agent.config.centre import load_receiver_config
+
+    if args.config is None:
+        raise ConfigError(f"{what}: --config RECEIVER.toml is required (the centre's key and broker)")
+    return load_receiver_config(args.config)
+
+
+def _centre_signer(config):
+    """The centre's signing key (the receiver's), loaded as the receiver loads it."""
+    from agent.config.secrets import secret_file
+    from agent.protocol.signing import MessageSigner, load_private_key
+
+    return MessageSigner(
+        load_private_key(secret_file(config.receiver.signing_key_file, config.secret_dirs, "receiver.signing_key_file"))
+    )
+
+
+def _centre_link(config, purpose: str, timeout_s: float):
+    """A short MQTT session as the receiver's identity, proved to connect before anything is signed and sent."""
+    from agent.errors import UplinkError
+    from agent.mqtt.link import MqttLink
+
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"receiver-{config.receiver.id}-{purpose}",
+        secret_dirs=config.secret_dirs,
+        session_expiry_s=0,
+    )
+    problem = link.probe(timeout_s)
+    if problem:
+        raise UplinkError(problem)
+    return link
