@@ -27,10 +27,19 @@ class FleetRow:
     outstanding: list[int]
     enrolled: bool
     location: str = ""
+    version: str | None = None  # the agent's software version, from its telemetry
+    config_version: Any = None  # the centre's pushed configuration in force
+    safe_mode: str | None = None  # why the device runs a fallback configuration, if it does
 
     @property
     def needs_look(self) -> bool:
-        return self.state == "missing" or bool(self.outstanding) or self.tamper == "open" or not self.enrolled
+        return (
+            self.state == "missing"
+            or bool(self.outstanding)
+            or self.tamper == "open"
+            or not self.enrolled
+            or self.safe_mode is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,14 @@ def _row(
         outstanding=gaps,
         enrolled=info is not None,
         location=info.location if info else "",
+        version=_text(telemetry.get("version")),
+        config_version=_number(telemetry.get("config_version")),
+        safe_mode=_text(telemetry.get("safe_mode")),
     )
+
+
+def _text(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None
 
 
 def _number(value: Any) -> float | None:

@@ -64,3 +64,25 @@ def test_a_tile_server_must_be_an_http_url_template_and_is_the_only_other_image_
         console.start()
         policy = httpx.get(console.url + "login").headers["content-security-policy"]
     assert "img-src 'self' https://tiles.city.example:8443 data:;" in policy and "script-src 'self';" in policy
+
+
+def test_the_fleet_shows_each_devices_software_and_configuration_and_safe_mode(tmp_path):
+    """Issue 14's fleet view: software version, pushed configuration version, safe mode (which needs a look)."""
+    from agent.centre.keyring import Keyring
+    from agent.centre.store import ReceiverStore
+    from agent.console.fleet import fleet_rows
+    from agent.console.state import ConsoleState
+    from agent.protocol.messages import MessageClaims, new_claims
+
+    keyring = Keyring(tmp_path / "keyring")
+    with ReceiverStore(tmp_path / "r.sqlite") as store:
+        registry = store.registry(90)
+        for device, body in {
+            "cp-1": {"version": "0.2.0", "config_version": 1764000000000},
+            "cp-2": {"version": "0.1.0", "config_version": 0, "safe_mode": "safe mode (minimal): [tamper] pin: bad"},
+        }.items():
+            claims = new_claims(device=device, site="paris", seq=1, kind="telemetry", body=body)
+            registry.heard(MessageClaims.model_validate(claims), now=1000.0)
+        rows = {r.device: r for r in fleet_rows(store, ConsoleState(store), keyring, 90, now=1001.0)}
+    assert (rows["cp-1"].version, rows["cp-1"].config_version, rows["cp-1"].safe_mode) == ("0.2.0", 1764000000000, None)
+    assert rows["cp-2"].safe_mode.startswith("safe mode") and rows["cp-2"].needs_look
