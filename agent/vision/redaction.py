@@ -256,15 +256,12 @@ class Redactor:
         )
 
     def redact(self, rgb: np.ndarray, person_boxes: list[tuple[float, float, float, float]]) -> np.ndarray:
-        """A copy with masks filled, person heads and all faces covered; raises ``RedactionUnavailable``."""
+        """A copy with person heads and all faces covered, then the privacy masks filled; raises ``RedactionUnavailable``."""
         if self.faces is None:
             raise RedactionUnavailable(self.unavailable or "no face model")
         start = time.perf_counter()
         image = rgb.copy()
         h, w = image.shape[:2]
-        for polygon in self.masks:
-            points = np.array([[round(x * w), round(y * h)] for x, y in polygon], dtype=np.int32)
-            cv2.fillPoly(image, [points], MASK_COLOUR)
         heads = [self._head(box, w, h) for box in person_boxes]
         heads = [r for r in heads if r[2] - r[0] >= 2 and r[3] - r[1] >= 2]
         try:
@@ -280,6 +277,9 @@ class Redactor:
                 covered = self._cover(image, again)
         except (RuntimeError, ValueError, cv2.error) as exc:  # an interpreter that fails mid-run
             raise RedactionUnavailable(f"face detection failed: {str(exc).strip()[:200]}") from None
+        for polygon in self.masks:  # last: a head's mosaic next to a mask never carries colour back into it
+            points = np.array([[round(x * w), round(y * h)] for x, y in polygon], dtype=np.int32)
+            cv2.fillPoly(image, [points], MASK_COLOUR)
         self.last_faces = len(faces)
         self.last_ms = (time.perf_counter() - start) * 1000
         return image

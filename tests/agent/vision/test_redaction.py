@@ -147,3 +147,16 @@ def test_evidence_is_redacted_and_private(tmp_path, redactor):
     stored = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     found, left = survivors(redactor, original, stored, FACES["basketball1.png"]["sharp"], 1)
     assert found and left == []
+
+
+def test_a_privacy_mask_stays_solid_where_a_head_beside_it_is_covered(faces_dir):
+    """Masks are filled last: a head's mosaic straddling the mask's edge never carries colour back into it."""
+    from agent.vision.redaction import MASK_COLOUR
+
+    redactor = Redactor.load(
+        "blazeface-full-range", faces_dir, masks=[[(0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0)]]
+    )
+    picture = np.random.default_rng(7).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    redacted = redactor.redact(picture, [(0.42, 0.1, 0.62, 0.9)])  # a person standing on the mask's edge
+    assert (redacted[:, :199] == np.array(MASK_COLOUR, dtype=np.uint8)).all()
+    assert not (redacted[:, 201:] == picture[:, 201:]).all()  # the head beside it is covered
