@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -42,6 +41,7 @@ from joserfc.jwk import OKPKey
 
 from agent.config.device import AgentConfig
 from agent.device.config_files import ConfigFiles, PushedSettings, Trial
+from agent.device.push_inbox import PushInbox
 from agent.device.safe_mode import StartingConfig, validate
 from agent.errors import ConfigError, SignatureInvalid
 from agent.protocol.config_doc import ConfigClaims, merge, open_document
@@ -86,28 +86,20 @@ class ConfigUpdater:
             self._path, self._text = agent.config.state_dir / "agent.toml", ""
         self._confirm_start = starting is None or starting.source == "file"
         self._trial = starting.trial if starting is not None else None
-        self._inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._acked: dict[int, threading.Event] = {}
-        self._stopping = threading.Event()
         self.counters: Counter[str] = Counter()
         self._last_refusal_report = -REFUSAL_REPORT_S
         self.state = "idle"
         self.guard = LoopGuard("config-updater", stall_s=3600 * 24)  # waits (alerts, gates) are not stalls
+        self._inbox = PushInbox(self.guard, maxsize=16)
+        self._stopping = self._inbox.stopping
 
     # Called from other threads.
 
     def submit(self, payload: bytes) -> None:
-        """From paho's thread: queue only; a full queue drops the oldest (a newer push supersedes it anyway)."""
-        while True:
-            try:
-                self._inbox.put_nowait(payload)
-                return
-            except queue.Full:
-                try:
-                    self._inbox.get_nowait()
-                except queue.Empty:
-                    pass
+        """From paho\'s thread: queue only; a full queue drops the oldest (a newer push supersedes it anyway)."""
+        self._inbox.submit(payload)
 
     def acknowledged(self, seq: int) -> None:
         event = self._acked.get(seq)
@@ -118,9 +110,7 @@ class ConfigUpdater:
         self.guard.start(self._run)
 
     def close(self) -> None:
-        self._stopping.set()
-        self.submit(None)  # type: ignore[arg-type] - the stop sentinel
-        self.guard.join(timeout=5)
+        self._inbox.close()
 
     def report(self) -> dict[str, Any]:
         return {"state": self.state, "version": self.pushed.version, "counters": dict(self.counters)}
@@ -136,16 +126,12 @@ class ConfigUpdater:
         elif self._confirm_start:
             with self.guard.step("confirm start"):
                 self._keep_start_config()
-        while not self._stopping.is_set():
-            self.guard.beat()
-            try:
-                payload = self._inbox.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if payload is None:
-                return
-            with self.guard.step("config push"):
-                self._handle(payload)
+        self._inbox.serve(self._handle_one, "config push")
+
+    def _handle_one(self, payload: bytes) -> None:
+        try:
+            self._handle(payload)
+        finally:
             self.state = "idle"
 
     def _send_pending_report(self) -> None:

@@ -48,11 +48,9 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter, OrderedDict
@@ -62,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from joserfc.jwk import OKPKey
 
 from agent import __version__
+from agent.device.push_inbox import PushInbox
 from agent.errors import SignatureInvalid
 from agent.protocol.update_manifest import CONFIG_SCHEMA, UpdateClaims, open_manifest, version_key
 from agent.runtime.files import write_file_atomically
@@ -307,33 +306,23 @@ class SoftwareUpdater:
         self._agent = agent
         self._centre_key = centre_key
         self.files = SoftwareFiles(agent.config.state_dir)
-        self._inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._stopping = threading.Event()
         self._last_refusal_report = -REFUSAL_REPORT_S
         self.counters: Counter[str] = Counter()
         self.state = "idle"
         self.guard = LoopGuard("software-updater", stall_s=3600 * 24)  # downloads, installs and gates are not stalls
+        self._inbox = PushInbox(self.guard, maxsize=8)
+        self._stopping = self._inbox.stopping
 
-    def submit(self, payload: bytes | None) -> None:
-        """From paho's thread: queue only; a full queue drops the oldest (a newer manifest supersedes it)."""
-        while True:
-            try:
-                self._inbox.put_nowait(payload)
-                return
-            except queue.Full:
-                try:
-                    self._inbox.get_nowait()
-                except queue.Empty:
-                    pass
+    def submit(self, payload: bytes) -> None:
+        """From paho\'s thread: queue only; a full queue drops the oldest (a newer manifest supersedes it)."""
+        self._inbox.submit(payload)
 
     def start(self) -> None:
         self.guard.start(self._run)
 
     def close(self) -> None:
-        self._stopping.set()
-        self.submit(None)
-        self.guard.join(timeout=5)
+        self._inbox.close()
 
     def report(self) -> dict[str, Any]:
         return {"state": self.state, "running": __version__, "counters": dict(self.counters)}
@@ -345,16 +334,12 @@ class SoftwareUpdater:
         if trial is not None:
             with self.guard.step("health gate of a new version"):
                 self._judge(trial)
-        while not self._stopping.is_set():
-            self.guard.beat()
-            try:
-                payload = self._inbox.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if payload is None:
-                return
-            with self.guard.step("update manifest"):
-                self._handle(payload)
+        self._inbox.serve(self._handle_one, "update manifest")
+
+    def _handle_one(self, payload: bytes) -> None:
+        try:
+            self._handle(payload)
+        finally:
             self.state = "idle"
 
     def _send_pending_report(self) -> None:
