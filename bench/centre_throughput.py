@@ -119,6 +119,7 @@ class AckListener:
     def __init__(self, site: LocalSite):
         self.acks: dict[tuple[str, int], str] = {}
         self.repeats = 0
+        self._awaited: set[tuple[str, int]] = set()  # what wait_for_all still waits for, emptied as acks come
         self._changed = threading.Condition()
         settings = site.receiver_config.mqtt.model_copy(update={"client_id": "bench-acks"})
         self.link = MqttLink(settings, client_id="bench-acks", secret_dirs=site.receiver_config.secret_dirs)
@@ -135,11 +136,21 @@ class AckListener:
             key = (claims["device"], claims["seq"])
             self.repeats += key in self.acks
             self.acks[key] = claims["receiver"]
-            self._changed.notify_all()
+            self._awaited.discard(key)
+            if not self._awaited:
+                self._changed.notify_all()
 
     def wait(self, predicate, timeout: float) -> bool:
+        """Wait until ``predicate(acks)`` holds; checked on every ack, so only for a warm-up's few."""
         with self._changed:
+            self._awaited = set()
             return self._changed.wait_for(lambda: predicate(self.acks), timeout)
+
+    def wait_for_all(self, keys: list[tuple[str, int]], timeout: float) -> bool:
+        """Wait for an ack of every key: each ack costs a set removal, not a pass over the keys still missing."""
+        with self._changed:
+            self._awaited = {key for key in keys if key not in self.acks}
+            return self._changed.wait_for(lambda: not self._awaited, timeout)
 
     def close(self) -> None:
         self.link.close()
@@ -201,16 +212,28 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_snapshot(site: LocalSite, centre: Centre) -> dict[str, float]:
-    """CPU seconds so far of each receiver, the broker and this benchmark (publisher and ack listener)."""
+def server_cpu_seconds(pg) -> float:
+    """CPU seconds so far of the PostgreSQL server: its postmaster and every process it started (backends)."""
+    try:
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return cpu_seconds(postmaster) + sum(cpu_seconds(int(child)) for child in children)
+
+
+def cpu_snapshot(site: LocalSite, centre: Centre, pg) -> dict[str, float]:
+    """CPU seconds so far of each receiver, the broker, the database server and this benchmark (publisher, acks)."""
     snapshot = {p.name: cpu_seconds(p.pid) for p in centre.processes}
     snapshot["mosquitto"] = cpu_seconds(site.broker._process.pid if site.broker._process else None)
+    if pg is not None and centre.config.database_dsn is not None:
+        snapshot["postgresql"] = server_cpu_seconds(pg)
     times = os.times()
     snapshot["bench"] = times.user + times.system
     return snapshot
 
 
-def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list[OKPKey], args, receivers: int):
+def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list[OKPKey], args, receivers: int, pg):
     """One timed run: messages a second, and the (device, seq) sent, to be found in the store."""
     workdir.mkdir()
     fleet = Fleet(site, keys)
@@ -229,13 +252,13 @@ def run(site: LocalSite, workdir: Path, database: str, keyring: Path, keys: list
         centre.warm_up(fleet, sender, acks)
         alerts = fleet.alerts(args.messages)  # signed before the clock starts
         sent = [key for _, _, key in alerts]
-        cpu_before = cpu_snapshot(site, centre)
+        cpu_before = cpu_snapshot(site, centre, pg)
         start = time.perf_counter()
         for topic, payload, _ in alerts:
             sender.publish(topic, payload, qos=1)
-        heard = acks.wait(lambda got: all(key in got for key in sent), RUN_TIMEOUT_S)
+        heard = acks.wait_for_all(sent, RUN_TIMEOUT_S)
         elapsed = time.perf_counter() - start
-        cpu_after = cpu_snapshot(site, centre)
+        cpu_after = cpu_snapshot(site, centre, pg)
         if not heard:
             print(f"warning: {workdir.name}: acks missing after {RUN_TIMEOUT_S:g} s", file=sys.stderr)
         by_receiver = {rid: sum(1 for key in sent if acks.acks.get(key) == rid) for rid in centre.ids}
@@ -340,8 +363,10 @@ def engine_runs(engine: str, site: LocalSite, tmp: Path, pg, keys: dict, args, f
             keys[fleet][:senders],
             args,
             receivers,
+            pg,
         )
         for name, (fleet, receivers, senders) in plans.items()
+        if args.runs is None or name.split("_senders")[0].replace(f"_{args.fleet}", "") in args.runs
     }
 
 
@@ -352,6 +377,9 @@ def main() -> None:
     parser.add_argument("--fleet", type=int, default=50_000, help="devices enrolled in the large-fleet runs")
     parser.add_argument("--floor-seconds", type=float, default=2.0, help="how long each floor is measured")
     parser.add_argument("--engines", nargs="+", default=["postgresql", "sqlite"], choices=["postgresql", "sqlite"])
+    parser.add_argument(
+        "--runs", nargs="+", choices=["one_receiver", "two_receivers", "enrolled"], help="only these runs (profiling)"
+    )
     parser.add_argument("--dir", default=None, help="where databases go (a real disk: commits cost fsyncs)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)

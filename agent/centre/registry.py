@@ -72,7 +72,7 @@ class Sighting:
 
 
 @dataclass
-class _DeviceWrite:
+class DeviceWrite:
     """One row write for a run of sightings of one device (alive ones merged; an offline one breaks the run)."""
 
     first: int
@@ -92,16 +92,16 @@ class _DeviceWrite:
         return written + ([(_NOTE_CLOCK, (clock, claims.device))] if clock is not None else [])
 
 
-def _coalesce(sightings: Sequence[Sighting]) -> list[_DeviceWrite]:
+def _coalesce(sightings: Sequence[Sighting]) -> list[DeviceWrite]:
     """Merge each device's consecutive sightings into as few row writes as keep their meaning."""
-    writes: list[_DeviceWrite] = []
-    latest: dict[str, _DeviceWrite] = {}
+    writes: list[DeviceWrite] = []
+    latest: dict[str, DeviceWrite] = {}
     for n, sighting in enumerate(sightings):
         device = sighting.claims.device
         write = latest.get(device)
         mergeable = write is not None and not write.offline and not sighting.offline
         if not mergeable or (sighting.alive and not write.alive):
-            write = _DeviceWrite(n, sighting.alive, sighting.offline, sighting)
+            write = DeviceWrite(n, sighting.alive, sighting.offline, sighting)
             writes.append(write)
             latest[device] = write
         elif sighting.alive:
@@ -114,13 +114,16 @@ def _coalesce(sightings: Sequence[Sighting]) -> list[_DeviceWrite]:
 
 
 _FLIP_BACK = "UPDATE devices SET missing = 0 WHERE device = ? AND missing = 1 RETURNING device"
-_HEARD = (
-    "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry, clock_skew_s)"
-    " VALUES (?, ?, ?, 'online', 0, ?, ?)"
+#: What hearing a device does to its row (one device's row; PostgreSQL's batch form reuses it).
+HEARD_UPDATE = (
     " ON CONFLICT(device) DO UPDATE SET site = excluded.site, last_seen = excluded.last_seen,"
     " status = excluded.status, missing = 0,"
     " last_telemetry = COALESCE(excluded.last_telemetry, devices.last_telemetry),"
     " clock_skew_s = COALESCE(excluded.clock_skew_s, devices.clock_skew_s)"
+)
+_HEARD = (
+    "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry, clock_skew_s)"
+    " VALUES (?, ?, ?, 'online', 0, ?, ?)" + HEARD_UPDATE
 )
 _OFFLINE = "INSERT INTO devices (device, site, status) VALUES (?, ?, 'offline') ON CONFLICT(device) DO UPDATE SET status = 'offline'"
 _NOTE_CLOCK = "UPDATE devices SET clock_skew_s = ? WHERE device = ?"
@@ -170,17 +173,21 @@ class DeviceRegistry:
         brought the device back.
         """
         writes = _coalesce(sightings)
-        groups = [write.statements() for write in writes]
-        rows = iter(self._run_all([statement for group in groups for statement in group]))
-        answers = [[next(rows) for _ in group] for group in groups]
         backs = {}
-        for write, answer in zip(writes, answers, strict=True):
-            if write.alive and answer[0]:  # whoever flips missing 1 -> 0 reports "back", however many receivers run
+        for write, flipped in zip(writes, self._write(writes), strict=True):
+            if flipped:  # whoever flips missing 1 -> 0 reports "back", however many receivers run
                 claims, at = sightings[write.first].claims, sightings[write.first].at
                 backs[write.first] = self._record(
                     DeviceEvent(claims.device, claims.site, "back", f"heard again ({claims.kind})"), at
                 )
         return backs
+
+    def _write(self, writes: Sequence[DeviceWrite]) -> list[bool]:
+        """Write the rows, in order; for each, whether it brought its device back from missing."""
+        groups = [write.statements() for write in writes]
+        rows = iter(self._run_all([statement for group in groups for statement in group]))
+        answers = [[next(rows) for _ in group] for group in groups]
+        return [write.alive and bool(answer[0]) for write, answer in zip(writes, answers, strict=True)]
 
     def check(self, enrolled: list[tuple[str, str]], now: float) -> list[DeviceEvent]:
         """Devices silent longer than the supervision interval, each reported once.

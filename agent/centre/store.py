@@ -227,7 +227,7 @@ class ReceiverStore:
         statement that wrote it or looked it up (None if there is none), and whether this call stored it.
         A later message on the same (device, seq) as an earlier one in the list finds the earlier one.
         """
-        written = self.run_all([(_INSERT_MESSAGE, _message_row(claims, at)) for claims, at in messages])
+        written = self.run_all([(_INSERT_MESSAGE, message_row(claims, at)) for claims, at in messages])
         taken = [n for n, rows in enumerate(written) if not rows]
         found = self.run_all([(_FIND_EVENT, (messages[n][0]["device"], messages[n][0]["seq"])) for n in taken])
         stored: list[tuple[str | None, bool]] = [(rows[0][0], True) if rows else (None, False) for rows in written]
@@ -292,7 +292,7 @@ _CLEAR_OUTSTANDING = "DELETE FROM outstanding WHERE device = ? AND seq = ? RETUR
 _NOTE_OUTSTANDING = "INSERT INTO outstanding VALUES (?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
 
 
-def _message_row(claims: dict[str, Any], received_at: float) -> tuple:
+def message_row(claims: dict[str, Any], received_at: float) -> tuple:
     return (
         claims["device"],
         claims["seq"],

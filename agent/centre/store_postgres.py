@@ -9,6 +9,8 @@ inside a transaction fails that transaction (its messages are not acknowledged a
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -19,7 +21,8 @@ from psycopg.pq import TransactionStatus
 
 from agent.centre import enrolment_tokens
 from agent.centre.forward_queue import migrate_postgres
-from agent.centre.store import ReceiverStore, StoreError
+from agent.centre.registry import HEARD_UPDATE, DeviceRegistry, DeviceWrite
+from agent.centre.store import ReceiverStore, StoreError, message_row
 
 #: Held (per transaction) while migrating, so two receivers starting together do not both migrate.
 SCHEMA_LOCK_KEY = 0x6564676541  # "edgeA"
@@ -149,10 +152,16 @@ class PostgresConnection:
             self._conn = self._connect()
         try:
             with self._conn.pipeline():
-                cursors = [self._conn.execute(sql.replace("?", "%s"), args) for sql, args in statements]
-            return [cursor.fetchall() if cursor.description else [] for cursor in cursors]
+                cursors = [self._execute_run(sql, [args for _, args in run]) for sql, run in _runs(statements)]
+            return [rows for cursor in cursors for rows in _each_result(cursor)]
         except psycopg.Error as exc:
             raise StoreError(f"receiver database: {exc}") from exc
+
+    def _execute_run(self, sql: str, args: list[Sequence[Any]]) -> psycopg.Cursor:
+        """One statement run with many argument rows: psycopg prepares and sends it once, not once a row."""
+        cursor = self._conn.cursor()
+        cursor.executemany(sql.replace("?", "%s"), args, returning=True)
+        return cursor
 
     def begin(self) -> None:
         """BEGIN; on a connection found dead just now, once more on a new one (nothing was sent on it yet)."""
@@ -182,6 +191,79 @@ class PostgresConnection:
 
     def close(self) -> None:
         self._conn.close()
+
+
+class PostgresRegistry(DeviceRegistry):
+    """The registry on PostgreSQL: a batch's device rows in two statements, not two for each device."""
+
+    def _write(self, writes: Sequence[DeviceWrite]) -> list[bool]:
+        devices = [write.sighting.claims.device for write in writes]
+        if not writes or not all(write.alive for write in writes) or len(set(devices)) < len(devices):
+            return super()._write(writes)  # an offline or a device twice: row by row, in order
+        rows = [_heard_row(write) for write in writes]
+        flipped, _ = self._run_all(
+            [(_FLIP_BACK_MANY, (json.dumps([{"device": d} for d in devices]),)), (_HEARD_MANY, (json.dumps(rows),))]
+        )
+        back = {device for (device,) in flipped}
+        return [device in back for device in devices]
+
+
+def _heard_row(write: DeviceWrite) -> dict[str, Any]:
+    claims = write.sighting.claims
+    clock = None if write.clock_error_s is None else round(write.clock_error_s, 1)
+    return {
+        "device": claims.device,
+        "site": claims.site,
+        "last_seen": write.sighting.at,
+        "last_telemetry": write.telemetry,
+        "clock_skew_s": clock,
+    }
+
+
+_MESSAGE_COLUMNS = ("device", "seq", "event_id", "site", "kind", "test", "created", "received_at", "claims")
+# A batch goes to the server as one JSON parameter, read back as rows: one statement, not one per message.
+_INSERT_MESSAGES = (
+    "INSERT INTO messages SELECT device, seq, event_id, site, kind, test, created, received_at, claims"
+    " FROM jsonb_to_recordset(?::jsonb) AS m(n INTEGER, device TEXT, seq BIGINT, event_id TEXT, site TEXT,"
+    " kind TEXT, test INTEGER, created DOUBLE PRECISION, received_at DOUBLE PRECISION, claims TEXT) ORDER BY n"
+    " ON CONFLICT (device, seq) DO NOTHING RETURNING device, seq, event_id"
+)
+_FIND_EVENTS = (
+    "SELECT m.device, m.seq, m.event_id FROM messages m"
+    " JOIN jsonb_to_recordset(?::jsonb) AS k(device TEXT, seq BIGINT) ON m.device = k.device AND m.seq = k.seq"
+)
+_CLEAR_OUTSTANDING_MANY = (
+    "DELETE FROM outstanding o USING jsonb_to_recordset(?::jsonb) AS k(device TEXT, seq BIGINT)"
+    " WHERE o.device = k.device AND o.seq = k.seq RETURNING o.device, o.seq"
+)
+_NOTE_OUTSTANDING_MANY = (
+    "INSERT INTO outstanding SELECT device, seq, noticed_at"
+    " FROM jsonb_to_recordset(?::jsonb) AS k(device TEXT, seq BIGINT, noticed_at DOUBLE PRECISION)"
+    " ON CONFLICT (device, seq) DO NOTHING"
+)
+_FLIP_BACK_MANY = (
+    "UPDATE devices SET missing = 0 FROM jsonb_to_recordset(?::jsonb) AS w(device TEXT)"
+    " WHERE devices.device = w.device AND devices.missing = 1 RETURNING devices.device"
+)
+_HEARD_MANY = (
+    "INSERT INTO devices (device, site, last_seen, status, missing, last_telemetry, clock_skew_s)"
+    " SELECT device, site, last_seen, 'online', 0, last_telemetry, clock_skew_s FROM jsonb_to_recordset(?::jsonb)"
+    " AS w(device TEXT, site TEXT, last_seen DOUBLE PRECISION, last_telemetry TEXT, clock_skew_s DOUBLE PRECISION)"
+    + HEARD_UPDATE
+)
+
+
+def _runs(statements: Sequence[tuple[str, Sequence[Any]]]) -> Iterator[tuple[str, list]]:
+    """Consecutive statements with the same SQL, grouped: (sql, [(sql, args), …]) in order."""
+    return ((sql, list(run)) for sql, run in itertools.groupby(statements, key=lambda statement: statement[0]))
+
+
+def _each_result(cursor: psycopg.Cursor) -> Iterator[list[tuple]]:
+    """The rows of each statement an ``executemany`` ran, in order ([] for one that returns none)."""
+    while True:
+        yield cursor.fetchall() if cursor.description else []
+        if not cursor.nextset():
+            return
 
 
 class PostgresStore(ReceiverStore):
@@ -221,6 +303,57 @@ class PostgresStore(ReceiverStore):
         """Each statement's rows, in order, for one round trip to the server instead of one each."""
         with self._lock:
             return self._db.execute_all(statements)
+
+    def registry(self, supervision_s: float) -> DeviceRegistry:
+        return PostgresRegistry(self._db, self._lock, supervision_s, transaction=self.transaction, run_all=self.run_all)
+
+    def store_many(self, messages: Sequence[tuple[dict[str, Any], float]]) -> list[tuple[str | None, bool]]:
+        """As ``ReceiverStore.store_many``, with one INSERT for the whole batch (and one look-up, if needed)."""
+        if not messages:
+            return []
+        rows = [
+            dict(zip(_MESSAGE_COLUMNS, message_row(claims, at), strict=True), n=n)
+            for n, (claims, at) in enumerate(messages)
+        ]
+        written = self.run_all([(_INSERT_MESSAGES, (json.dumps(rows),))])[0]
+        inserted = {(device, seq): event_id for device, seq, event_id in written}
+        unclaimed = set(inserted)  # each row written is one message's, the first in the batch that carries it
+        stored: list[tuple[str | None, bool] | None] = []
+        for claims, _ in messages:
+            key = (claims["device"], claims["seq"])
+            first = key in unclaimed and inserted[key] == claims["event_id"]
+            if first:
+                unclaimed.discard(key)
+            stored.append((inserted[key], first) if key in inserted else None)
+        if None in stored:  # on (device, seq) stored before this batch: what is there?
+            keys = [
+                {"device": c["device"], "seq": c["seq"]}
+                for (c, _), s in zip(messages, stored, strict=True)
+                if s is None
+            ]
+            found = {(d, q): e for d, q, e in self.run_all([(_FIND_EVENTS, (json.dumps(keys),))])[0]}
+            stored = [
+                s or (found.get((c["device"], c["seq"])), False) for (c, _), s in zip(messages, stored, strict=True)
+            ]
+        return stored  # type: ignore[return-value] - no None is left
+
+    def follow_chains(self, links: Sequence[tuple[str, int, int | None, float]]) -> list[tuple[int | None, bool]]:
+        """As ``ReceiverStore.follow_chains``, with one statement for each step instead of one a message."""
+        if not links:
+            return []
+        cleared, had = self.run_all(
+            [
+                (_CLEAR_OUTSTANDING_MANY, (json.dumps([{"device": d, "seq": s} for d, s, _, _ in links]),)),
+                (_FIND_EVENTS, (json.dumps([{"device": d, "seq": prev} for d, _, prev, _ in links if prev]),)),
+            ]
+        )
+        filled = {(device, seq) for device, seq in cleared}
+        present = {(device, seq) for device, seq, _ in had}
+        missing = {(d, prev): at for d, _, prev, at in links if prev and (d, prev) not in present}
+        if missing:
+            noted = [{"device": d, "seq": prev, "noticed_at": at} for (d, prev), at in missing.items()]
+            self.run_all([(_NOTE_OUTSTANDING_MANY, (json.dumps(noted),))])
+        return [(prev if (d, prev) in missing else None, (d, seq) in filled) for d, seq, prev, _ in links]
 
     def _migrations(self) -> list[Callable[[], None]]:
         return [

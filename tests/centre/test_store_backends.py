@@ -412,6 +412,46 @@ def test_storing_many_reads_back_what_each_sequence_holds(store):
     assert stored[3][1] is True and [m.seq for m in store.messages()] == [5, 6]
 
 
+def test_a_batch_finds_what_earlier_batches_stored(store):
+    """Redelivered and replayed sequences from before this batch read back the event stored then."""
+    earlier = alert_claims(seq=7)
+    with store.transaction():
+        store.store_many([(earlier, 1.0)])
+    replay, redelivery = alert_claims(seq=7), dict(earlier)
+    with store.transaction():
+        stored = store.store_many([(replay, 2.0), (alert_claims(seq=8), 2.0), (redelivery, 2.1)])
+    event = str(earlier["event_id"])
+    assert stored[0] == (event, False) and stored[1][1] is True and stored[2] == (event, False)
+    assert [(m.seq, m.event_id) for m in store.messages()][0] == (7, event)
+
+
+def test_a_batch_of_many_devices_brings_back_only_the_missing_one(store):
+    """One row write per device: the missing one comes back once, the others keep their telemetry and clock."""
+    from agent.centre.registry import Sighting
+
+    registry = store.registry(10)
+    for device in ("cp-1", "cp-2", "cp-3"):
+        registry.heard(model(alert_claims(seq=1, device=device)), now=1000.0)
+    registry.heard(model(alert_claims(seq=2, device="cp-2")), now=1015.0)
+    registry.heard(model(alert_claims(seq=2, device="cp-3")), now=1015.0)
+    enrolled = [(device, "site-a") for device in ("cp-1", "cp-2", "cp-3")]
+    assert [e.device for e in registry.check(enrolled, now=1020.0)] == ["cp-1"]
+    telemetry = model(new_claims(device="cp-3", site="site-a", seq=3, kind="telemetry", body={"outbox": 0}))
+    with store.transaction():
+        backs = registry.note(
+            [
+                Sighting(model(alert_claims(seq=3, device="cp-2")), 1021.0, alive=True, clock_error_s=0.5),
+                Sighting(model(alert_claims(seq=2, device="cp-1")), 1022.0, alive=True),
+                Sighting(telemetry, 1023.0, alive=True),
+            ]
+        )
+    assert {n: (e.device, e.event) for n, e in backs.items()} == {1: ("cp-1", "back")}
+    states = {s.device: s for s in registry.states()}
+    assert [states[d].last_seen for d in ("cp-1", "cp-2", "cp-3")] == [1022.0, 1021.0, 1023.0]
+    assert states["cp-2"].clock_skew_s == 0.5 and states["cp-3"].last_telemetry == {"outbox": 0}
+    assert not any(state.missing for state in states.values())
+
+
 def test_supervision_passes_over_the_fleet_only_when_someone_may_be_overdue(reopen):
     """The same enrolled list checked every second: deadlines still hold when another receiver hears a device."""
     with reopen() as first, reopen() as second:
