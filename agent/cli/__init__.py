@@ -73,6 +73,10 @@ def _setup_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    # Neither format shows where a line was logged from, nor its thread or process: skip finding them out
+    # (a frame walk per record; the logging HOWTO's "Optimization"), as a receiver logs every alert.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

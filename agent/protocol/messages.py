@@ -207,7 +207,7 @@ class TopicLayout:
 
     def __init__(self, prefix: str):
         self.prefix = prefix.strip("/")
-        self._depth = len(self.prefix.split("/"))
+        self._head = self.prefix + "/"
 
     def topic(self, site: str, device: str, channel: str) -> str:
         if channel not in CHANNELS:
@@ -219,10 +219,12 @@ class TopicLayout:
 
     def parse(self, topic: str) -> tuple[str, str, str] | None:
         """``(site, device, channel)`` or None for a topic outside the layout."""
-        parts = topic.split("/")
-        if len(parts) != self._depth + 3 or "/".join(parts[: self._depth]) != self.prefix:
+        if not topic.startswith(self._head):
             return None
-        site, device, channel = parts[self._depth :]
+        parts = topic[len(self._head) :].split("/")
+        if len(parts) != 3:
+            return None
+        site, device, channel = parts
         return (site, device, channel) if channel in CHANNELS else None
 
 
