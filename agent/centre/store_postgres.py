@@ -145,9 +145,16 @@ class PostgresConnection:
             raise StoreError(f"receiver database: {exc}") from exc
 
     def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple]]:
-        """Each statement's rows, in order: all sent before any answer is read (psycopg's pipeline mode)."""
+        """Each statement's rows, in order: all sent before any answer is read (psycopg's pipeline mode).
+
+        A single statement goes on its own: psycopg's pipeline is Python code, and costs twice the CPU
+        of a plain round trip.
+        """
         if not statements:
             return []
+        if len(statements) == 1:
+            cursor = self.execute(*statements[0])
+            return [cursor.fetchall() if cursor.description else []]
         if self._conn.closed and not self.in_transaction:
             self._conn = self._connect()
         try:
@@ -158,7 +165,9 @@ class PostgresConnection:
             raise StoreError(f"receiver database: {exc}") from exc
 
     def _execute_run(self, sql: str, args: list[Sequence[Any]]) -> psycopg.Cursor:
-        """One statement run with many argument rows: psycopg prepares and sends it once, not once a row."""
+        """One statement run with one or many argument rows: with many, psycopg sends it once, not once a row."""
+        if len(args) == 1:
+            return self._conn.execute(sql.replace("?", "%s"), args[0])
         cursor = self._conn.cursor()
         cursor.executemany(sql.replace("?", "%s"), args, returning=True)
         return cursor
