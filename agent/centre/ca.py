@@ -335,6 +335,9 @@ def write_broker_config(
     conf = (
         "# Written by 'edge-agent centre broker-config'. One identity per device: see acl.\n"
         "per_listener_settings false\nallow_anonymous false\n"
+        "# Announce no Receive Maximum (mosquitto's default is 20): the receiver answers every message it\n"
+        "# takes, so it may have as many acks in flight as its own Receive Maximum lets it take.\n"
+        "max_inflight_messages 0\n"
         f"acl_file {out / 'acl'}\n\nlistener {port}\n" + listener_lines(out, ca.crl_path.resolve())
     )
     write_public(out / "mosquitto.conf", conf.encode())

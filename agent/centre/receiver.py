@@ -300,6 +300,7 @@ class Receiver:
             session_expiry_s=settings.session_expiry_s,
             manual_ack=True,  # the broker keeps each message until it is stored here
             receive_maximum=settings.max_inflight,
+            publish_window=0,  # one answer per message taken: Receive Maximum bounds them (no paho rescans)
         )
         prefix, group = self.topics.prefix, settings.share_group
         for channel in ("alert", "event", "telemetry"):

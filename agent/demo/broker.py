@@ -52,6 +52,9 @@ class LocalBroker:
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path.write_text(
+            # No Receive Maximum announced: each client's own window governs (see agent.mqtt.link);
+            # first, so that ``global_config`` may set another.
+            "max_inflight_messages 0\n"
             f"{global_config}\nlistener {self.port} {self.host}\n{listener_config}\nallow_anonymous true\npersistence false\n"
             f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n"
             "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")

@@ -33,6 +33,9 @@ from agent.errors import ConfigError, UplinkError
 
 log = logging.getLogger(__name__)
 
+#: QoS 1 messages a link has sent and the broker not yet PUBACKed, at most (paho queues the rest).
+PUBLISH_WINDOW = 100
+
 #: Failed attempts in a row on one broker (a lost connection counts as one) before the next is tried.
 FAILOVER_AFTER = 2
 
@@ -87,7 +90,10 @@ class MqttLink:
         session_expiry_s: int = 3600,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        publish_window: int = PUBLISH_WINDOW,
     ):
+        """``publish_window``: QoS 1 messages sent and not yet PUBACKed, at most; 0 for no limit here (the
+        receiver: it answers each message it takes once, so its Receive Maximum bounds its acks in flight)."""
         self.settings = settings
         self.client_id = client_id
         self.on_connected: Callable[[bool], None] = lambda session_present: None
@@ -122,7 +128,10 @@ class MqttLink:
         # Randomised per client, so a thousand devices back from one outage do not reconnect in one instant.
         jitter = random.uniform(0.5, 1.0)
         self._client.reconnect_delay_set(settings.reconnect_min_s * jitter, settings.reconnect_max_s * jitter)
-        self._client.max_inflight_messages_set(100)
+        self._publish_window = publish_window
+        # paho does not take the broker's Receive Maximum from CONNACK (MQTT 5 §4.9): _handle_connect warns
+        # when the broker announces less than this; broker configs written here announce none.
+        self._client.max_inflight_messages_set(publish_window)
         if settings.username is not None:
             password = None
             if settings.password_file is not None:
@@ -363,6 +372,7 @@ class MqttLink:
             return
         self._last_refusal = ""
         self._failures = 0
+        self._check_receive_maximum(properties)
         if self._current != 0 and (self._watcher is None or not self._watcher.is_alive()):
             self._watcher = threading.Thread(target=self._watch_first_broker, name="mqtt-first-broker", daemon=True)
             self._watcher.start()
@@ -394,6 +404,21 @@ class MqttLink:
             self.on_disconnected(str(reason_code))
         if not self._closing:
             self._failed_attempt()
+
+    def _check_receive_maximum(self, properties) -> None:
+        """Warn if the broker takes fewer unacknowledged messages from a client than this link may send."""
+        announced = getattr(properties, "ReceiveMaximum", None)
+        if announced is None or 0 < self._publish_window <= announced:
+            return
+        window = self._publish_window or "no limit"
+        log.warning(
+            "broker %s:%s accepts at most %d unacknowledged messages from %s (its Receive Maximum) but this link "
+            "sends up to %s; raise it on the broker (mosquitto: max_inflight_messages 0), or it may disconnect us",
+            *self.broker,
+            announced,
+            self.client_id,
+            window,
+        )
 
     def _handle_message(self, client, userdata, message) -> None:
         if self._manual_ack:

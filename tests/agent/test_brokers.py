@@ -66,3 +66,20 @@ def test_a_device_fails_over_mid_burst_and_returns_to_its_first_broker(site, bro
         stored = receiver.store.messages(kind="alert")
         assert receiver.problems() == []
     assert sorted(m.event_id for m in stored) == sorted(e.event_id for e in accepted)  # each once, none lost
+
+
+@pytest.mark.parametrize("announced, warned", [(None, False), (20, True)])
+def test_a_receiver_warns_of_a_broker_that_takes_fewer_acks_in_flight_than_it_sends(
+    tmp_path, site, caplog, announced, warned
+):
+    """paho ignores the broker's Receive Maximum (MQTT 5 §4.9), and a receiver sends one ack per message it takes."""
+    limit = "" if announced is None else f"max_inflight_messages {announced}"
+    with LocalBroker(workdir=tmp_path / "broker", global_config=limit) as broker:
+        config = load_receiver_config(site.receiver_toml_path())
+        config = config.model_copy(update={"mqtt": config.mqtt.model_copy(update={"port": broker.port})})
+        with caplog.at_level("WARNING", logger="agent.mqtt.link"), Receiver(config) as receiver:
+            assert receiver.link.wait_connected(10)
+    warnings = [r.getMessage() for r in caplog.records if "Receive Maximum" in r.getMessage()]
+    assert bool(warnings) == warned
+    if warned:
+        assert "at most 20 unacknowledged" in warnings[0] and "max_inflight_messages 0" in warnings[0]
