@@ -41,7 +41,7 @@ def fetch(
         raise EvidenceError(f"the broker did not confirm the subscription to {site}/{device}'s evidence topic")
     request_id = str(uuid.uuid4())
     request = EvidenceRequest(device=device, ref=ref, request_id=request_id, sent=time.time())
-    link.publish(topics.topic(site, device, "evidence-request"), signer.sign(request.model_dump(mode="json")).encode())
+    link.publish(topics.topic(site, device, "evidence-request"), signer.sign_model(request).encode())
     ignored: list[str] = []
     while (left := deadline - time.monotonic()) > 0:
         try:

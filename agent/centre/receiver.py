@@ -582,7 +582,7 @@ class Receiver:
 
     def _answer(self, claims: MessageClaims, answer: AckClaims) -> None:
         topic = self.topics.topic(claims.site, claims.device, "ack")
-        self._reply_via.publish(topic, self.signer.sign(answer.model_dump(mode="json")).encode(), qos=1)
+        self._reply_via.publish(topic, self.signer.sign_model(answer).encode(), qos=1)
         self.metrics.answered(answer)
 
 

@@ -63,7 +63,7 @@ class Responder:
             id=uuid.uuid4(),
             sent=time.time(),
         )
-        token = self._signer.sign(claims.model_dump(mode="json")).encode()
+        token = self._signer.sign_model(claims).encode()
         self._publish(self._topics.topic(alert.site, alert.device, "ack"), token)
         log.info("told %s/%s that help is coming for seq %d", alert.site, alert.device, alert.seq)
         return True
