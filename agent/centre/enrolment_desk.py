@@ -48,7 +48,8 @@ class EnrolmentDesk:
         self.counters: Counter[str] = Counter()
 
     def takes(self, topic: str) -> bool:
-        return client_of(self.prefix, topic) is not None
+        """Whether a topic is an enrolment request's (asked of every message: the cheap test first)."""
+        return topic.endswith("/request") and client_of(self.prefix, topic) is not None
 
     def handle(self, topic: str, payload: bytes, publish) -> Decision | None:
         """Judge one request and publish the signed answer with ``publish(topic, bytes)``; None when unanswerable."""

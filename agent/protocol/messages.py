@@ -62,6 +62,8 @@ MAX_SEQ = 2**53 - 1
 MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_BARE_WORD = re.compile(rb"[A-Za-z]+")
+_JSON_WORDS = frozenset((b"true", b"false", b"null", b"e", b"E"))
 
 Sequence = Field(ge=1, le=MAX_SEQ, description="Strictly increasing per device, across restarts.")
 UnixTime = Field(ge=0, le=2**34, description="Unix time in seconds; finite.")
@@ -139,11 +141,28 @@ class RespondingClaims(Strict):
 
 def check_json_depth(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse deeply nested JSON before any parser recurses into it."""
+    _check_depth(_JSON_STRING.sub(b'""', payload), max_depth)
+
+
+def _check_depth(outside_strings: bytes, max_depth: int) -> None:
     depth = 0
-    for bracket in _JSON_STRING.sub(b'""', payload).translate(None, _BRACKETS):
+    for bracket in outside_strings.translate(None, _BRACKETS):
         depth += 1 if bracket in b"[{" else -1
         if depth > max_depth:
             raise SignatureInvalid("malformed", f"JSON nested deeper than {max_depth} levels")
+
+
+def check_json_text(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse deep nesting, and the bare words Python's and pydantic's parsers take but JSON has not (NaN, Infinity).
+
+    Outside its strings, JSON has no words but true, false, null and a number's exponent; what pydantic
+    parses after this is then strict JSON, parsed once.
+    """
+    outside = _JSON_STRING.sub(b'""', payload)
+    _check_depth(outside, max_depth)
+    for word in _BARE_WORD.findall(outside):
+        if word not in _JSON_WORDS:
+            raise SignatureInvalid("malformed", f"signed payload is not JSON: {word[:20].decode('ascii')!r}")
 
 
 def parse_json_object(payload: bytes) -> dict[str, Any]:
@@ -167,7 +186,7 @@ Claims = TypeVar("Claims", bound=BaseModel)
 
 def decode_claims(model: type[Claims], payload: bytes) -> Claims:
     """Validate a verified payload against a claims model; any failure is ``malformed``."""
-    parse_json_object(payload)  # depth, NaN and shape, before pydantic sees it
+    check_json_text(payload)  # depth and NaN before pydantic sees it; pydantic refuses anything but an object
     try:
         return model.model_validate_json(payload, strict=True)
     except ValidationError as exc:
