@@ -16,8 +16,8 @@ message is on disk.
 Two threads share the work, so signature checks overlap the waits on the
 database: the screener verifies each message as it arrives; the worker takes
 what is already verified (up to BATCH_MAX) and stores it with its registry and
-chain rows in one transaction (one fsync; on PostgreSQL a few pipelined round
-trips, not one per statement), and only after that commit answers and releases
+chain rows in one transaction (one fsync; on PostgreSQL one statement per step
+for the whole batch, not one per message), and only after that commit answers and releases
 each at the broker, in arrival order. Verdicts are those of one message at a
 time; if the shared commit fails, each message is stored on its own.
 """

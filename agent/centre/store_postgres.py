@@ -1,4 +1,9 @@
-"""The receiver's store on PostgreSQL: the same SQL and behaviour as the SQLite store, on a server.
+"""The receiver's store on PostgreSQL: the same behaviour as the SQLite store, on a server.
+
+The SQL is the SQLite store's, except where a batch is written: there each step (messages, chains,
+device rows) is one statement over the whole batch, sent as one JSON parameter (``jsonb_to_recordset``),
+because every statement costs the receiver's one Python thread far more through psycopg than through
+sqlite3. The shared tests hold both to the same results, row by row.
 
 Chosen by ``[receiver] database = "postgresql://…"``. One connection, guarded by the store's lock
 (the receiver has one worker writing; metrics and the CLI read): ``transaction()`` is one PostgreSQL
