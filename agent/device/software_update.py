@@ -39,7 +39,9 @@ after its gate passed (so the one before can still read it if it fails).
 
 Each outcome is reported in a signed ``event`` whose body is
 ``{"software_update": {...}}``: installed, rolled_back (with the reason),
-refused (with the reason).
+refused (with the reason). An update is refused before anything is fetched when the disk could not
+hold it and still keep ``KEEP_FREE_BYTES`` free for the outbox and the logs; a failed download or
+install leaves nothing of the new version behind.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ BASE_PYTHONPATH_ENV = "EDGE_AGENT_BASE_PYTHONPATH"
 INSTALL_TIMEOUT_S = 300.0
 DOWNLOAD_TIMEOUT_S = 60.0
 SEEN_MAX = 32
+#: Free space an update needs: its artefact this many times (the file, the unpacked version, pip's copy)…
+INSTALL_SPACE_FACTOR = 4
+#: …and this much left over afterwards, for the outbox, the logs and the system.
+KEEP_FREE_BYTES = 64 * 1024 * 1024
 POLL_S = 0.1
 REFUSAL_REPORT_S = 10.0
 
@@ -222,6 +228,20 @@ def relaunch() -> None:
 
 
 # Installing beside the running version.
+
+
+def check_disk_space(files: SoftwareFiles, claims: UpdateClaims) -> None:
+    """Refuse an update the disk cannot hold with room to spare: alerts must never be short of space for one."""
+    files.versions.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(files.versions).free
+    needed = claims.size * INSTALL_SPACE_FACTOR + KEEP_FREE_BYTES
+    if free < needed:
+        mib = 1024 * 1024
+        raise UpdateRefused(
+            "disk_space",
+            f"{free // mib} MiB free in {files.versions}; version {claims.version} needs {needed // mib} MiB "
+            f"(its artefact {INSTALL_SPACE_FACTOR} times, and {KEEP_FREE_BYTES // mib} MiB left for alerts and logs)",
+        )
 
 
 def download(claims: UpdateClaims, destination: Path) -> None:
@@ -440,9 +460,13 @@ class SoftwareUpdater:
     def _install_and_switch(self, claims: UpdateClaims) -> None:
         self.state = f"installing version {claims.version}"
         log.info("update to version %s: downloading %s", claims.version, claims.url)
-        artefact = self.files.versions / claims.version / claims.filename
-        download(claims, artefact)
-        venv = install(self.files, claims, artefact)
+        check_disk_space(self.files, claims)
+        try:
+            download(claims, self.files.versions / claims.version / claims.filename)
+            venv = install(self.files, claims, self.files.versions / claims.version / claims.filename)
+        except UpdateRefused:  # nothing half-installed is kept (this version is newer than any that ran here)
+            shutil.rmtree(self.files.versions / claims.version, ignore_errors=True)
+            raise
         previous = self.files.running_prefix()
         trial = {
             "version": claims.version,

@@ -3,6 +3,7 @@ a real wheel of this repository (version bumped) installed into a real venv, the
 
 import base64
 import hashlib
+import shutil
 import sys
 import time
 import zipfile
@@ -195,13 +196,16 @@ def test_forged_stale_expired_and_out_of_stage_manifests_are_refused(site, recei
         (centre, {}, 600, "unsupported"),  # all checks passed: this agent (in a test) cannot restart itself
         (centre, {"sha256": "0" * 64}, 600, "artefact_sha256"),  # as if it could: the download is checked
         (centre, {"size": len(data) - 1}, 600, "artefact_size"),
+        (centre, {}, 600, "disk_space"),  # with the space an update must leave free raised past this disk's
     ]
     topic = TopicLayout(site.prefix).topic(site.site, "cp-1", "update")
     link = MqttLink(config.mqtt, client_id="test-publisher", secret_dirs=config.secret_dirs)
     assert link.probe(10) is None
     try:
         for n, (signer, change, lifetime, reason) in enumerate(cases, start=1):
-            agent.restartable = reason.startswith("artefact")
+            agent.restartable = reason.startswith(("artefact", "disk"))
+            if reason == "disk_space":
+                monkeypatch.setattr(software_update, "KEEP_FREE_BYTES", shutil.disk_usage(site.root).free + 1)
             token = sign_manifest(signer, now=time.time(), expires_in_s=lifetime, **{**fields, **change})
             link.publish(topic, token.encode(), qos=1, retain=True)
             assert wait_until(lambda n=n: len(reports(receiver.store)) == n, 20), reason
