@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class EnrolmentDesk:
         self.prefix = prefix
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        self.on_decision: Callable[[str], None] = lambda outcome: None  # the receiver's metrics
 
     def takes(self, topic: str) -> bool:
         """Whether a topic is an enrolment request's (asked of every message: the cheap test first)."""
@@ -133,6 +135,7 @@ class EnrolmentDesk:
 
     def _count(self, what: str, detail: str) -> None:
         self.counters[f"enrolment_{what}"] += 1
+        self.on_decision(what)
         if what in ("enrolled", "pending"):
             log.info("enrolment %s: %s", what, detail)
         else:

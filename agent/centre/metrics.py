@@ -51,6 +51,9 @@ class MetricsOff:
     def device_event(self, event: DeviceEvent) -> None:
         """Not counted."""
 
+    def enrolment(self, outcome: str) -> None:
+        """Not counted."""
+
 
 def receiver_metrics(
     address: tuple[str, int] | None, registry: DeviceRegistry, keyring: Keyring
@@ -103,6 +106,12 @@ class ReceiverMetrics(MetricsOff):
         self.device_events = counter(
             "edge_agent_receiver_device_events", "Devices reported missing, and back.", ["event"], **on
         )
+        self.enrolments = counter(
+            "edge_agent_receiver_enrolments",
+            "Zero-touch enrolment requests decided: enrolled, pending (for an operator), or the reason refused.",
+            ["outcome"],
+            **on,
+        )
         self.registry.register(FleetCollector(registry, keyring))
 
     def start(self) -> None:
@@ -138,6 +147,9 @@ class ReceiverMetrics(MetricsOff):
 
     def device_event(self, event: DeviceEvent) -> None:
         self.device_events.labels(event.event).inc()
+
+    def enrolment(self, outcome: str) -> None:
+        self.enrolments.labels(outcome).inc()
 
 
 class FleetCollector:

@@ -277,6 +277,7 @@ class Receiver:
         self.enrolment.counters = self.checker.counters
         self.registry = self.store.registry(settings.supervision_s)
         self.metrics = receiver_metrics(settings.metrics_address, self.registry, self.keyring)
+        self.enrolment.on_decision = self.metrics.enrolment
         self.forwarding = Forwarding(config, self.store, clock)  # [[forward.arc]]: on to alarm receiving centres
         self.forwarding.add_metrics(self.metrics)
         # One connection per broker: a device may be on any of them (it fails over in order).

@@ -121,6 +121,19 @@ def test_the_agents_last_will_shows_it_offline(site, metered, mock_factory):
     assert wait_until(lambda: sample(scrape(metered), "edge_agent_devices", state="offline") == 1, 10)
 
 
+def test_enrolment_requests_are_counted_by_outcome(site, metered):
+    """A zero-touch request that is not one is refused, and the scrape says why."""
+    config = site.receiver_config
+    link = MqttLink(config.mqtt, client_id="enrol-probe", secret_dirs=config.secret_dirs)
+    assert link.probe(10) is None
+    try:
+        link.publish(f"{site.prefix}/_enrol/box-1/request", b"not a request", qos=1)
+        counted = "edge_agent_receiver_enrolments_total"
+        assert wait_until(lambda: sample(scrape(metered), counted, outcome="malformed") == 1, 10)
+    finally:
+        link.close()
+
+
 def test_metrics_are_off_unless_configured(site):
     with Receiver(site.receiver_config) as running:
         assert isinstance(running.metrics, MetricsOff) and running.metrics.address is None
