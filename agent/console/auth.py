@@ -20,7 +20,7 @@ from agent.console.state import ROLES, ConsoleState
 #: What each role may do; checked on the server for every request, whatever the page shows.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "operator": frozenset({"view", "handle", "evidence"}),
-    "supervisor": frozenset({"view", "handle", "evidence", "audit"}),
+    "supervisor": frozenset({"view", "handle", "evidence", "audit", "reassign"}),
     "installer": frozenset({"view"}),
 }
 assert set(PERMISSIONS) == set(ROLES)

@@ -44,6 +44,12 @@ _CLOSE = (
     " closed_at = excluded.closed_at, outcome = excluded.outcome, note = excluded.note"
     " WHERE alert_handling.state <> 'closed' RETURNING device"
 )
+_REASSIGN = (
+    "UPDATE alert_handling SET taken_by = ?, taken_at = ?"
+    " WHERE device = ? AND seq = ? AND state = 'taken' AND taken_by = ? RETURNING device"
+)
+#: The roles that may hold an alert (take charge of it, or be given it).
+HANDLING_ROLES = ("operator", "supervisor")
 _AUDIT = "INSERT INTO audit_log (at, actor, action, device, seq, detail) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -158,6 +164,26 @@ class ConsoleState:
             if taken:
                 self._audit(now, operator, "take-charge", alert.device, alert.seq, alert.what)
         return bool(taken)
+
+    def reassign(self, alert: AlertView, supervisor: str, holder: str, to: str, now: float) -> bool:
+        """Give a taken alert to another account that handles alerts, audited in the same commit.
+
+        False if ``holder`` (whom the supervisor saw holding it) no longer does, or ``to`` may not hold it.
+        """
+        if to == holder or to not in self.handlers():
+            return False
+        with self.store.transaction():
+            (moved,) = self.store.run_all([(_REASSIGN, (to, now, alert.device, alert.seq, holder))])
+            if moved:
+                self._audit(now, supervisor, "reassign", alert.device, alert.seq, f"from {holder} to {to}")
+        return bool(moved)
+
+    def handlers(self) -> list[str]:
+        """The accounts that may hold an alert, by name."""
+        roles = ", ".join("?" for _ in HANDLING_ROLES)
+        sql = f"SELECT name FROM operators WHERE role IN ({roles}) ORDER BY name"
+        (rows,) = self.store.run_all([(sql, HANDLING_ROLES)])
+        return [name for (name,) in rows]
 
     def close(self, alert: AlertView, operator: str, outcome: str, note: str, now: float) -> bool:
         """Close an alert with an outcome and a note, audited in the same commit; False if already closed."""

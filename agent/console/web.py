@@ -238,7 +238,8 @@ def create_app(console: Console) -> Starlette:
         if alert is None:
             return None
         marks = device_marks(console.store, settings.clock_fault_s)
-        return {"alert": alert, "marks": marks, "notice": request.query_params.get("notice", "")[:200]}
+        notice = request.query_params.get("notice", "")[:200]
+        return {"alert": alert, "marks": marks, "notice": notice, "handlers": console.state.handlers()}
 
     def not_found() -> Response:
         return PlainTextResponse("no such alert", status_code=404)
@@ -278,6 +279,21 @@ def create_app(console: Console) -> Starlette:
             console.state.close, context["alert"], session.operator, outcome, note, console.clock()
         )
         return _back_to(context["alert"], "closed" if closed else "it was already closed")
+
+    @page("reassign")
+    async def reassign(request: Request, session: Session) -> Response:
+        """A supervisor gives a taken alert to someone else (the holder went off shift, or is busy)."""
+        form = await checked_form(request, session)
+        if form is None:
+            return refused_csrf()
+        context = await run_in_threadpool(alert_context, request)
+        if context is None:
+            return not_found()
+        alert, holder, to = context["alert"], form.get("holder", ""), form.get("to", "")
+        moved = await run_in_threadpool(console.state.reassign, alert, session.operator, holder, to, console.clock())
+        return _back_to(
+            alert, f"given to {to}" if moved else f"not given to {to!r}: it has changed, or they cannot hold it"
+        )
 
     @page("evidence")
     async def evidence(request: Request, session: Session) -> Response:
@@ -389,6 +405,7 @@ def create_app(console: Console) -> Starlette:
         Route("/fragment/alerts/{device}/{seq}", alert_fragment),
         Route("/alerts/{device}/{seq}/take", take, methods=["POST"]),
         Route("/alerts/{device}/{seq}/close", close, methods=["POST"]),
+        Route("/alerts/{device}/{seq}/reassign", reassign, methods=["POST"]),
         Route("/alerts/{device}/{seq}/evidence", evidence, methods=["POST"]),
         Route("/fleet", fleet),
         Route("/fragment/fleet", fleet_fragment),

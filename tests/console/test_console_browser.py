@@ -126,6 +126,32 @@ def test_a_test_alert_looks_different_and_never_rings_a_duress_alert_stands_out(
         screenshot(ana, "queue-mixed")
 
 
+def test_a_supervisor_gives_an_alert_ana_holds_to_bo_and_an_operator_may_not(browser, console, agent, mock_factory):
+    press(mock_factory.pin(17))
+    assert wait_until(lambda: console.state.queue()[0], 10)
+    (alert,), _ = console.state.queue()
+    assert console.state.take(alert, "ana", time.time())
+    where = f"{console.url}alerts/{alert.device}/{alert.seq}"
+
+    ana = log_in(browser, console, "ana")
+    ana.goto(where)
+    assert ana.locator("#reassign-form").count() == 0
+    refused = ana.request.post(where + "/reassign", form={"csrf": csrf_of(ana), "holder": "ana", "to": "bo"})
+    assert refused.status == 403 and "operator" in refused.text()
+
+    sam = log_in(browser, console, "sam")
+    sam.goto(where)
+    options = sam.locator("#reassign-form select[name=to] option").all_inner_texts()
+    assert options == ["bo", "sam"]  # whoever may hold an alert, but not its holder (nor the installer)
+    sam.select_option("#reassign-form select[name=to]", "bo")
+    sam.click("#reassign-form button")
+    assert "given to bo" in sam.inner_text("#notice")
+    assert "bo" in sam.inner_text("#handling-state")
+    assert console.state.alert(alert.device, alert.seq).taken_by == "bo"
+    (entry,) = [e for e in console.state.audit_log() if e.action == "reassign"]
+    assert (entry.actor, entry.detail) == ("sam", "from ana to bo")
+
+
 def test_five_wrong_passwords_refuse_even_the_right_one(browser, console):
     for _ in range(5):
         page = log_in(browser, console, "ana", password="not the password")

@@ -57,6 +57,31 @@ def test_one_operator_takes_charge_the_other_is_told_who_and_closing_is_audited(
     assert log[0].detail == "help-sent: patrol on site"
 
 
+def test_a_supervisor_gives_a_taken_alert_to_another_operator_and_it_is_audited(state):
+    for name, role in (("ana", "operator"), ("bo", "operator"), ("sam", "supervisor"), ("ian", "installer")):
+        state.add_operator(name, "not-a-real-hash", role, 1.0)  # the hash is never checked here
+    state.store.insert(alert_claims(seq=1), 10.0)
+    (alert,), _ = state.queue()
+    assert state.take(alert, "ana", 11.0)
+    assert not state.reassign(alert, "sam", "bo", "ana", 12.0)  # sam's page was out of date: ana holds it
+    assert not state.reassign(alert, "sam", "ana", "ian", 12.0)  # an installer cannot hold an alert
+    assert not state.reassign(alert, "sam", "ana", "nobody", 12.0)
+    assert state.reassign(alert, "sam", "ana", "bo", 12.5)
+    now = state.alert("cp-1", 1)
+    assert (now.state, now.taken_by, now.taken_at) == ("taken", "bo", 12.5)
+    assert state.close(alert, "bo", "help-sent", "", 13.0)
+    assert not state.reassign(alert, "sam", "bo", "ana", 14.0)  # closed: nobody holds it any more
+    entry = state.audit_log()[1]
+    assert (entry.actor, entry.action, entry.device, entry.seq, entry.detail) == (
+        "sam",
+        "reassign",
+        "cp-1",
+        1,
+        "from ana to bo",
+    )
+    assert state.handlers() == ["ana", "bo", "sam"]
+
+
 def test_the_audit_log_refuses_updates_and_deletes(state):
     state.audit(1.0, "ana", "login")
     for sql in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
