@@ -254,24 +254,29 @@ def create_app(console: Console) -> Starlette:
         context = await run_in_threadpool(alert_context, request)
         return not_found() if context is None else render(request, "_alert.html", session, **context)
 
-    @page("handle")
-    async def take(request: Request, session: Session) -> Response:
-        if await checked_form(request, session) is None:
-            return refused_csrf()
-        context = await run_in_threadpool(alert_context, request)
-        if context is None:
-            return not_found()
+    def alert_form(permission: str):
+        """Decorator for a form POSTed about one alert: role, CSRF token and the alert checked before the handler."""
+
+        def wrap(handler: Callable):
+            @page(permission)
+            async def endpoint(request: Request, session: Session) -> Response:
+                form = await checked_form(request, session)
+                if form is None:
+                    return refused_csrf()
+                context = await run_in_threadpool(alert_context, request)
+                return not_found() if context is None else await handler(request, session, form, context)
+
+            return endpoint
+
+        return wrap
+
+    @alert_form("handle")
+    async def take(request: Request, session: Session, form: dict[str, str], context: dict) -> Response:
         notice = await run_in_threadpool(console.take_charge, context["alert"], session.operator)
         return _back_to(context["alert"], notice)
 
-    @page("handle")
-    async def close(request: Request, session: Session) -> Response:
-        form = await checked_form(request, session)
-        if form is None:
-            return refused_csrf()
-        context = await run_in_threadpool(alert_context, request)
-        if context is None:
-            return not_found()
+    @alert_form("handle")
+    async def close(request: Request, session: Session, form: dict[str, str], context: dict) -> Response:
         outcome, note = form.get("outcome", ""), form.get("note", "").strip()[:MAX_NOTE]
         if outcome not in OUTCOMES:
             return PlainTextResponse(f"choose an outcome: {', '.join(OUTCOMES)}", status_code=400)
@@ -280,28 +285,16 @@ def create_app(console: Console) -> Starlette:
         )
         return _back_to(context["alert"], "closed" if closed else "it was already closed")
 
-    @page("reassign")
-    async def reassign(request: Request, session: Session) -> Response:
+    @alert_form("reassign")
+    async def reassign(request: Request, session: Session, form: dict[str, str], context: dict) -> Response:
         """A supervisor gives a taken alert to someone else (the holder went off shift, or is busy)."""
-        form = await checked_form(request, session)
-        if form is None:
-            return refused_csrf()
-        context = await run_in_threadpool(alert_context, request)
-        if context is None:
-            return not_found()
         alert, holder, to = context["alert"], form.get("holder", ""), form.get("to", "")
         moved = await run_in_threadpool(console.state.reassign, alert, session.operator, holder, to, console.clock())
-        return _back_to(
-            alert, f"given to {to}" if moved else f"not given to {to!r}: it has changed, or they cannot hold it"
-        )
+        refusal = f"not given to {to!r}: it has changed, or they cannot hold it"
+        return _back_to(alert, f"given to {to}" if moved else refusal)
 
-    @page("evidence")
-    async def evidence(request: Request, session: Session) -> Response:
-        if await checked_form(request, session) is None:
-            return refused_csrf()
-        context = await run_in_threadpool(alert_context, request)
-        if context is None:
-            return not_found()
+    @alert_form("evidence")
+    async def evidence(request: Request, session: Session, form: dict[str, str], context: dict) -> Response:
         data, problem = await run_in_threadpool(console.view_evidence, context["alert"], session.operator)
         image = None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode()
         return render(request, "evidence.html", session, image=image, problem=problem, **context)
