@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,11 @@ from agent.errors import MosquittoMissing
 REPO = Path(__file__).resolve().parent.parent
 #: The one setting that finds the shared test models and footage.
 SHARED_DIR = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared"))
+
+
+def agent_run_argv(config_path: Path) -> list[str]:
+    """``edge-agent run`` of one device on gpiozero's mock pins, as a process of its own (as systemd runs it)."""
+    return [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(config_path)]
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.01) -> bool:

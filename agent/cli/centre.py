@@ -430,10 +430,9 @@ def cmd_centre_config_push(args: argparse.Namespace) -> int:
     finally:
         link.close()
     book.record(selection.devices, version, selection.selector, str(args.file), now)
-    print(f"pushed {args.file} as version {version} ({selection.selector}) to {len(topics)} device(s), retained:")
-    for topic in topics:
-        print(f"  {topic}")
-    print("each device reports applied / rejected / rolled_back in a config_update event", file=sys.stderr)
+    _print_published(
+        f"pushed {args.file} as version {version} ({selection.selector})", topics, "applied / rejected / rolled_back"
+    )
     return 0
 
 
@@ -472,11 +471,17 @@ def cmd_centre_update_publish(args: argparse.Namespace) -> int:
     finally:
         link.close()
     record(config.receiver.state_dir, chosen, {"version": args.version, "url": url, **artefact, **stage}, now)
-    print(f"published version {args.version} ({artefact['sha256'][:12]}…) to {len(topics)} device(s), retained:")
+    what = f"published version {args.version} ({artefact['sha256'][:12]}…)"
+    _print_published(what, topics, "installed / rolled_back / refused", event="software_update")
+    return 0
+
+
+def _print_published(what: str, topics: list[str], outcomes: str, event: str = "config_update") -> None:
+    """What went out, retained, to which device topics; and (on stderr) how the devices will answer."""
+    print(f"{what} to {len(topics)} device(s), retained:")
     for topic in topics:
         print(f"  {topic}")
-    print("each device reports installed / rolled_back / refused in a software_update event", file=sys.stderr)
-    return 0
+    print(f"each device reports {outcomes} in a {event} event", file=sys.stderr)
 
 
 def cmd_centre_command(args: argparse.Namespace) -> int:

@@ -305,13 +305,20 @@ def create_app(console: Console) -> Starlette:
         rows = fleet_rows(console.store, console.state, console.keyring, console.config.receiver.supervision_s)
         return {"rows": rows, "clock_fault_s": settings.clock_fault_s}
 
-    @page("view")
-    async def fleet(request: Request, session: Session) -> Response:
-        return render(request, "fleet.html", session, **await run_in_threadpool(fleet_context))
+    def page_and_fragment(name: str, context: Callable[[], dict[str, Any]]):
+        """The page ``name.html`` and its live part ``_name.html``, both drawn from ``context()``."""
 
-    @page("view", fragment=True)
-    async def fleet_fragment(request: Request, session: Session) -> Response:
-        return render(request, "_fleet.html", session, **await run_in_threadpool(fleet_context))
+        @page("view")
+        async def whole(request: Request, session: Session) -> Response:
+            return render(request, f"{name}.html", session, **await run_in_threadpool(context))
+
+        @page("view", fragment=True)
+        async def fragment(request: Request, session: Session) -> Response:
+            return render(request, f"_{name}.html", session, **await run_in_threadpool(context))
+
+        return whole, fragment
+
+    fleet, fleet_fragment = page_and_fragment("fleet", fleet_context)
 
     def map_context() -> dict[str, Any]:
         rows = fleet_rows(console.store, console.state, console.keyring, console.config.receiver.supervision_s)
@@ -320,13 +327,7 @@ def create_app(console: Console) -> Starlette:
         layers = map_layers(rows, devices, settings.plans_dir, settings.map_tiles_url)
         return {"layers": layers, "unplaced": unplaced}
 
-    @page("view")
-    async def map_page(request: Request, session: Session) -> Response:
-        return render(request, "map.html", session, **await run_in_threadpool(map_context))
-
-    @page("view", fragment=True)
-    async def map_fragment(request: Request, session: Session) -> Response:
-        return render(request, "_map.html", session, **await run_in_threadpool(map_context))
+    map_page, map_fragment = page_and_fragment("map", map_context)
 
     @page("view")
     async def plan_image(request: Request, session: Session) -> Response:

@@ -126,13 +126,10 @@ class ConfigUpdater:
         elif self._confirm_start:
             with self.guard.step("confirm start"):
                 self._keep_start_config()
-        self._inbox.serve(self._handle_one, "config push")
+        self._inbox.serve(self._handle, "config push", after=self._idle)
 
-    def _handle_one(self, payload: bytes) -> None:
-        try:
-            self._handle(payload)
-        finally:
-            self.state = "idle"
+    def _idle(self) -> None:
+        self.state = "idle"
 
     def _send_pending_report(self) -> None:
         """An outcome decided at start (a trial dropped), before the agent could send it."""

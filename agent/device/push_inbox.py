@@ -38,8 +38,11 @@ class PushInbox:
         self.submit(None)  # the stop sentinel
         self.guard.join(timeout=5)
 
-    def serve(self, handle: Callable[[bytes], None], what: str) -> None:
-        """Hand each payload to ``handle`` until closed; a failure costs that payload, never the loop."""
+    def serve(self, handle: Callable[[bytes], None], what: str, after: Callable[[], None] = lambda: None) -> None:
+        """Hand each payload to ``handle`` (then call ``after``, however it went) until closed.
+
+        A failure costs that payload, never the loop.
+        """
         while not self.stopping.is_set():
             self.guard.beat()
             try:
@@ -49,4 +52,7 @@ class PushInbox:
             if payload is None:
                 return
             with self.guard.step(what):
-                handle(payload)
+                try:
+                    handle(payload)
+                finally:
+                    after()

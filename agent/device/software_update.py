@@ -354,13 +354,10 @@ class SoftwareUpdater:
         if trial is not None:
             with self.guard.step("health gate of a new version"):
                 self._judge(trial)
-        self._inbox.serve(self._handle_one, "update manifest")
+        self._inbox.serve(self._handle, "update manifest", after=self._idle)
 
-    def _handle_one(self, payload: bytes) -> None:
-        try:
-            self._handle(payload)
-        finally:
-            self.state = "idle"
+    def _idle(self) -> None:
+        self.state = "idle"
 
     def _send_pending_report(self) -> None:
         state = self.files.state()

@@ -51,7 +51,7 @@ def sign_command(
         sent=sent,
         expires=sent + min(lifetime_s, MAX_LIFETIME_S),
     )
-    return signer.sign(claims.model_dump(mode="json")), str(command_id)
+    return signer.sign_model(claims), str(command_id)
 
 
 def open_command(token: bytes, centre_key: OKPKey) -> CommandClaims:

@@ -156,7 +156,7 @@ def sign_document(
         gate_s=gate_s,
         config=config,
     )
-    return signer.sign(claims.model_dump(mode="json"))
+    return signer.sign_model(claims)
 
 
 def open_document(token: bytes, centre_key: OKPKey) -> ConfigClaims:

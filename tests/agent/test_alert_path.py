@@ -16,7 +16,7 @@ from agent.device.control import request
 from agent.errors import ControlError
 from agent.protocol.signing import MessageSigner, generate_private_key
 from hw.gpio import IndicatorState
-from tests.conftest import wait_until
+from tests.conftest import agent_run_argv, wait_until
 from tests.led import wait_steady_on
 
 BUTTONS = (
@@ -174,7 +174,7 @@ def test_cli_status_and_test_alert(receiver, agent, config, site, capsys):
 
 def test_retained_status_is_online_and_the_will_says_offline(site, receiver, verdicts, config):
     device = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-1"))],
+        agent_run_argv(site.device_config_path("cp-1")),
         stderr=subprocess.DEVNULL,
     )
     try:

@@ -12,7 +12,7 @@ from agent.mqtt.link import MqttLink
 from agent.protocol.commands import sign_command
 from agent.protocol.messages import TopicLayout
 from agent.protocol.signing import MessageSigner, generate_private_key, load_private_key
-from tests.conftest import wait_until
+from tests.conftest import agent_run_argv, wait_until
 
 BUTTONS = '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n'
 
@@ -109,7 +109,6 @@ def test_forged_stale_and_replayed_commands_are_refused_even_after_a_restart(
 
 def test_restart_command_restarts_edge_agent_run(site, receiver, config, capsys):
     import subprocess
-    import sys
 
     from agent.device.control import request
     from agent.errors import ControlError
@@ -120,15 +119,7 @@ def test_restart_command_restarts_edge_agent_run(site, receiver, config, capsys)
         except ControlError:
             return {}  # between two runs, or not up yet
 
-    command_line = [
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "run",
-        "--mock-pins",
-        "--config",
-        str(site.device_config_path("cp-1")),
-    ]
+    command_line = agent_run_argv(site.device_config_path("cp-1"))
     process = subprocess.Popen(command_line, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: status().get("connected"), 30)

@@ -19,7 +19,7 @@ from agent.mqtt.link import MqttLink
 from agent.protocol.config_doc import sign_document
 from agent.protocol.messages import TopicLayout
 from agent.protocol.signing import MessageSigner, generate_private_key, load_private_key
-from tests.conftest import wait_until
+from tests.conftest import agent_run_argv, wait_until
 
 BUTTONS = '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n\n[indicator]\nled_pin = 5\n'
 
@@ -146,66 +146,23 @@ def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(
     topic = TopicLayout(site.prefix).topic(site.site, "cp-1", "config")
     centre = centre_signer(site)
     overlay = {"telemetry": {"interval_s": 10}}
-    older = sign_document(
-        centre, overlay, device="cp-1", site=site.site, selector="device:cp-1", version=5, expires_in_s=600
-    )
-    newer = sign_document(
-        centre, overlay, device="cp-1", site=site.site, selector="device:cp-1", version=9, expires_in_s=600
-    )
+
+    def signed(version: int, signer=centre, config=overlay, device="cp-1", **change) -> str:
+        """A push to cp-1 by the centre unless the case says otherwise."""
+        fields = {"device": device, "site": site.site, "selector": f"device:{device}", "expires_in_s": 600}
+        return sign_document(signer, config, version=version, **{**fields, **change})
+
+    older, newer = signed(5), signed(9)
     publish_retained(site, topic, newer)
     assert wait_until(lambda: [r for r in outcomes(receiver.store) if r["outcome"] == "applied"], 30)
     impostor = MessageSigner(generate_private_key(tmp_path / "impostor.pem"))
     cases = [
         (older, "stale: version 5 is older than version 9"),  # a replay of an older, genuine push
-        (
-            sign_document(
-                impostor, overlay, device="cp-1", site=site.site, selector="device:cp-1", version=99, expires_in_s=600
-            ),
-            "bad_signature",
-        ),
-        (
-            sign_document(
-                centre,
-                overlay,
-                device="cp-1",
-                site=site.site,
-                selector="device:cp-1",
-                version=20,
-                expires_in_s=60,
-                now=time.time() - 3600,
-            ),
-            "expired",
-        ),
-        (
-            sign_document(
-                centre, overlay, device="cp-2", site=site.site, selector="device:cp-2", version=21, expires_in_s=600
-            ),
-            "device_mismatch",
-        ),
-        (
-            sign_document(
-                centre,
-                overlay,
-                device="cp-1",
-                site=site.site,
-                selector="group:camera-box",
-                version=22,
-                expires_in_s=600,
-            ),
-            "device_mismatch",
-        ),
-        (
-            sign_document(
-                centre,
-                {"mqtt": {"password_file": "x"}},
-                device="cp-1",
-                site=site.site,
-                selector="device:cp-1",
-                version=23,
-                expires_in_s=600,
-            ),
-            "refused_setting",
-        ),
+        (signed(99, signer=impostor), "bad_signature"),
+        (signed(20, expires_in_s=60, now=time.time() - 3600), "expired"),
+        (signed(21, device="cp-2"), "device_mismatch"),
+        (signed(22, selector="group:camera-box"), "device_mismatch"),
+        (signed(23, config={"mqtt": {"password_file": "x"}}), "refused_setting"),
     ]
     for n, (token, reason) in enumerate(cases, start=1):
         publish_retained(site, topic, token)
@@ -227,15 +184,7 @@ def test_forged_stale_replayed_expired_and_misaddressed_pushes_are_refused(
 def running_agent(site):
     """``edge-agent run`` as a real process (it restarts itself for a pushed change that needs it)."""
     site.add_device("cp-1", body=BUTTONS)
-    command = [
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "run",
-        "--mock-pins",
-        "--config",
-        str(site.device_config_path("cp-1")),
-    ]
+    command = agent_run_argv(site.device_config_path("cp-1"))
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     socket = site.root / "cp-1" / "state" / "control.sock"
     try:

@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from agent.device.control import request
 from agent.device.safe_mode import load_for_start
 from agent.errors import ConfigError
 from hw.gpio import IndicatorState
-from tests.conftest import wait_until
+from tests.conftest import agent_run_argv, wait_until
 
 BUTTONS = (
     '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n\n'
@@ -102,7 +101,7 @@ def test_edge_agent_run_starts_in_safe_mode_and_says_so(site, receiver, verdicts
     break_file(site, "cp-1", "\n[telemetry]\nintervl_s = 9\n")
     path = site.device_config_path("cp-1")
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(path)],
+        agent_run_argv(path),
         stderr=subprocess.PIPE,
         text=True,
     )

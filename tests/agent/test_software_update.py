@@ -25,7 +25,7 @@ from agent.protocol.enrolment import EnrolledDevice
 from agent.protocol.messages import TopicLayout
 from agent.protocol.signing import MessageSigner, generate_private_key, load_private_key
 from agent.protocol.update_manifest import in_percentage, sign_manifest
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, agent_run_argv, wait_until
 from tests.faultlab import Supervised
 
 BUTTONS = '[[buttons]]\nname = "help"\npin = 17\nlocation = "North gate"\n'
@@ -101,7 +101,7 @@ def status(socket: Path) -> dict:
 def running_agent(site, tmp_path):
     """``edge-agent run`` as a real process under a supervisor (as systemd would run it)."""
     site.add_device("cp-1", body=BUTTONS)
-    argv = [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path("cp-1"))]
+    argv = agent_run_argv(site.device_config_path("cp-1"))
     process = Supervised("cp-1", argv, tmp_path / "cp-1.log")
     process.start()
     socket = site.root / "cp-1" / "state" / "control.sock"

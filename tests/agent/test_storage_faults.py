@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from agent.device.reserve import SequenceFloor, SpaceReserve, free_bytes
 from agent.errors import ControlError, OutboxError
 from agent.protocol.messages import new_claims
 from hw.gpio import IndicatorState
-from tests.conftest import wait_until
+from tests.conftest import agent_run_argv, wait_until
 
 BUTTONS = '[[buttons]]\nname = "help"\npin = 17\n\n[indicator]\nled_pin = 5\n'
 
@@ -77,7 +76,7 @@ def device_with_small_disk(site, device_id: str, reserve_kb: int, body: str = BU
 
 def run_agent(site, device_id: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--mock-pins", "--config", str(site.device_config_path(device_id))],
+        agent_run_argv(site.device_config_path(device_id)),
         stderr=subprocess.PIPE,
         text=True,
     )

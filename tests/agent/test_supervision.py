@@ -6,7 +6,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from agent.centre.receiver import Receiver
 from agent.cli import main
 from agent.config.centre import load_receiver_config
 from agent.device.agent import Agent
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, agent_run_argv, wait_until
 
 
 def test_silent_device_is_reported_missing_within_its_supervision_interval(site, mock_factory, capsys):
@@ -30,15 +29,7 @@ def test_silent_device_is_reported_missing_within_its_supervision_interval(site,
     events = []
     with Receiver(load_receiver_config(path), on_device_event=events.append) as receiver:
         agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "run",
-                "--mock-pins",
-                "--config",
-                str(site.device_config_path("cp-hb")),
-            ],
+            agent_run_argv(site.device_config_path("cp-hb")),
             stderr=subprocess.DEVNULL,
         )
         try:
